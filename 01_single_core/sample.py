@@ -1,0 +1,54 @@
+"""Print text sampled from a trained checkpoint (from any chapter: checkpoints are layout-independent).
+
+    python 01_single_core/sample.py --out-dir out/single_core --start "ROMEO:" --max-new-tokens 300
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from common.checkpoint import load_model
+from common.config import ConfigError, Parser, exit_with
+from common.data import load_meta
+from common.model import generate, gpt_layout
+
+
+def main(argv=None):
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default="out/single_core", help="folder holding ckpt.npz")
+    parser.add_argument("--data-dir", help="dataset folder with meta.json (default: the one the run trained on)")
+    parser.add_argument("--start", default="\n", help="text to continue")
+    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=500)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1337)
+    try:
+        args = parser.parse_args(argv)
+        for name in ("temperature", "top_k", "num_samples"):
+            if getattr(args, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        if args.max_new_tokens < 0:
+            raise ConfigError(f"--max-new-tokens must be zero or positive, got {args.max_new_tokens}")
+        ckpt = Path(args.out_dir) / "ckpt.npz"
+        cfg, params, meta = load_model(ckpt)
+        data_dir = args.data_dir or meta["train"]["data_dir"]
+        chars = load_meta(data_dir)["chars"]
+        stoi = {c: i for i, c in enumerate(chars)}
+        unknown = sorted(set(args.start) - set(stoi))
+        if unknown:
+            raise ConfigError(f"--start contains characters outside the vocabulary: {json.dumps(''.join(unknown))}")
+    except ConfigError as e:
+        exit_with(e)
+    p = gpt_layout(cfg).views(params)
+    rng = np.random.default_rng(args.seed)
+    for i in range(args.num_samples):
+        idx = np.array([[stoi[c] for c in args.start]])
+        out = generate(p, cfg, idx, args.max_new_tokens, rng, args.temperature, args.top_k)
+        print("".join(chars[t] for t in out[0]))
+        if i < args.num_samples - 1:
+            print("---------------")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Train the GPT on one process: the reference every parallel chapter must reproduce exactly.
+
+    python 01_single_core/train.py                              # nanoGPT's CPU config, 2000 iterations
+    python 01_single_core/train.py --max-iters 200 --out-dir out/quick
+    python 01_single_core/train.py --out-dir out/quick --max-iters 400 --resume
+"""
+from pathlib import Path
+
+import numpy as np
+
+from common.checkpoint import load_training_state, save_training_state
+from common.config import ConfigError, GPTConfig, Parser, TrainConfig, add_config_args, config_from_args, exit_with
+from common.data import batch_offsets, eval_batches, get_batch, load_meta, load_tokens
+from common.loop import run_training
+from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
+from common.optim import AdamW, clip_grad_norm, decays
+
+
+def setup(argv):
+    """Configs and data, all checked before any compute."""
+    parser = Parser(description=__doc__.splitlines()[0])
+    add_config_args(parser, GPTConfig, TrainConfig)
+    gpt_cfg, cfg = config_from_args(parser.parse_args(argv), GPTConfig, TrainConfig)
+    meta = load_meta(cfg.data_dir)
+    if gpt_cfg.vocab_size == 0:
+        gpt_cfg.vocab_size = meta["vocab_size"]
+    elif gpt_cfg.vocab_size < meta["vocab_size"]:
+        raise ConfigError(f"--vocab-size {gpt_cfg.vocab_size} is smaller than the data's {meta['vocab_size']} "
+                          f"symbols; leave it at 0 to take it from the data")
+    train, val = load_tokens(cfg.data_dir, "train"), load_tokens(cfg.data_dir, "val")
+    ckpt = Path(cfg.out_dir) / "ckpt.npz"
+    if cfg.resume and not ckpt.exists():
+        raise ConfigError(f"--resume given but {ckpt} does not exist; train without --resume first")
+    return gpt_cfg, cfg, train, val
+
+
+def train_step(p, g, params, grads, opt, x, y, gpt_cfg, cfg, lr):
+    """One optimizer step on one batch; returns the loss."""
+    grads.fill(0)
+    _, loss, cache = gpt_forward(p, x, y, gpt_cfg)
+    gpt_backward(cache, p, g)
+    clip_grad_norm(grads, cfg.grad_clip)
+    opt.step(params, grads, lr)
+    return loss
+
+
+def evaluate(p, batches, gpt_cfg):
+    return float(np.mean([gpt_forward(p, x, y, gpt_cfg)[1] for x, y in batches]))
+
+
+def main(argv=None):
+    try:
+        gpt_cfg, cfg, train, val = setup(argv)
+    except ConfigError as e:
+        exit_with(e)
+    dtype = np.dtype(cfg.dtype)
+    layout = gpt_layout(gpt_cfg)
+    params = init_params(gpt_cfg, cfg.seed, dtype)
+    grads = np.zeros_like(params)
+    p, g = layout.views(params), layout.views(grads)
+    opt = AdamW(layout.mask(decays), cfg.beta1, cfg.beta2, cfg.weight_decay, dtype=dtype)
+    ckpt = Path(cfg.out_dir) / "ckpt.npz"
+    start = 0
+    if cfg.resume:
+        try:
+            start = load_training_state(ckpt, layout, params, opt)
+        except ConfigError as e:
+            exit_with(e)
+        print(f"resuming from {ckpt} at step {start}")
+    print(f"{layout.size:,} parameters, {cfg.dtype}, batch {cfg.batch_size} x {gpt_cfg.block_size} tokens")
+
+    val_batches = eval_batches(val, cfg, gpt_cfg.block_size)
+
+    def step_fn(step, lr):
+        offsets = batch_offsets(len(train), gpt_cfg.block_size, cfg.batch_size, cfg.seed, step)
+        x, y = get_batch(train, offsets, gpt_cfg.block_size)
+        return train_step(p, g, params, grads, opt, x, y, gpt_cfg, cfg, lr)
+
+    run_training(cfg, start, cfg.batch_size * gpt_cfg.block_size, step_fn,
+                 evaluate=lambda: evaluate(p, val_batches, gpt_cfg),
+                 save=lambda step: save_training_state(ckpt, layout, params, opt, step, gpt_cfg, cfg),
+                 metrics_path=Path(cfg.out_dir) / "metrics.jsonl")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""Import a module from a chapter folder. The folders start with digits, so `import 02_tensor_parallel.x` is a
+SyntaxError; every later chapter reuses earlier code through this one helper instead of copying it."""
+import importlib
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_chapter(dotted):
+    """import_chapter("01_single_core.train") -> that module (the repository root goes on sys.path once)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(dotted)

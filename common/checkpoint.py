@@ -1,0 +1,108 @@
+"""Layout-independent checkpoints: full named tensors, AdamW state, step, config and sampler state in one .npz.
+
+Whatever layout wrote it (one core, TP, ZeRO, pipeline stages), a checkpoint holds every parameter whole,
+under its single-core name: `params/<name>`, `adam_m/<name>`, `adam_v/<name>`, and `meta` (JSON bytes).
+Writes are atomic (a temp file in the same folder, then rename), so a crash never destroys the last one.
+"""
+import dataclasses
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from common.config import ConfigError
+
+FORMAT = 1
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be read or was made for a different model."""
+
+
+def save_checkpoint(path, tensors, meta):
+    """Write {name: array} and a JSON-able meta dict to `path` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = dict(tensors)
+    arrays["meta"] = np.frombuffer(json.dumps({"format": FORMAT, **meta}).encode(), dtype=np.uint8)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path):
+    """(tensors, meta) from `path`, or a CheckpointError that says what is wrong with it."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; train first or pass the right --out-dir")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            tensors = {k: f[k] for k in f.files}
+        meta = json.loads(tensors.pop("meta").tobytes())
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}: {e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {meta.get('format')}, this code reads format {FORMAT}")
+    return tensors, meta
+
+
+def check_shapes(path, tensors, prefix, shapes):
+    """Raise unless `tensors` holds exactly `prefix + name` with `shape` for every (name, shape)."""
+    for name, shape in shapes.items():
+        key = prefix + name
+        if key not in tensors:
+            raise CheckpointError(f"checkpoint {path} was made for a different model: it has no tensor {name}")
+        if tensors[key].shape != tuple(shape):
+            raise CheckpointError(f"checkpoint {path} was made for a different model: {name} has shape "
+                                  f"{tensors[key].shape} there and {tuple(shape)} here")
+    extra = sorted(k[len(prefix):] for k in tensors if k.startswith(prefix) and k[len(prefix):] not in shapes)
+    if extra:
+        raise CheckpointError(f"checkpoint {path} was made for a different model: unexpected tensors {extra[:3]}")
+
+
+def save_training_state(path, layout, params, opt, step, gpt_cfg, train_cfg):
+    """The single-core state: flat params and AdamW m, v split back into named tensors."""
+    tensors = {}
+    for prefix, flat in (("params/", params), ("adam_m/", opt.m), ("adam_v/", opt.v)):
+        tensors.update({prefix + k: v for k, v in layout.views(flat).items()})
+    save_checkpoint(path, tensors, {
+        "step": step, "adam_t": opt.t,
+        "model": dataclasses.asdict(gpt_cfg), "train": dataclasses.asdict(train_cfg),
+        "sampler": {"seed": train_cfg.seed, "next_step": step},
+    })
+
+
+def load_training_state(path, layout, params, opt):
+    """Fill flat params and AdamW state from `path` in place; returns the step to continue from."""
+    tensors, meta = load_checkpoint(path)
+    for prefix, flat in (("params/", params), ("adam_m/", opt.m), ("adam_v/", opt.v)):
+        check_shapes(path, tensors, prefix, layout.shapes)
+        for name, view in layout.views(flat).items():
+            view[...] = tensors[prefix + name]
+    opt.t = meta["adam_t"]
+    return meta["step"]
+
+
+def load_model(path, dtype=np.float32):
+    """(GPTConfig, flat params, meta) from a checkpoint, for sampling and evaluation."""
+    from common.config import GPTConfig
+    from common.model import gpt_layout
+
+    tensors, meta = load_checkpoint(path)
+    cfg = GPTConfig(**meta["model"])
+    layout = gpt_layout(cfg)
+    check_shapes(path, tensors, "params/", layout.shapes)
+    flat = np.empty(layout.size, dtype=dtype)
+    for name, view in layout.views(flat).items():
+        view[...] = tensors["params/" + name]
+    return cfg, flat, meta

@@ -1,0 +1,35 @@
+"""The comparison table every verify.py prints: one row per tensor, then `PASS: ...` or `FAIL: ...`."""
+import numpy as np
+
+
+class Report:
+    """Compares tensors against a reference; relative difference is max|got - want| / max|want|."""
+
+    def __init__(self, tol):
+        self.tol = tol
+        self.rows = []
+
+    def compare(self, name, got, want, verbose=True):
+        got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+        if got.shape != want.shape:
+            diff = rel = float("inf")
+        else:
+            diff = float(np.abs(got - want).max()) if got.size else 0.0
+            rel = diff / max(float(np.abs(want).max()) if want.size else 0.0, 1e-300)
+        ok = rel <= self.tol
+        self.rows.append((name, ok))
+        if verbose:
+            print(f"{name:<32} {str(want.shape):<14} max|Δ| {diff:9.2e}  rel {rel:9.2e}  {'ok' if ok else 'FAIL'}")
+        return ok
+
+    def finish(self):
+        """Print the verdict line; returns the process exit code (0 only if every row passed)."""
+        failed = [name for name, ok in self.rows if not ok]
+        if not self.rows:
+            print("FAIL: nothing was compared")
+            return 1
+        if failed:
+            print(f"FAIL: {len(failed)} of {len(self.rows)} tensors exceed {self.tol:g}: {', '.join(failed[:5])}")
+            return 1
+        print(f"PASS: {len(self.rows)} tensors within {self.tol:g}")
+        return 0

@@ -1,0 +1,143 @@
+"""Thin wrappers over mpi4py's buffer-based calls that record, per communicator, the calls and bytes of each kind.
+
+The ledger counts the payload each call acts on, from this rank's point of view: the buffer for allreduce
+and bcast, the full (unsplit) buffer for reduce_scatter and allgather, the message for send and recv. How
+many bytes the MPI library moves on the wire for it (e.g. 2(N-1)/N of the buffer for a ring all-reduce) is
+for the chapters to derive. A communicator of one rank is a no-op and records nothing.
+"""
+import sys
+import traceback
+from collections import defaultdict
+
+import numpy as np
+from mpi4py import MPI
+
+from common.config import ConfigError
+
+
+class Ledger:
+    def __init__(self):
+        self.calls = defaultdict(int)
+        self.bytes = defaultdict(int)
+
+    def record(self, kind, nbytes):
+        self.calls[kind] += 1
+        self.bytes[kind] += int(nbytes)
+
+    def reset(self):
+        self.calls.clear()
+        self.bytes.clear()
+
+    def as_dict(self):
+        return {k: {"calls": self.calls[k], "bytes": self.bytes[k]} for k in sorted(self.calls)}
+
+
+class Comm:
+    """An MPI communicator with a ledger. Buffers are NumPy arrays; MPI datatypes are inferred from them."""
+
+    def __init__(self, mpi_comm, name="world"):
+        self.mpi = mpi_comm
+        self.name = name
+        self.rank = mpi_comm.Get_rank()
+        self.size = mpi_comm.Get_size()
+        self.ledger = Ledger()
+
+    def allreduce(self, buf):
+        """Sum `buf` over all ranks, in place."""
+        if self.size > 1:
+            self.ledger.record("allreduce", buf.nbytes)
+            self.mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        return buf
+
+    def iallreduce(self, buf):
+        """Start an in-place sum of `buf`; wait on the returned request before reading it."""
+        if self.size == 1:
+            return MPI.REQUEST_NULL
+        self.ledger.record("iallreduce", buf.nbytes)
+        return self.mpi.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+
+    def reduce_scatter(self, send, recv):
+        """recv = this rank's 1/size block of the sum over ranks of `send`."""
+        assert send.size == recv.size * self.size
+        if self.size == 1:
+            recv[...] = send.reshape(recv.shape)
+            return recv
+        self.ledger.record("reduce_scatter", send.nbytes)
+        self.mpi.Reduce_scatter_block(send, recv, op=MPI.SUM)
+        return recv
+
+    def allgather(self, send, recv):
+        """recv = the `send` blocks of every rank, concatenated in rank order."""
+        assert recv.size == send.size * self.size
+        if self.size == 1:
+            recv[...] = send.reshape(recv.shape)
+            return recv
+        self.ledger.record("allgather", recv.nbytes)
+        self.mpi.Allgather(send, recv)
+        return recv
+
+    def bcast(self, buf, root=0):
+        if self.size > 1:
+            self.ledger.record("bcast", buf.nbytes)
+            self.mpi.Bcast(buf, root=root)
+        return buf
+
+    def send(self, buf, dest, tag=0):
+        self.ledger.record("send", buf.nbytes)
+        self.mpi.Send(buf, dest=dest, tag=tag)
+
+    def recv(self, buf, source, tag=0):
+        self.ledger.record("recv", buf.nbytes)
+        self.mpi.Recv(buf, source=source, tag=tag)
+        return buf
+
+    def isend(self, buf, dest, tag=0):
+        self.ledger.record("isend", buf.nbytes)
+        return self.mpi.Isend(buf, dest=dest, tag=tag)
+
+    def irecv(self, buf, source, tag=0):
+        self.ledger.record("irecv", buf.nbytes)
+        return self.mpi.Irecv(buf, source=source, tag=tag)
+
+    def barrier(self):
+        if self.size > 1:
+            self.mpi.Barrier()
+
+    def split(self, color, key, name):
+        """A sub-communicator (with its own ledger) of the ranks that pass the same color."""
+        return Comm(self.mpi.Split(color, key), name)
+
+
+def wait_all(requests):
+    MPI.Request.Waitall(list(requests))
+
+
+def _abort_on_exception(kind, value, tb):
+    traceback.print_exception(kind, value, tb)
+    sys.stderr.flush()
+    MPI.COMM_WORLD.Abort(1)
+
+
+def world():
+    """COMM_WORLD as a Comm; with more than one rank, an uncaught exception on any rank aborts the whole job
+    instead of leaving the others waiting forever in a collective."""
+    if MPI.COMM_WORLD.Get_size() > 1:
+        sys.excepthook = _abort_on_exception
+    return Comm(MPI.COMM_WORLD)
+
+
+def checked(comm, setup, *args):
+    """Run setup(*args) on every rank before any work. If it raises ConfigError on any rank (a file missing on
+    one host, say), rank 0 prints one message and every rank exits with status 2; nobody is left waiting."""
+    try:
+        result, error = setup(*args), None
+    except ConfigError as e:
+        result, error = None, str(e)
+    errors = comm.mpi.allgather(error) if comm.size > 1 else [error]
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        if comm.rank == 0:
+            rank, e = failed[0]
+            print(f"error: {e}" + (f" (on rank {rank})" if len(failed) < comm.size else ""), file=sys.stderr)
+        sys.exit(2)
+    return result

@@ -1,0 +1,148 @@
+"""Configuration: dataclasses with defaults, optionally overridden by a JSON file and then by dashed flags.
+
+Precedence: dataclass default < `--config file.json` < command-line flag. Every field `foo_bar` of every
+dataclass a script uses becomes a flag `--foo-bar`; the JSON file is one flat object of the same names.
+"""
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A user mistake in configuration or input, reported as one sentence naming the flag and the fix."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes raise ConfigError, so MPI scripts report them once, like any other."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def exit_with(error):
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    vocab_size: int = 0  # 0: take it from the dataset's meta.json
+
+    def validate(self):
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{flag(name)} must be a positive integer, got {getattr(self, name)}")
+        if self.vocab_size < 0:
+            raise ConfigError(f"--vocab-size must be positive (or 0 to read it from the data), got {self.vocab_size}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}; "
+                              f"choose n_embd as a multiple of n_head")
+
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str = "data/shakespeare_char"
+    out_dir: str = "out/single_core"
+    batch_size: int = 12
+    max_iters: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 2000
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    dtype: str = "float32"
+    seed: int = 1337
+    resume: bool = False  # continue from out_dir/ckpt.npz
+
+    def validate(self):
+        for name in ("batch_size", "eval_interval", "eval_iters", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{flag(name)} must be a positive integer, got {getattr(self, name)}")
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{flag(name)} must be zero or positive, got {getattr(self, name)}")
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise ConfigError(f"--min-lr {self.min_lr} must lie between 0 and --learning-rate {self.learning_rate}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{flag(name)} must lie in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("--weight-decay and --grad-clip must be zero or positive")
+        if self.warmup_iters > self.lr_decay_iters:
+            raise ConfigError(f"--warmup-iters {self.warmup_iters} exceeds --lr-decay-iters {self.lr_decay_iters}")
+
+
+def flag(name):
+    return name.replace("_", "-")
+
+
+def add_config_args(parser, *classes):
+    """Add `--config` and one dashed flag per dataclass field; defaults stay None so set flags are known."""
+    parser.add_argument("--config", help="JSON file of field values (flags given here override it)")
+    for cls in classes:
+        group = parser.add_argument_group(cls.__name__)
+        for f in dataclasses.fields(cls):
+            if f.type in (bool, "bool"):
+                group.add_argument(f"--{flag(f.name)}", dest=f.name, action=argparse.BooleanOptionalAction,
+                                   default=None, help=f"default: {f.default}")
+            else:
+                kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+                group.add_argument(f"--{flag(f.name)}", dest=f.name, type=kind, default=None,
+                                   metavar=f.name.upper(), help=f"default: {f.default}")
+
+
+def config_from_args(args, *classes):
+    """Build one instance per dataclass from defaults, the JSON file and the flags; validate each."""
+    values = {}
+    if args.config:
+        path = Path(args.config)
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"--config {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--config {path} is not valid JSON ({e})") from None
+        known = {f.name for cls in classes for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"--config {path} has unknown keys {unknown}; known keys are {sorted(known)}")
+    values.update({k: v for k, v in vars(args).items() if v is not None})
+    configs = []
+    for cls in classes:
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                kwargs[f.name] = _typed(f, values[f.name])
+        cfg = cls(**kwargs)
+        cfg.validate()
+        configs.append(cfg)
+    return tuple(configs)
+
+
+def _typed(field, value):
+    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(field.type, field.type)
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ConfigError(f"{field.name} must be of type {kind.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,245 @@
+"""A GPT-2 style decoder in NumPy: every layer is a forward/backward pair of free functions.
+
+Forward returns `(out, cache)`; backward takes `dout` and that cache, accumulates parameter gradients with
+`+=` into gradient views and returns the gradient of the input. Nothing is stored on objects, so any number
+of micro-batches can be in flight. Shapes: B batch, T time, C n_embd, V vocab, nh heads, hs head size.
+"""
+import math
+
+import numpy as np
+
+from common.params import Layout, sub
+
+GELU_C = math.sqrt(2.0 / math.pi)  # a Python float, so float32 arrays stay float32
+LN_EPS = 1e-5
+
+
+# ----------------------------------------------------------------------------- layers
+
+def embedding_forward(idx, wte, wpe):
+    T = idx.shape[1]
+    return wte[idx] + wpe[:T], idx                                  # (B,T,C)
+
+
+def embedding_backward(dout, idx, dwte, dwpe):
+    # in the forward pass this was: out = wte[idx] + wpe[:T]; rows of wte used twice get both gradients
+    T = idx.shape[1]
+    dwpe[:T] += dout.sum(axis=0)
+    np.add.at(dwte, idx.ravel(), dout.reshape(-1, dout.shape[-1]))
+
+
+def layernorm_forward(x, w, b):
+    mean = x.mean(axis=-1, keepdims=True)                           # (B,T,1)
+    xc = x - mean
+    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=-1, keepdims=True) + LN_EPS)
+    xhat = xc * rstd                                                # (B,T,C)
+    return xhat * w + b, (xhat, rstd, w)
+
+
+def layernorm_backward(dout, cache, dw, db):
+    xhat, rstd, w = cache
+    C = xhat.shape[-1]
+    dw += (dout * xhat).reshape(-1, C).sum(axis=0)
+    db += dout.reshape(-1, C).sum(axis=0)
+    # out = xhat*w + b with xhat = (x - mean) * rstd: the mean and the variance both depend on every x
+    dxhat = dout * w
+    return rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                   - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+
+
+def linear_forward(x, w, b):
+    out = (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[1])  # (B,T,C) @ (C,OC) -> (B,T,OC)
+    out += b
+    return out, x
+
+
+def linear_backward(dout, x, w, dw, db):
+    dout2 = dout.reshape(-1, dout.shape[-1])                        # (B*T,OC)
+    dw += x.reshape(-1, x.shape[-1]).T @ dout2                      # (C,OC)
+    db += dout2.sum(axis=0)
+    return (dout2 @ w.T).reshape(*dout.shape[:-1], w.shape[0])      # (B,T,OC) @ (OC,C) -> (B,T,C)
+
+
+def attention_forward(qkv, n_head):
+    """Causal multi-head self-attention on packed [q | k | v] columns; each third holds n_head heads."""
+    B, T, C3 = qkv.shape
+    hs = C3 // (3 * n_head)
+    q, k, v = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # each (B,nh,T,hs)
+    att = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hs))          # (B,nh,T,T)
+    att[..., np.triu(np.ones((T, T), dtype=bool), k=1)] = -np.inf
+    att -= att.max(axis=-1, keepdims=True)
+    np.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    y = att @ v                                                          # (B,nh,T,T) @ (B,nh,T,hs) -> (B,nh,T,hs)
+    return y.transpose(0, 2, 1, 3).reshape(B, T, n_head * hs), (q, k, v, att)
+
+
+def attention_backward(dout, cache):
+    q, k, v, att = cache
+    B, nh, T, hs = q.shape
+    dy = dout.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)               # (B,nh,T,hs)
+    # in the forward pass this was: y = att @ v
+    datt = dy @ v.transpose(0, 1, 3, 2)                                  # (B,nh,T,T)
+    dv = att.transpose(0, 1, 3, 2) @ dy                                  # (B,nh,T,hs)
+    # att = softmax(pre): dpre = att * (datt - sum(datt * att)); masked entries have att = 0
+    dpre = att * (datt - (datt * att).sum(axis=-1, keepdims=True))
+    dpre *= 1.0 / math.sqrt(hs)
+    dqkv = np.empty((B, T, 3, nh, hs), dtype=dout.dtype)
+    dqkv[:, :, 0] = (dpre @ k).transpose(0, 2, 1, 3)                     # pre = q @ k^T * scale
+    dqkv[:, :, 1] = (dpre.transpose(0, 1, 3, 2) @ q).transpose(0, 2, 1, 3)
+    dqkv[:, :, 2] = dv.transpose(0, 2, 1, 3)
+    return dqkv.reshape(B, T, 3 * nh * hs)
+
+
+def gelu_forward(x):
+    """GELU, tanh approximation (as GPT-2 and llm.c)."""
+    t = np.tanh(GELU_C * (x + 0.044715 * (x * x * x)))
+    return 0.5 * x * (1.0 + t), (x, t)
+
+
+def gelu_backward(dout, cache):
+    x, t = cache
+    # out = 0.5 x (1 + tanh(u)) with u = c (x + 0.044715 x^3)
+    du = GELU_C * (1.0 + 3 * 0.044715 * (x * x))
+    return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
+
+
+def lm_head_forward(x, wte):
+    """Logits from the token embedding itself (weight tying): x @ wte^T."""
+    B, T, C = x.shape
+    return (x.reshape(-1, C) @ wte.T).reshape(B, T, -1), x          # (B,T,C) @ (C,V) -> (B,T,V)
+
+
+def lm_head_backward(dout, x, wte, dwte):
+    C = x.shape[-1]
+    dout2 = dout.reshape(-1, dout.shape[-1])                        # (B*T,V)
+    dwte += dout2.T @ x.reshape(-1, C)                              # (V,C)
+    return (dout2 @ wte).reshape(x.shape)                           # (B,T,C)
+
+
+def cross_entropy_forward(logits, targets):
+    """Mean softmax cross-entropy over all B*T positions."""
+    V = logits.shape[-1]
+    z = logits.reshape(-1, V) - logits.reshape(-1, V).max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    probs = z / z.sum(axis=-1, keepdims=True)                       # (B*T,V)
+    rows = np.arange(probs.shape[0])
+    loss = -np.log(probs[rows, targets.ravel()]).mean()
+    return float(loss), (probs, targets)
+
+
+def cross_entropy_backward(dloss, cache):
+    probs, targets = cache
+    # loss = -mean(log probs[target]): dlogits = (probs - onehot(target)) / N
+    dlogits = probs.copy()
+    dlogits[np.arange(probs.shape[0]), targets.ravel()] -= 1.0
+    dlogits *= dloss / probs.shape[0]
+    return dlogits.reshape(*targets.shape, -1)                      # (B,T,V)
+
+
+# ----------------------------------------------------------------------------- the transformer block
+
+def block_forward(x, p, n_head):
+    """x + attn(ln_1(x)), then + mlp(ln_2(.)); `p` holds this block's views ("ln_1.w", ...)."""
+    h, c_ln1 = layernorm_forward(x, p["ln_1.w"], p["ln_1.b"])
+    h, c_qkv = linear_forward(h, p["attn.c_attn.w"], p["attn.c_attn.b"])   # (B,T,3C)
+    h, c_att = attention_forward(h, n_head)
+    h, c_proj = linear_forward(h, p["attn.c_proj.w"], p["attn.c_proj.b"])
+    x = x + h
+    h, c_ln2 = layernorm_forward(x, p["ln_2.w"], p["ln_2.b"])
+    h, c_fc = linear_forward(h, p["mlp.c_fc.w"], p["mlp.c_fc.b"])          # (B,T,4C)
+    h, c_gelu = gelu_forward(h)
+    h, c_mproj = linear_forward(h, p["mlp.c_proj.w"], p["mlp.c_proj.b"])
+    return x + h, (c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj)
+
+
+def block_backward(dout, cache, p, g):
+    c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj = cache
+    dh = linear_backward(dout, c_mproj, p["mlp.c_proj.w"], g["mlp.c_proj.w"], g["mlp.c_proj.b"])
+    dh = gelu_backward(dh, c_gelu)
+    dh = linear_backward(dh, c_fc, p["mlp.c_fc.w"], g["mlp.c_fc.w"], g["mlp.c_fc.b"])
+    dx = dout + layernorm_backward(dh, c_ln2, g["ln_2.w"], g["ln_2.b"])    # the residual adds its path
+    dh = linear_backward(dx, c_proj, p["attn.c_proj.w"], g["attn.c_proj.w"], g["attn.c_proj.b"])
+    dh = attention_backward(dh, c_att)
+    dh = linear_backward(dh, c_qkv, p["attn.c_attn.w"], g["attn.c_attn.w"], g["attn.c_attn.b"])
+    return dx + layernorm_backward(dh, c_ln1, g["ln_1.w"], g["ln_1.b"])
+
+
+# ----------------------------------------------------------------------------- the model
+
+def param_shapes(cfg):
+    """Every parameter's name and shape, in the order of the flat buffer. Weights are (in, out)."""
+    C, V, T = cfg.n_embd, cfg.vocab_size, cfg.block_size
+    shapes = [("wte", (V, C)), ("wpe", (T, C))]
+    for i in range(cfg.n_layer):
+        shapes += [(f"h.{i}.{name}", shape) for name, shape in [
+            ("ln_1.w", (C,)), ("ln_1.b", (C,)),
+            ("attn.c_attn.w", (C, 3 * C)), ("attn.c_attn.b", (3 * C,)),
+            ("attn.c_proj.w", (C, C)), ("attn.c_proj.b", (C,)),
+            ("ln_2.w", (C,)), ("ln_2.b", (C,)),
+            ("mlp.c_fc.w", (C, 4 * C)), ("mlp.c_fc.b", (4 * C,)),
+            ("mlp.c_proj.w", (4 * C, C)), ("mlp.c_proj.b", (C,)),
+        ]]
+    return shapes + [("ln_f.w", (C,)), ("ln_f.b", (C,))]
+
+
+def gpt_layout(cfg):
+    return Layout(param_shapes(cfg))
+
+
+def init_params(cfg, seed, dtype):
+    """nanoGPT's initialisation, drawn in float64 from `seed` so every dtype and layout starts identical:
+    N(0, 0.02) for weights and embeddings, residual projections scaled by 1/sqrt(2 n_layer), zero biases,
+    unit LayerNorm gains. Returns the flat parameter buffer."""
+    layout = gpt_layout(cfg)
+    rng = np.random.default_rng(seed)
+    flat = np.zeros(layout.size, dtype=dtype)
+    views = layout.views(flat)
+    for name, shape in layout.shapes.items():
+        if name.endswith(("ln_1.w", "ln_2.w", "ln_f.w")):
+            views[name][...] = 1.0
+        elif len(shape) == 2:
+            std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.w") else 0.02
+            views[name][...] = rng.normal(0.0, std, size=shape)
+    return flat
+
+
+def gpt_forward(p, idx, targets, cfg):
+    """Logits (B,T,V) and, when targets are given, the mean cross-entropy loss; plus the cache for backward."""
+    x, c_emb = embedding_forward(idx, p["wte"], p["wpe"])
+    c_blocks = []
+    for i in range(cfg.n_layer):
+        x, c = block_forward(x, sub(p, f"h.{i}."), cfg.n_head)
+        c_blocks.append(c)
+    x, c_lnf = layernorm_forward(x, p["ln_f.w"], p["ln_f.b"])
+    logits, c_head = lm_head_forward(x, p["wte"])
+    if targets is None:
+        return logits, None, None
+    loss, c_loss = cross_entropy_forward(logits, targets)
+    return logits, loss, (c_emb, c_blocks, c_lnf, c_head, c_loss)
+
+
+def gpt_backward(cache, p, g, dloss=1.0):
+    """Accumulate d(dloss * loss)/d(param) into the gradient views `g`."""
+    c_emb, c_blocks, c_lnf, c_head, c_loss = cache
+    dlogits = cross_entropy_backward(dloss, c_loss)
+    dx = lm_head_backward(dlogits, c_head, p["wte"], g["wte"])
+    dx = layernorm_backward(dx, c_lnf, g["ln_f.w"], g["ln_f.b"])
+    for i in reversed(range(len(c_blocks))):
+        dx = block_backward(dx, c_blocks[i], sub(p, f"h.{i}."), sub(g, f"h.{i}."))
+    embedding_backward(dx, c_emb, g["wte"], g["wpe"])
+
+
+def generate(p, cfg, idx, max_new_tokens, rng, temperature=1.0, top_k=None):
+    """Append `max_new_tokens` sampled tokens to idx (B,T), cropping the context to block_size."""
+    for _ in range(max_new_tokens):
+        logits, _, _ = gpt_forward(p, idx[:, -cfg.block_size:], None, cfg)
+        logits = logits[:, -1, :].astype(np.float64) / temperature          # (B,V)
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = np.partition(logits, -top_k, axis=-1)[:, -top_k, None]
+            logits[logits < kth] = -np.inf
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        nxt = np.array([[rng.choice(probs.shape[-1], p=row)] for row in probs])
+        idx = np.concatenate([idx, nxt], axis=1)
+    return idx

@@ -1,0 +1,64 @@
+"""AdamW over a flat buffer, nanoGPT's warmup + cosine learning-rate schedule, global grad-norm clipping."""
+import math
+
+import numpy as np
+
+
+def lr_at(step, cfg):
+    """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then min_lr (as nanoGPT)."""
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
+    if step > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (step - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def decays(name, shape):
+    """Weight decay applies to matrices and embeddings, never to biases or LayerNorm gains (as nanoGPT)."""
+    return len(shape) == 2
+
+
+def clip_grad_norm(g, max_norm, norm=None):
+    """Scale g in place so its L2 norm is at most max_norm (0: never); returns the norm before clipping.
+    A sharded caller passes the norm it reduced across ranks."""
+    if norm is None:
+        norm = math.sqrt(float(np.dot(g, g)))
+    if max_norm > 0 and norm > max_norm:
+        g *= max_norm / (norm + 1e-6)
+    return norm
+
+
+class AdamW:
+    """PyTorch's AdamW on flat arrays: m, v and the decay mask share the layout of the (slice of) parameters
+    given to `step`, so ZeRO can hand each rank one slice of the whole."""
+
+    def __init__(self, decay_mask, beta1, beta2, weight_decay, eps=1e-8, dtype=np.float32):
+        self.decay = decay_mask.astype(dtype)       # 1.0 where weight decay applies
+        self.m = np.zeros(decay_mask.shape, dtype)
+        self.v = np.zeros(decay_mask.shape, dtype)
+        self.tmp = np.zeros(decay_mask.shape, dtype)
+        self.beta1, self.beta2, self.weight_decay, self.eps = beta1, beta2, weight_decay, eps
+        self.t = 0
+
+    def step(self, p, g, lr):
+        self.t += 1
+        b1, b2, tmp = self.beta1, self.beta2, self.tmp
+        self.m *= b1
+        np.multiply(g, 1.0 - b1, out=tmp)
+        self.m += tmp                                       # m = b1 m + (1 - b1) g
+        self.v *= b2
+        np.multiply(g, g, out=tmp)
+        tmp *= 1.0 - b2
+        self.v += tmp                                       # v = b2 v + (1 - b2) g^2
+        np.multiply(p, self.decay, out=tmp)
+        tmp *= lr * self.weight_decay
+        p -= tmp                                            # decoupled decay: p -= lr wd p
+        bias1 = 1.0 - b1 ** self.t
+        bias2 = 1.0 - b2 ** self.t
+        np.sqrt(self.v, out=tmp)
+        tmp *= 1.0 / math.sqrt(bias2)
+        tmp += self.eps
+        np.divide(self.m, tmp, out=tmp)
+        tmp *= lr / bias1
+        p -= tmp                                            # p -= lr m_hat / (sqrt(v_hat) + eps)
