@@ -30,10 +30,15 @@ def main(argv=None):
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
         if args.max_new_tokens < 0:
             raise ConfigError(f"--max-new-tokens must be zero or positive, got {args.max_new_tokens}")
+        if not args.start:
+            raise ConfigError("--start must hold at least one character to continue from")
         ckpt = Path(args.out_dir) / "ckpt.npz"
         cfg, params, meta = load_model(ckpt)
         data_dir = args.data_dir or meta["train"]["data_dir"]
         chars = load_meta(data_dir)["chars"]
+        if len(chars) != cfg.vocab_size:
+            raise ConfigError(f"{ckpt} has a vocabulary of {cfg.vocab_size} symbols but {data_dir} has "
+                              f"{len(chars)}; pass the --data-dir the model was trained on")
         stoi = {c: i for i, c in enumerate(chars)}
         unknown = sorted(set(args.start) - set(stoi))
         if unknown:

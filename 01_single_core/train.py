@@ -22,12 +22,15 @@ def setup(argv):
     add_config_args(parser, GPTConfig, TrainConfig)
     gpt_cfg, cfg = config_from_args(parser.parse_args(argv), GPTConfig, TrainConfig)
     meta = load_meta(cfg.data_dir)
-    if gpt_cfg.vocab_size == 0:
-        gpt_cfg.vocab_size = meta["vocab_size"]
-    elif gpt_cfg.vocab_size < meta["vocab_size"]:
-        raise ConfigError(f"--vocab-size {gpt_cfg.vocab_size} is smaller than the data's {meta['vocab_size']} "
+    if gpt_cfg.vocab_size not in (0, meta["vocab_size"]):
+        raise ConfigError(f"--vocab-size {gpt_cfg.vocab_size} differs from the data's {meta['vocab_size']} "
                           f"symbols; leave it at 0 to take it from the data")
+    gpt_cfg.vocab_size = meta["vocab_size"]
     train, val = load_tokens(cfg.data_dir, "train"), load_tokens(cfg.data_dir, "val")
+    for split, tokens in (("train", train), ("val", val)):
+        if len(tokens) <= gpt_cfg.block_size:
+            raise ConfigError(f"the {split} split of {cfg.data_dir} has {len(tokens)} tokens, too few for "
+                              f"--block-size {gpt_cfg.block_size}; choose a smaller block size")
     ckpt = Path(cfg.out_dir) / "ckpt.npz"
     if cfg.resume and not ckpt.exists():
         raise ConfigError(f"--resume given but {ckpt} does not exist; train without --resume first")
@@ -64,6 +67,9 @@ def main(argv=None):
     if cfg.resume:
         try:
             start = load_training_state(ckpt, layout, params, opt)
+            if start > cfg.max_iters:
+                raise ConfigError(f"{ckpt} is at step {start}, beyond --max-iters {cfg.max_iters}; "
+                                  f"raise --max-iters to train further")
         except ConfigError as e:
             exit_with(e)
         print(f"resuming from {ckpt} at step {start}")

@@ -121,28 +121,32 @@ def config_from_args(args, *classes):
             raise ConfigError(f"--config {path} does not exist") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"--config {path} is not valid JSON ({e})") from None
-        known = {f.name for cls in classes for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        if not isinstance(values, dict):
+            raise ConfigError(f"--config {path} must hold one JSON object of field names and values")
+        fields = {f.name: f for cls in classes for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise ConfigError(f"--config {path} has unknown keys {unknown}; known keys are {sorted(known)}")
+            raise ConfigError(f"--config {path} has unknown keys {unknown}; known keys are {sorted(fields)}")
+        values = {name: _typed(path, fields[name], value) for name, value in values.items()}
     values.update({k: v for k, v in vars(args).items() if v is not None})
     configs = []
     for cls in classes:
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name in values:
-                kwargs[f.name] = _typed(f, values[f.name])
-        cfg = cls(**kwargs)
+        cfg = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
         cfg.validate()
         configs.append(cfg)
     return tuple(configs)
 
 
-def _typed(field, value):
+def _typed(path, field, value):
+    """A JSON value checked against the field's type (an int is accepted where a float is expected)."""
     kind = {"int": int, "float": float, "str": str, "bool": bool}.get(field.type, field.type)
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, bool) and kind is not bool:
+        ok = False
+    elif kind is float and isinstance(value, int):
         value, ok = float(value), True
+    else:
+        ok = isinstance(value, kind)
     if not ok:
-        raise ConfigError(f"{field.name} must be of type {kind.__name__}, got {value!r}")
+        raise ConfigError(f"--config {path}: {field.name} (--{flag(field.name)}) must be "
+                          f"{kind.__name__}, got {value!r}")
     return value
