@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CORPUS ?=
-DEMO_ITERS ?= 600
+DEMO_ITERS ?= 1000
 
 .PHONY: install data demo test clean
 
