@@ -12,6 +12,7 @@ from common.checkpoint import load_training_state, save_training_state
 from common.config import ConfigError, GPTConfig, Parser, TrainConfig, add_config_args, config_from_args, exit_with
 from common.data import batch_offsets, eval_batches, get_batch, load_meta, load_tokens
 from common.loop import run_training
+from common.memory import reuse_freed_memory
 from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
 from common.optim import AdamW, clip_grad_norm, decays
 
@@ -56,6 +57,7 @@ def main(argv=None):
         gpt_cfg, cfg, train, val = setup(argv)
     except ConfigError as e:
         exit_with(e)
+    reuse_freed_memory()
     dtype = np.dtype(cfg.dtype)
     layout = gpt_layout(gpt_cfg)
     params = init_params(gpt_cfg, cfg.seed, dtype)

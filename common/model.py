@@ -4,6 +4,7 @@ Forward returns `(out, cache)`; backward takes `dout` and that cache, accumulate
 `+=` into gradient views and returns the gradient of the input. Nothing is stored on objects, so any number
 of micro-batches can be in flight. Shapes: B batch, T time, C n_embd, V vocab, nh heads, hs head size.
 """
+import functools
 import math
 
 import numpy as np
@@ -14,6 +15,36 @@ GELU_C = math.sqrt(2.0 / math.pi)  # a Python float, so float32 arrays stay floa
 LN_EPS = 1e-5
 
 
+# ----------------------------------------------------------------------------- sums as BLAS calls
+# Summing rows of 64-128 numbers with .sum(axis) runs NumPy's pairwise loop row by row; a product with a
+# vector of ones is one BLAS matrix-vector call and 3-7x faster for the short rows of this model.
+
+@functools.cache
+def _ones(n, dtype):
+    ones = np.ones(n, dtype=dtype)
+    ones.flags.writeable = False
+    return ones
+
+
+def rowsum(x):
+    """x.sum(axis=-1, keepdims=True)."""
+    n = x.shape[-1]
+    return (x.reshape(-1, n) @ _ones(n, x.dtype)).reshape(*x.shape[:-1], 1)
+
+
+def rowmean(x):
+    """x.mean(axis=-1, keepdims=True)."""
+    out = rowsum(x)
+    out *= 1.0 / x.shape[-1]
+    return out
+
+
+def colsum(x):
+    """x summed over every axis but the last: (..., C) -> (C,)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return _ones(x2.shape[0], x.dtype) @ x2
+
+
 # ----------------------------------------------------------------------------- layers
 
 def embedding_forward(idx, wte, wpe):
@@ -22,29 +53,39 @@ def embedding_forward(idx, wte, wpe):
 
 
 def embedding_backward(dout, idx, dwte, dwpe):
-    # in the forward pass this was: out = wte[idx] + wpe[:T]; rows of wte used twice get both gradients
+    # in the forward pass this was: out = wte[idx] + wpe[:T]; a token used n times gets the sum of n rows.
+    # Sorting the tokens and summing each run with reduceat is ~6x faster than np.add.at here.
     T = idx.shape[1]
     dwpe[:T] += dout.sum(axis=0)
-    np.add.at(dwte, idx.ravel(), dout.reshape(-1, dout.shape[-1]))
+    order = np.argsort(idx, axis=None, kind="stable")
+    tokens = idx.ravel()[order]
+    starts = np.flatnonzero(np.r_[True, tokens[1:] != tokens[:-1]])    # first position of each distinct token
+    dwte[tokens[starts]] += np.add.reduceat(dout.reshape(-1, dout.shape[-1])[order], starts, axis=0)
 
 
 def layernorm_forward(x, w, b):
-    mean = x.mean(axis=-1, keepdims=True)                           # (B,T,1)
-    xc = x - mean
-    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=-1, keepdims=True) + LN_EPS)
-    xhat = xc * rstd                                                # (B,T,C)
-    return xhat * w + b, (xhat, rstd, w)
+    xhat = x - rowmean(x)                                           # (B,T,C), centred
+    rstd = rowmean(np.square(xhat))                                 # (B,T,1), the variance for now
+    rstd += LN_EPS
+    np.sqrt(rstd, out=rstd)
+    np.reciprocal(rstd, out=rstd)
+    xhat *= rstd
+    out = xhat * w
+    out += b
+    return out, (xhat, rstd, w)
 
 
 def layernorm_backward(dout, cache, dw, db):
     xhat, rstd, w = cache
-    C = xhat.shape[-1]
-    dw += (dout * xhat).reshape(-1, C).sum(axis=0)
-    db += dout.reshape(-1, C).sum(axis=0)
+    dw += colsum(dout * xhat)
+    db += colsum(dout)
     # out = xhat*w + b with xhat = (x - mean) * rstd: the mean and the variance both depend on every x
     dxhat = dout * w
-    return rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
-                   - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    dx = xhat * rowmean(dxhat * xhat)
+    np.subtract(dxhat, dx, out=dx)
+    dx -= rowmean(dxhat)
+    dx *= rstd
+    return dx                                                       # rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))
 
 
 def linear_forward(x, w, b):
@@ -56,7 +97,7 @@ def linear_forward(x, w, b):
 def linear_backward(dout, x, w, dw, db):
     dout2 = dout.reshape(-1, dout.shape[-1])                        # (B*T,OC)
     dw += x.reshape(-1, x.shape[-1]).T @ dout2                      # (C,OC)
-    db += dout2.sum(axis=0)
+    db += colsum(dout2)
     return (dout2 @ w.T).reshape(*dout.shape[:-1], w.shape[0])      # (B,T,OC) @ (OC,C) -> (B,T,C)
 
 
@@ -65,11 +106,12 @@ def attention_forward(qkv, n_head):
     B, T, C3 = qkv.shape
     hs = C3 // (3 * n_head)
     q, k, v = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # each (B,nh,T,hs)
-    att = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hs))          # (B,nh,T,T)
-    att[..., np.triu(np.ones((T, T), dtype=bool), k=1)] = -np.inf
+    att = q @ k.transpose(0, 1, 3, 2)                                    # (B,nh,T,T)
+    att *= 1.0 / math.sqrt(hs)
+    att += causal_mask(T, att.dtype)                                     # position t sees only 0..t
     att -= att.max(axis=-1, keepdims=True)
     np.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
+    att /= rowsum(att)
     y = att @ v                                                          # (B,nh,T,T) @ (B,nh,T,hs) -> (B,nh,T,hs)
     return y.transpose(0, 2, 1, 3).reshape(B, T, n_head * hs), (q, k, v, att)
 
@@ -82,7 +124,9 @@ def attention_backward(dout, cache):
     datt = dy @ v.transpose(0, 1, 3, 2)                                  # (B,nh,T,T)
     dv = att.transpose(0, 1, 3, 2) @ dy                                  # (B,nh,T,hs)
     # att = softmax(pre): dpre = att * (datt - sum(datt * att)); masked entries have att = 0
-    dpre = att * (datt - (datt * att).sum(axis=-1, keepdims=True))
+    dpre = datt * att
+    datt -= rowsum(dpre)
+    np.multiply(datt, att, out=dpre)
     dpre *= 1.0 / math.sqrt(hs)
     dqkv = np.empty((B, T, 3, nh, hs), dtype=dout.dtype)
     dqkv[:, :, 0] = (dpre @ k).transpose(0, 2, 1, 3)                     # pre = q @ k^T * scale
@@ -93,15 +137,33 @@ def attention_backward(dout, cache):
 
 def gelu_forward(x):
     """GELU, tanh approximation (as GPT-2 and llm.c)."""
-    t = np.tanh(GELU_C * (x + 0.044715 * (x * x * x)))
-    return 0.5 * x * (1.0 + t), (x, t)
+    t = x * x
+    t *= 0.044715 * GELU_C
+    t += GELU_C
+    t *= x
+    np.tanh(t, out=t)                                               # tanh(c (x + 0.044715 x^3))
+    out = t + 1.0
+    out *= x
+    out *= 0.5
+    return out, (x, t)
 
 
 def gelu_backward(dout, cache):
     x, t = cache
-    # out = 0.5 x (1 + tanh(u)) with u = c (x + 0.044715 x^3)
-    du = GELU_C * (1.0 + 3 * 0.044715 * (x * x))
-    return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
+    # out = 0.5 x (1 + tanh(u)) with u = c (x + 0.044715 x^3), so
+    # dout/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 0.044715 x^2)
+    du = x * x
+    du *= 3 * 0.044715 * GELU_C
+    du += GELU_C
+    du *= x
+    dt = t * t
+    np.subtract(1.0, dt, out=dt)
+    dt *= du
+    dt += t
+    dt += 1.0
+    dt *= 0.5
+    dt *= dout
+    return dt
 
 
 def lm_head_forward(x, wte):
@@ -135,6 +197,14 @@ def cross_entropy_backward(dloss, cache):
     dlogits[np.arange(probs.shape[0]), targets.ravel()] -= 1.0
     dlogits *= dloss / probs.shape[0]
     return dlogits.reshape(*targets.shape, -1)                      # (B,T,V)
+
+
+@functools.cache
+def causal_mask(T, dtype):
+    """(T,T) additive mask: 0 on and below the diagonal, -inf above it."""
+    mask = np.triu(np.full((T, T), -np.inf, dtype=dtype), k=1)
+    mask.flags.writeable = False
+    return mask
 
 
 # ----------------------------------------------------------------------------- the transformer block
