@@ -26,7 +26,6 @@ from common.chapters import import_chapter
 from common.config import ConfigError, GPTConfig, Parser, TrainConfig, exit_with
 from common.memory import reuse_freed_memory
 from common.model import gpt_layout, init_params
-from common.optim import AdamW, decays
 
 # name -> (model, batch size): nanoGPT's CPU config for tiny Shakespeare, and its shakespeare_char "baby GPT"
 CONFIGS = {
@@ -82,18 +81,14 @@ def summary(seconds, flops, tokens, peak):
 
 def bench_ours(gpt_cfg, cfg, batches, warmup):
     """The training step of 01_single_core/train.py on a model built exactly as its main() builds it."""
-    train_step = import_chapter("01_single_core.train").train_step
+    train = import_chapter("01_single_core.train")
     malloc_tuned = reuse_freed_memory()          # as train.py's main() does; process-wide, so PyTorch gets it too
-    dtype = np.dtype(cfg.dtype)
-    layout = gpt_layout(gpt_cfg)
-    params = init_params(gpt_cfg, cfg.seed, dtype)
-    grads = np.zeros_like(params)
+    layout, params, grads, opt = train.build(gpt_cfg, cfg)
     p, g = layout.views(params), layout.views(grads)
-    opt = AdamW(layout.mask(decays), cfg.beta1, cfg.beta2, cfg.weight_decay, dtype=dtype)
     losses = []
 
     def step(x, y):
-        losses.append(train_step(p, g, params, grads, opt, x, y, gpt_cfg, cfg, LR))
+        losses.append(train.train_step(p, g, params, grads, opt, x, y, gpt_cfg, cfg, LR))
 
     seconds, rss_warm = time_steps(step, batches, warmup)
     return seconds, losses[0], {"rss_after_warmup_mib": rss_warm, "rss_after_steps_mib": rss_mib(),

@@ -38,6 +38,15 @@ def setup(argv):
     return gpt_cfg, cfg, train, val
 
 
+def build(gpt_cfg, cfg):
+    """The flat parameters (nanoGPT's init from cfg.seed), a gradient buffer of the same layout, and AdamW."""
+    dtype = np.dtype(cfg.dtype)
+    layout = gpt_layout(gpt_cfg)
+    params = init_params(gpt_cfg, cfg.seed, dtype)
+    opt = AdamW(layout.mask(decays), cfg.beta1, cfg.beta2, cfg.weight_decay, dtype=dtype)
+    return layout, params, np.zeros_like(params), opt
+
+
 def train_step(p, g, params, grads, opt, x, y, gpt_cfg, cfg, lr):
     """One optimizer step on one batch; returns the loss."""
     grads.fill(0)
@@ -58,12 +67,8 @@ def main(argv=None):
     except ConfigError as e:
         exit_with(e)
     reuse_freed_memory()
-    dtype = np.dtype(cfg.dtype)
-    layout = gpt_layout(gpt_cfg)
-    params = init_params(gpt_cfg, cfg.seed, dtype)
-    grads = np.zeros_like(params)
+    layout, params, grads, opt = build(gpt_cfg, cfg)
     p, g = layout.views(params), layout.views(grads)
-    opt = AdamW(layout.mask(decays), cfg.beta1, cfg.beta2, cfg.weight_decay, dtype=dtype)
     ckpt = Path(cfg.out_dir) / "ckpt.npz"
     start = 0
     if cfg.resume:

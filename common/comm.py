@@ -9,7 +9,6 @@ import sys
 import traceback
 from collections import defaultdict
 
-import numpy as np
 from mpi4py import MPI
 
 from common.config import ConfigError
