@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import ConfigError
+from common.config import ConfigError, GPTConfig
+from common.model import gpt_layout
 
 FORMAT = 1
 
@@ -95,9 +96,6 @@ def load_training_state(path, layout, params, opt):
 
 def load_model(path, dtype=np.float32):
     """(GPTConfig, flat params, meta) from a checkpoint, for sampling and evaluation."""
-    from common.config import GPTConfig
-    from common.model import gpt_layout
-
     tensors, meta = load_checkpoint(path)
     cfg = GPTConfig(**meta["model"])
     layout = gpt_layout(cfg)
