@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.checkpoint import load_training_state, save_training_state
+from common.checkpoint import load_training_state, save_training_state, single_core_state
 from common.config import ConfigError, GPTConfig, Parser, TrainConfig, add_config_args, config_from_args, exit_with
 from common.data import batch_offsets, eval_batches, get_batch, load_meta, load_tokens
 from common.loop import run_training
@@ -17,11 +17,12 @@ from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
 from common.optim import AdamW, clip_grad_norm, decays
 
 
-def setup(argv):
-    """Configs and data, all checked before any compute."""
-    parser = Parser(description=__doc__.splitlines()[0])
-    add_config_args(parser, GPTConfig, TrainConfig)
-    gpt_cfg, cfg = config_from_args(parser.parse_args(argv), GPTConfig, TrainConfig)
+def setup(argv, *extra, description=__doc__):
+    """Configs (GPTConfig, TrainConfig and any `extra` config classes) and data, all checked before any compute.
+    Returns gpt_cfg, cfg, train tokens, val tokens, then one instance per extra class."""
+    parser = Parser(description=description.splitlines()[0])
+    add_config_args(parser, GPTConfig, TrainConfig, *extra)
+    gpt_cfg, cfg, *extras = config_from_args(parser.parse_args(argv), GPTConfig, TrainConfig, *extra)
     meta = load_meta(cfg.data_dir)
     if gpt_cfg.vocab_size not in (0, meta["vocab_size"]):
         raise ConfigError(f"--vocab-size {gpt_cfg.vocab_size} differs from the data's {meta['vocab_size']} "
@@ -35,7 +36,7 @@ def setup(argv):
     ckpt = Path(cfg.out_dir) / "ckpt.npz"
     if cfg.resume and not ckpt.exists():
         raise ConfigError(f"--resume given but {ckpt} does not exist; train without --resume first")
-    return gpt_cfg, cfg, train, val
+    return (gpt_cfg, cfg, train, val, *extras)
 
 
 def build(gpt_cfg, cfg):
@@ -73,10 +74,7 @@ def main(argv=None):
     start = 0
     if cfg.resume:
         try:
-            start = load_training_state(ckpt, layout, params, opt)
-            if start > cfg.max_iters:
-                raise ConfigError(f"{ckpt} is at step {start}, beyond --max-iters {cfg.max_iters}; "
-                                  f"raise --max-iters to train further")
+            start = load_training_state(ckpt, layout, params, opt, cfg.max_iters)
         except ConfigError as e:
             exit_with(e)
         print(f"resuming from {ckpt} at step {start}")
@@ -91,7 +89,8 @@ def main(argv=None):
 
     run_training(cfg, start, cfg.batch_size * gpt_cfg.block_size, step_fn,
                  evaluate=lambda: evaluate(p, val_batches, gpt_cfg),
-                 save=lambda step: save_training_state(ckpt, layout, params, opt, step, gpt_cfg, cfg),
+                 save=lambda step: save_training_state(ckpt, single_core_state(layout, params, opt), opt.t, step,
+                                                     gpt_cfg, cfg),
                  metrics_path=Path(cfg.out_dir) / "metrics.jsonl")
 
 

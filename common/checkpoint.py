@@ -71,27 +71,45 @@ def check_shapes(path, tensors, prefix, shapes):
         raise CheckpointError(f"checkpoint {path} was made for a different model: unexpected tensors {extra[:3]}")
 
 
-def save_training_state(path, layout, params, opt, step, gpt_cfg, train_cfg):
-    """The single-core state: flat params and AdamW m, v split back into named tensors."""
-    tensors = {}
-    for prefix, flat in (("params/", params), ("adam_m/", opt.m), ("adam_v/", opt.v)):
-        tensors.update({prefix + k: v for k, v in layout.views(flat).items()})
+STATE = ("params", "adam_m", "adam_v")     # what a training checkpoint holds of every parameter
+
+
+def save_training_state(path, state, adam_t, step, gpt_cfg, train_cfg):
+    """state: {"params" | "adam_m" | "adam_v": {name: the whole single-core tensor}}, whatever the layout."""
+    tensors = {f"{part}/{name}": a for part in STATE for name, a in state[part].items()}
     save_checkpoint(path, tensors, {
-        "step": step, "adam_t": opt.t,
+        "step": step, "adam_t": adam_t,
         "model": dataclasses.asdict(gpt_cfg), "train": dataclasses.asdict(train_cfg),
         "sampler": {"seed": train_cfg.seed, "next_step": step},
     })
 
 
-def load_training_state(path, layout, params, opt):
-    """Fill flat params and AdamW state from `path` in place; returns the step to continue from."""
+def read_training_state(path, shapes, max_iters):
+    """(state, adam_t, step) as save_training_state wrote them, checked against the model's {name: shape}
+    and against the run it is to continue (`--max-iters`)."""
     tensors, meta = load_checkpoint(path)
-    for prefix, flat in (("params/", params), ("adam_m/", opt.m), ("adam_v/", opt.v)):
-        check_shapes(path, tensors, prefix, layout.shapes)
-        for name, view in layout.views(flat).items():
-            view[...] = tensors[prefix + name]
-    opt.t = meta["adam_t"]
-    return meta["step"]
+    state = {}
+    for part in STATE:
+        check_shapes(path, tensors, part + "/", shapes)
+        state[part] = {name: tensors[f"{part}/{name}"] for name in shapes}
+    if meta["step"] > max_iters:
+        raise CheckpointError(f"{path} is at step {meta['step']}, beyond --max-iters {max_iters}; "
+                              f"raise --max-iters to train further")
+    return state, meta["adam_t"], meta["step"]
+
+
+def single_core_state(layout, params, opt):
+    """The state of a single-core run: its flat buffers seen as named tensors."""
+    return {"params": layout.views(params), "adam_m": layout.views(opt.m), "adam_v": layout.views(opt.v)}
+
+
+def load_training_state(path, layout, params, opt, max_iters):
+    """Fill a single-core run's flat params and AdamW state in place; returns the step to continue from."""
+    state, opt.t, step = read_training_state(path, layout.shapes, max_iters)
+    for part, views in single_core_state(layout, params, opt).items():
+        for name, view in views.items():
+            view[...] = state[part][name]
+    return step
 
 
 def load_model(path, dtype=np.float32):

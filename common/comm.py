@@ -41,11 +41,11 @@ class Comm:
         self.size = mpi_comm.Get_size()
         self.ledger = Ledger()
 
-    def allreduce(self, buf):
-        """Sum `buf` over all ranks, in place."""
+    def allreduce(self, buf, op="sum"):
+        """Reduce `buf` over all ranks in place: op "sum" or "max"."""
         if self.size > 1:
             self.ledger.record("allreduce", buf.nbytes)
-            self.mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            self.mpi.Allreduce(MPI.IN_PLACE, buf, op={"sum": MPI.SUM, "max": MPI.MAX}[op])
         return buf
 
     def iallreduce(self, buf):

@@ -91,6 +91,16 @@ class TrainConfig:
             raise ConfigError(f"--warmup-iters {self.warmup_iters} exceeds --lr-decay-iters {self.lr_decay_iters}")
 
 
+@dataclass
+class ParallelConfig:
+    """How the model is split across MPI ranks; each chapter reads the fields it implements."""
+    tp: int = 1  # tensor-parallel ranks (02_tensor_parallel)
+
+    def validate(self):
+        if self.tp < 1:
+            raise ConfigError(f"--tp must be a positive integer, got {self.tp}")
+
+
 def flag(name):
     return name.replace("_", "-")
 

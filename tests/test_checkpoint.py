@@ -6,7 +6,7 @@ import pytest
 
 import common.checkpoint
 from common.checkpoint import (CheckpointError, load_checkpoint, load_model, load_training_state, save_checkpoint,
-                               save_training_state)
+                               save_training_state, single_core_state)
 from common.config import GPTConfig, TrainConfig
 from common.model import gpt_layout
 from common.optim import AdamW, decays
@@ -30,10 +30,10 @@ def random_state(cfg, dtype, seed=0):
 def test_training_state_round_trips_params_adam_moments_t_and_step_exactly(tmp_path, dtype):
     path = tmp_path / "ckpt.npz"
     layout, params, opt = random_state(CFG, dtype)
-    save_training_state(path, layout, params, opt, 42, CFG, TrainConfig(seed=7))
+    save_training_state(path, single_core_state(layout, params, opt), opt.t, 42, CFG, TrainConfig(seed=7))
 
     _, params2, opt2 = random_state(CFG, dtype, seed=1)
-    assert load_training_state(path, layout, params2, opt2) == 42
+    assert load_training_state(path, layout, params2, opt2, 10**9) == 42
     np.testing.assert_array_equal(params2, params)
     np.testing.assert_array_equal(opt2.m, opt.m)
     np.testing.assert_array_equal(opt2.v, opt.v)
@@ -87,7 +87,7 @@ def flipped_byte(path):
 def test_a_damaged_file_raises_checkpoint_error_naming_the_path(tmp_path, damage):
     path = tmp_path / "ckpt.npz"
     layout, params, opt = random_state(CFG, np.float32)
-    save_training_state(path, layout, params, opt, 3, CFG, TrainConfig())
+    save_training_state(path, single_core_state(layout, params, opt), opt.t, 3, CFG, TrainConfig())
     damage(path)
     with pytest.raises(CheckpointError, match="corrupt") as error:
         load_checkpoint(path)
@@ -114,11 +114,11 @@ def test_an_unknown_format_version_is_refused(tmp_path):
 def test_a_checkpoint_of_another_model_raises_checkpoint_error_naming_the_tensor(tmp_path, change, named):
     path = tmp_path / "ckpt.npz"
     layout, params, opt = random_state(CFG, np.float32)
-    save_training_state(path, layout, params, opt, 3, CFG, TrainConfig())
+    save_training_state(path, single_core_state(layout, params, opt), opt.t, 3, CFG, TrainConfig())
     other = dataclasses.replace(CFG, **change)
     layout2, params2, opt2 = random_state(other, np.float32)
     with pytest.raises(CheckpointError, match=named) as error:
-        load_training_state(path, layout2, params2, opt2)
+        load_training_state(path, layout2, params2, opt2, 10**9)
     assert str(path) in str(error.value)
 
 
@@ -126,7 +126,7 @@ def test_a_checkpoint_of_a_bigger_model_names_the_unexpected_tensors(tmp_path):
     path = tmp_path / "ckpt.npz"
     bigger = dataclasses.replace(CFG, n_layer=2)
     layout, params, opt = random_state(bigger, np.float32)
-    save_training_state(path, layout, params, opt, 3, bigger, TrainConfig())
+    save_training_state(path, single_core_state(layout, params, opt), opt.t, 3, bigger, TrainConfig())
     layout2, params2, opt2 = random_state(CFG, np.float32)
     with pytest.raises(CheckpointError, match=r"unexpected tensors \['h\.1\."):
-        load_training_state(path, layout2, params2, opt2)
+        load_training_state(path, layout2, params2, opt2, 10**9)

@@ -1,0 +1,113 @@
+"""Prove that the tensor-parallel model computes exactly what the single-core model computes.
+
+    mpirun -n 2 python 02_tensor_parallel/verify.py          # also -n 1 and -n 4; float64, a tiny model
+
+Both models start from the same weights and take the same AdamW steps on the same batches, in this one job.
+Rows compare logits, loss and every gradient of the first step, every parameter after the last, the
+replicated gradients across ranks, and the communication ledger of one step against the formula.
+"""
+import numpy as np
+
+from common.checks import Report
+from common.chapters import import_chapter
+from common.comm import checked, world
+from common.config import GPTConfig, Parser
+from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
+from common.optim import AdamW, clip_grad_norm, decays
+
+tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
+TOL = 1e-10
+LR, BETA1, BETA2, WD, CLIP = 1e-2, 0.9, 0.99, 0.1, 1.0
+
+
+def setup(argv, tp):
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=11, help="odd by default, so the padding is exercised")
+    args = parser.parse_args(argv)
+    cfg = GPTConfig(n_layer=2, n_head=args.n_head, n_embd=4 * args.n_head, block_size=8, vocab_size=args.vocab_size)
+    cfg.validate()
+    tp_lib.check_layout(cfg, tp)
+    return args, cfg
+
+
+def allreduce_formula(cfg, B, itemsize):
+    """(calls, bytes) of one training step's all-reduces, from the module docstring."""
+    big = B * cfg.block_size * cfg.n_embd * itemsize
+    small = B * cfg.block_size * itemsize
+    per_direction = 2 * cfg.n_layer + 1
+    return 2 * per_direction + 3 + 1, 2 * per_direction * big + 3 * small + 8      # + 1: the gradient norm
+
+
+def main(argv=None):
+    tp = world()
+    args, cfg = checked(tp, setup, argv, tp.size)
+    B = 3
+    layout = gpt_layout(cfg)
+    rng = np.random.default_rng(0)
+    full = init_params(cfg, 0, np.float64)
+    full += rng.normal(0.0, 0.1, full.shape)       # biases off 0 and gains off 1, where mistakes could hide
+    batches = []
+    for _ in range(args.steps):
+        idx = rng.integers(0, cfg.vocab_size, (B, cfg.block_size))
+        idx[1, :3] = idx[0, 0]                      # repeated tokens: embedding gradients must add up
+        batches.append((idx, rng.integers(0, cfg.vocab_size, idx.shape)))
+
+    # single core, the reference (every rank computes it: it is tiny)
+    ref_p, ref_g = full.copy(), np.zeros_like(full)
+    ref_opt = AdamW(layout.mask(decays), BETA1, BETA2, WD, dtype=np.float64)
+    # tensor parallel: this rank's shards of the same weights
+    local = tp_lib.tp_layout(cfg, tp.size)
+    params = tp_lib.shard(layout.views(full), local, cfg, tp.size, tp.rank, np.float64)
+    grads = np.zeros_like(params)
+    opt = AdamW(local.mask(decays), BETA1, BETA2, WD, dtype=np.float64)
+
+    report = Report(TOL)
+    show = tp.rank == 0
+    for step, (x, y) in enumerate(batches):
+        ref_g.fill(0)
+        ref_logits, ref_loss, cache = gpt_forward(layout.views(ref_p), x, y, cfg)
+        gpt_backward(cache, layout.views(ref_p), layout.views(ref_g))
+
+        grads.fill(0)
+        tp.ledger.reset()
+        logits, loss, cache = tp_lib.tp_forward(local.views(params), x, y, cfg, tp)
+        tp_lib.tp_backward(cache, local.views(params), local.views(grads), tp)
+        norm = tp_lib.grad_norm(grads, local, tp)
+        calls, nbytes = tp.ledger.calls["allreduce"], tp.ledger.bytes["allreduce"]
+
+        if step == 0:
+            gathered = tp.allgather(logits.reshape(-1), np.empty((tp.size, logits.size)))
+            full_logits = np.concatenate([g.reshape(logits.shape) for g in gathered], axis=-1)
+            report.compare("logits", full_logits[..., :cfg.vocab_size], ref_logits, show)
+            report.compare("loss", loss, ref_loss, show)
+            tp_grads = tp_lib.unshard(grads, local, cfg, tp)
+            for name, want in layout.views(ref_g).items():
+                report.compare(f"grad {name}", tp_grads[name], want, show)
+            pieces = tp.allgather(grads, np.empty((tp.size, grads.size)))
+            spread = max((np.abs(pieces[:, a:b] - pieces[0, a:b]).max() for name, (a, b) in local.offsets.items()
+                          if tp_lib.kind(name) == "replicated"), default=0.0)
+            report.compare("replicated grads, rank vs rank 0", spread, 0.0, show)
+            if tp.size > 1:
+                want_calls, want_bytes = allreduce_formula(cfg, B, 8)
+                report.compare("ledger: all-reduce calls", calls, want_calls, show)
+                report.compare("ledger: all-reduce bytes", nbytes, want_bytes, show)
+
+        ref_norm = clip_grad_norm(ref_g, CLIP)
+        clip_grad_norm(grads, CLIP, norm)
+        report.compare(f"grad norm, step {step}", norm, ref_norm, show)
+        ref_opt.step(ref_p, ref_g, LR)
+        opt.step(params, grads, LR)
+
+    tp_params = tp_lib.unshard(params, local, cfg, tp)
+    for name, want in layout.views(ref_p).items():
+        report.compare(f"param {name} after {args.steps} steps", tp_params[name], want, show)
+    if show:
+        print(f"tp={tp.size}: ", end="")
+        return report.finish()
+    return 0 if all(ok for _, ok in report.rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""Chapter 02: tensor parallelism computes exactly what single core computes, under real mpiexec runs."""
+import json
+
+import numpy as np
+import pytest
+
+from common.chapters import import_chapter
+from common.config import GPTConfig
+from common.model import gpt_layout, init_params
+from conftest import run, run_mpi
+
+tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
+VERIFY = "02_tensor_parallel/verify.py"
+TRAIN = "02_tensor_parallel/train.py"
+TINY = ["--n-layer", 2, "--n-head", 4, "--n-embd", 16, "--block-size", 8, "--batch-size", 4, "--eval-iters", 2,
+        "--dtype", "float64"]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_verify_passes_for_every_tensor_at_tp(tp):
+    result = run_mpi(tp, [VERIFY], timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"tp={tp}: PASS:"), last
+
+
+def test_verify_fails_when_the_backward_all_reduce_of_f_is_left_out(tmp_path):
+    broken = tmp_path / "broken_verify.py"
+    broken.write_text(
+        "from common.chapters import import_chapter\n"
+        "tp_lib = import_chapter('02_tensor_parallel.tensor_parallel')\n"
+        "tp_lib.copy_to_tp_backward = lambda dx, tp: dx      # f's backward forgets to sum over ranks\n"
+        "raise SystemExit(import_chapter('02_tensor_parallel.verify').main([]))\n")
+    result = run_mpi(2, [broken], timeout=120)
+    assert result.returncode == 1
+    assert result.stdout.strip().splitlines()[-1].startswith("tp=2: FAIL:")
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_shard_then_unshard_gives_back_every_single_core_tensor(tp):
+    cfg = GPTConfig(n_layer=1, n_head=4, n_embd=8, block_size=4, vocab_size=11)
+    full = gpt_layout(cfg).views(init_params(cfg, 0, np.float64) + np.arange(gpt_layout(cfg).size))
+    local = tp_lib.tp_layout(cfg, tp)
+    pieces = [local.views(tp_lib.shard(full, local, cfg, tp, rank, np.float64)) for rank in range(tp)]
+    for name, want in full.items():
+        np.testing.assert_array_equal(tp_lib.unshard_tensor(name, [p[name] for p in pieces], cfg), want)
+    # every rank holds whole heads: rank r's q columns are heads r*nh/tp.. of the full q
+    q = full["h.0.attn.c_attn.w"][:, :8].reshape(8, 4, 2)
+    np.testing.assert_array_equal(pieces[-1]["h.0.attn.c_attn.w"][:, :8 // tp].reshape(8, 4 // tp, 2),
+                                  q[:, 4 - 4 // tp:])
+
+
+@pytest.mark.parametrize("n, flags, words", [
+    (3, [], ["--tp 3", "n_head=4"]),
+    (2, ["--tp", 4], ["--tp 4", "2 ranks"]),
+])
+def test_bad_layout_exits_2_on_every_rank_with_one_message(tiny_data, tmp_path, n, flags, words):
+    result = run_mpi(n, [TRAIN, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, *flags], timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def read(out):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r], np.load(out / "ckpt.npz")
+
+
+def test_a_tp2_checkpoint_resumed_at_tp4_continues_exactly_as_single_core_runs(tiny_data, tmp_path):
+    common = ["--data-dir", tiny_data, *TINY, "--eval-interval", 5]
+    straight, sharded = tmp_path / "straight", tmp_path / "sharded"
+    assert run(["01_single_core/train.py", *common, "--max-iters", 10, "--out-dir", straight]).returncode == 0
+    assert run_mpi(2, [TRAIN, *common, "--max-iters", 5, "--out-dir", sharded]).returncode == 0
+    result = run_mpi(4, [TRAIN, *common, "--max-iters", 10, "--out-dir", sharded, "--resume"])
+    assert result.returncode == 0, result.stderr
+    want_losses, want = read(straight)
+    got_losses, got = read(sharded)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-10, atol=0)
+    assert len(got_losses) == 10
+    for key in want.files:
+        if key != "meta":
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-10 * np.abs(want[key]).max(),
+                                       err_msg=key)
+    sample = run(["01_single_core/sample.py", "--out-dir", sharded, "--max-new-tokens", 20, "--start", "ANNA"])
+    assert sample.returncode == 0 and sample.stdout.startswith("ANNA"), sample.stderr
