@@ -20,23 +20,33 @@ Communication per step, per rank, for B*T tokens of C channels (e = bytes per el
     forward:  g in each block's attention and MLP, and after the embedding   (2 L + 1) all-reduces of B T C e
               the cross-entropy: max, sum of exponentials, target logit       3 all-reduces of B T e
     backward: f before each block's c_attn and c_fc, and before the LM head  (2 L + 1) all-reduces of B T C e
+
+Sequence parallelism (`sp`) also splits what lies between the blocks' parallel regions (LayerNorms, residuals,
+dropout in larger models) along the sequence, so each rank stores 1/N of those activations. An all-reduce is
+a reduce-scatter followed by an all-gather, so it trades each g for a reduce-scatter of the sequence and
+each f for an all-gather, moving the same bytes: (4 L + 2) all-gathers and (4 L + 2) reduce-scatters of
+B T C e per step, the same 3 cross-entropy all-reduces, plus one all-reduce of the replicated tensors'
+gradients, which now see only a part of the sequence each.
 """
 import numpy as np
 
 from common.config import ConfigError
-from common.model import (attention_backward, attention_forward, gelu_backward, gelu_forward, layernorm_backward,
-                          layernorm_forward, linear_backward, linear_forward, lm_head_backward, lm_head_forward,
-                          param_shapes, rowsum, scatter_add_rows)
+from common.model import (attention_backward, attention_forward, colsum, gelu_backward, gelu_forward,
+                          layernorm_backward, layernorm_forward, linear_backward, linear_forward, lm_head_backward,
+                          lm_head_forward, param_shapes, rowsum, scatter_add_rows)
 from common.params import Layout, sub
 
 
 # ----------------------------------------------------------------------------- shard
 
-def check_layout(cfg, tp):
-    """Raise ConfigError unless the model splits evenly over `tp` ranks."""
+def check_layout(cfg, tp, sp=False):
+    """Raise ConfigError unless the model (and, with sequence parallelism, the sequence) splits evenly."""
     if cfg.n_head % tp:
         divisors = [d for d in range(1, cfg.n_head + 1) if cfg.n_head % d == 0]
         raise ConfigError(f"--tp {tp} does not divide n_head={cfg.n_head}; choose one of {divisors}")
+    if sp and cfg.block_size % tp:
+        raise ConfigError(f"--sequence-parallel needs --tp {tp} to divide --block-size {cfg.block_size}; "
+                          f"choose a block size that is a multiple of {tp}")
 
 
 def padded_vocab(V, tp):
@@ -113,6 +123,9 @@ def unshard(flat, layout, cfg, comm):
 
 
 # ----------------------------------------------------------------------------- forward and backward
+# The conjugate operators. Without sequence parallelism a block enters the tensor-parallel region through f
+# and leaves it through g; with it, activations outside the region are split along the sequence, so the
+# block enters through an all-gather of the sequence and leaves through a reduce-scatter of it.
 
 def copy_to_tp_backward(dx, tp):
     """f: the forward is the identity; the backward sums the partial input gradients of the ranks."""
@@ -124,57 +137,101 @@ def reduce_from_tp_forward(x, tp):
     return tp.allreduce(x)
 
 
-def block_forward(x, p, n_head_local, tp):
-    h, c_ln1 = layernorm_forward(x, p["ln_1.w"], p["ln_1.b"])                 # f: identity
+def gather_sequence(x, tp):
+    """(B,T/N,C) on each rank -> (B,T,C) on every rank: the all-gather of sequence parallelism."""
+    B, Tl, C = x.shape
+    out = tp.allgather(np.ascontiguousarray(x), np.empty((tp.size, B, Tl, C), dtype=x.dtype))
+    return out.transpose(1, 0, 2, 3).reshape(B, tp.size * Tl, C)
+
+
+def reduce_scatter_sequence(x, tp):
+    """(B,T,C) partial sums on each rank -> this rank's (B,T/N,C) slice of their sum."""
+    B, T, C = x.shape
+    blocks = np.ascontiguousarray(x.reshape(B, tp.size, T // tp.size, C).transpose(1, 0, 2, 3))
+    return tp.reduce_scatter(blocks, np.empty((B, T // tp.size, C), dtype=x.dtype))
+
+
+def enter(x, tp, sp):
+    return gather_sequence(x, tp) if sp else x
+
+
+def enter_backward(dx, tp, sp):
+    return reduce_scatter_sequence(dx, tp) if sp else copy_to_tp_backward(dx, tp)
+
+
+def leave(x, tp, sp):
+    return reduce_scatter_sequence(x, tp) if sp else reduce_from_tp_forward(x, tp)
+
+
+def leave_backward(dx, tp, sp):
+    return gather_sequence(dx, tp) if sp else dx
+
+
+def block_forward(x, p, n_head_local, tp, sp):
+    h, c_ln1 = layernorm_forward(x, p["ln_1.w"], p["ln_1.b"])
+    h = enter(h, tp, sp)                                                      # f, or all-gather the sequence
     h, c_qkv = linear_forward(h, p["attn.c_attn.w"], p["attn.c_attn.b"])     # column-parallel: my heads' q|k|v
     h, c_att = attention_forward(h, n_head_local)
     h, c_proj = linear_forward(h, p["attn.c_proj.w"], None)                  # row-parallel: a partial sum
-    h = reduce_from_tp_forward(h, tp)
+    h = leave(h, tp, sp)                                                      # g, or reduce-scatter the sequence
     h += p["attn.c_proj.b"]
     x = x + h
-    h, c_ln2 = layernorm_forward(x, p["ln_2.w"], p["ln_2.b"])                 # f: identity
+    h, c_ln2 = layernorm_forward(x, p["ln_2.w"], p["ln_2.b"])
+    h = enter(h, tp, sp)
     h, c_fc = linear_forward(h, p["mlp.c_fc.w"], p["mlp.c_fc.b"])            # column-parallel
     h, c_gelu = gelu_forward(h)
     h, c_mproj = linear_forward(h, p["mlp.c_proj.w"], None)                  # row-parallel
-    h = reduce_from_tp_forward(h, tp)
+    h = leave(h, tp, sp)
     h += p["mlp.c_proj.b"]
     return x + h, (c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj)
 
 
-def block_backward(dout, cache, p, g, tp):
+def block_backward(dout, cache, p, g, tp, sp):
     c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj = cache
-    dh = linear_backward(dout, c_mproj, p["mlp.c_proj.w"], g["mlp.c_proj.w"], g["mlp.c_proj.b"])  # g: identity
+    g["mlp.c_proj.b"] += colsum(dout)       # the bias is added after g (or the reduce-scatter): my positions
+    dh = leave_backward(dout, tp, sp)
+    dh = linear_backward(dh, c_mproj, p["mlp.c_proj.w"], g["mlp.c_proj.w"], None)
     dh = gelu_backward(dh, c_gelu)
     dh = linear_backward(dh, c_fc, p["mlp.c_fc.w"], g["mlp.c_fc.w"], g["mlp.c_fc.b"])
-    dh = copy_to_tp_backward(dh, tp)
+    dh = enter_backward(dh, tp, sp)
     dx = dout + layernorm_backward(dh, c_ln2, g["ln_2.w"], g["ln_2.b"])
-    dh = linear_backward(dx, c_proj, p["attn.c_proj.w"], g["attn.c_proj.w"], g["attn.c_proj.b"])
+    g["attn.c_proj.b"] += colsum(dx)
+    dh = leave_backward(dx, tp, sp)
+    dh = linear_backward(dh, c_proj, p["attn.c_proj.w"], g["attn.c_proj.w"], None)
     dh = attention_backward(dh, c_att)
     dh = linear_backward(dh, c_qkv, p["attn.c_attn.w"], g["attn.c_attn.w"], g["attn.c_attn.b"])
-    dh = copy_to_tp_backward(dh, tp)
+    dh = enter_backward(dh, tp, sp)
     return dx + layernorm_backward(dh, c_ln1, g["ln_1.w"], g["ln_1.b"])
 
 
-def vocab_embedding_forward(idx, wte, wpe, tp):
-    """Each rank looks up the tokens of its vocabulary slice (zeros elsewhere), then g sums the slices."""
+def positions(T, tp, sp):
+    """The sequence positions this rank's activations hold outside the tensor-parallel region."""
+    Tl = T // tp.size if sp else T
+    return slice(tp.rank * Tl, tp.rank * Tl + Tl) if sp else slice(0, T)
+
+
+def vocab_embedding_forward(idx, wte, wpe, tp, sp):
+    """Each rank looks up the tokens of its vocabulary slice (zeros elsewhere), then g (or the sequence
+    reduce-scatter) sums the slices."""
     local = idx - tp.rank * wte.shape[0]
     mine = (local >= 0) & (local < wte.shape[0])
     x = wte[np.where(mine, local, 0)]                                         # (B,T,C)
     x[~mine] = 0.0
-    x = reduce_from_tp_forward(x, tp)
-    x += wpe[:idx.shape[1]]
+    x = leave(x, tp, sp)
+    x += wpe[positions(idx.shape[1], tp, sp)]
     return x, (local, mine)
 
 
-def vocab_embedding_backward(dout, cache, dwte, dwpe):
+def vocab_embedding_backward(dout, cache, dwte, dwpe, tp, sp):
     local, mine = cache
-    dwpe[:local.shape[1]] += dout.sum(axis=0)
+    dwpe[positions(local.shape[1], tp, sp)] += dout.sum(axis=0)
+    dout = leave_backward(dout, tp, sp)
     scatter_add_rows(dwte, local[mine], dout[mine])                           # only my vocabulary's rows
 
 
 def vocab_cross_entropy_forward(x, wte, targets, vocab_size, tp):
     """Mean cross-entropy of the tied head's logits, each rank holding the logits of its vocabulary slice."""
-    logits, c_head = lm_head_forward(x, wte)                                  # (B,T,V/N), f: identity
+    logits, c_head = lm_head_forward(x, wte)                                  # (B,T,V/N)
     Vl = wte.shape[0]
     lo = tp.rank * Vl
     logits[..., max(0, min(Vl, vocab_size - lo)):] = -np.inf                  # padding rows never win
@@ -193,46 +250,59 @@ def vocab_cross_entropy_forward(x, wte, targets, vocab_size, tp):
     return logits, loss, (e, t, rows, c_head)
 
 
-def vocab_cross_entropy_backward(dloss, cache, wte, dwte, tp):
+def vocab_cross_entropy_backward(dloss, cache, wte, dwte):
     probs, t, rows, c_head = cache
     # loss = mean(log sum exp z - z[target]): dz = (softmax(z) - onehot(target)) / N on my vocabulary slice
     dz = probs
     dz[rows, t[rows]] -= 1.0
     dz *= dloss / dz.shape[0]
-    dx = lm_head_backward(dz.reshape(*c_head.shape[:-1], -1), c_head, wte, dwte)
-    return copy_to_tp_backward(dx, tp)
+    return lm_head_backward(dz.reshape(*c_head.shape[:-1], -1), c_head, wte, dwte)  # a partial sum over V
 
 
-def tp_forward(p, idx, targets, cfg, tp):
+def tp_forward(p, idx, targets, cfg, tp, sp=False):
     """This rank's logits (B,T,V_padded/N) and the loss, equal to the single-core model's on every rank."""
-    x, c_emb = vocab_embedding_forward(idx, p["wte"], p["wpe"], tp)
+    x, c_emb = vocab_embedding_forward(idx, p["wte"], p["wpe"], tp, sp)
     c_blocks = []
     for i in range(cfg.n_layer):
-        x, c = block_forward(x, sub(p, f"h.{i}."), cfg.n_head // tp.size, tp)
+        x, c = block_forward(x, sub(p, f"h.{i}."), cfg.n_head // tp.size, tp, sp)
         c_blocks.append(c)
     x, c_lnf = layernorm_forward(x, p["ln_f.w"], p["ln_f.b"])
+    x = enter(x, tp, sp)
     logits, loss, c_ce = vocab_cross_entropy_forward(x, p["wte"], targets, cfg.vocab_size, tp)
     return logits, loss, (c_emb, c_blocks, c_lnf, c_ce)
 
 
-def tp_backward(cache, p, g, tp, dloss=1.0):
-    """Accumulate this rank's gradients; replicated tensors get the same gradient on every rank."""
+def tp_backward(cache, p, g, tp, sp=False, dloss=1.0):
+    """Accumulate this rank's gradients; replicated tensors end with the same gradient on every rank."""
     c_emb, c_blocks, c_lnf, c_ce = cache
-    dx = vocab_cross_entropy_backward(dloss, c_ce, p["wte"], g["wte"], tp)
+    dx = vocab_cross_entropy_backward(dloss, c_ce, p["wte"], g["wte"])
+    dx = enter_backward(dx, tp, sp)
     dx = layernorm_backward(dx, c_lnf, g["ln_f.w"], g["ln_f.b"])
     for i in reversed(range(len(c_blocks))):
-        dx = block_backward(dx, c_blocks[i], sub(p, f"h.{i}."), sub(g, f"h.{i}."), tp)
-    vocab_embedding_backward(dx, c_emb, g["wte"], g["wpe"])
+        dx = block_backward(dx, c_blocks[i], sub(p, f"h.{i}."), sub(g, f"h.{i}."), tp, sp)
+    vocab_embedding_backward(dx, c_emb, g["wte"], g["wpe"], tp, sp)
+    if sp:
+        sync_replicated_grads(g, tp)
 
 
 # ----------------------------------------------------------------------------- synchronise gradients
-# Nothing to do: every replicated tensor (LayerNorms, row-parallel biases, wpe) sees the same, already
-# reduced activations and gradients on every rank, so its gradient is identical everywhere; verify.py checks
-# that it is. The global gradient norm for clipping is the sum over ranks of the sharded tensors' squares
-# plus the replicated tensors' squares counted once.
+# Without sequence parallelism nothing is needed: every replicated tensor (LayerNorms, row-parallel biases,
+# wpe) sees the same, already reduced activations and gradients on every rank, so its gradient is the same
+# everywhere (verify.py checks that it is). With it, those tensors act on this rank's part of the sequence
+# only, so their gradients are partial sums: one all-reduce of all of them, packed into one buffer.
+
+def sync_replicated_grads(g, tp):
+    names = [name for name in g if kind(name) == "replicated"]
+    packed = tp.allreduce(np.concatenate([g[name].ravel() for name in names]))
+    start = 0
+    for name in names:
+        g[name][...] = packed[start:start + g[name].size].reshape(g[name].shape)
+        start += g[name].size
+
 
 def grad_norm(grads, layout, tp):
-    """The single-core model's gradient L2 norm, from this rank's flat gradient."""
+    """The single-core model's gradient L2 norm from this rank's flat gradient: the sharded tensors' squares
+    summed over ranks, plus the replicated tensors' squares counted once."""
     sharded = np.zeros(1, dtype=np.float64)
     replicated = 0.0
     for name, (a, b) in layout.offsets.items():

@@ -2,6 +2,7 @@
 
     mpirun -n 2 python 02_tensor_parallel/train.py                     # --tp defaults to the number of ranks
     mpirun -n 4 python 02_tensor_parallel/train.py --max-iters 200 --out-dir out/tp4
+    mpirun -n 2 python 02_tensor_parallel/train.py --sequence-parallel
     python 01_single_core/sample.py --out-dir out/tp4                  # checkpoints are layout-independent
 
 Every rank reads the same batch: tensor parallelism splits the model, not the data. What differs from
@@ -32,15 +33,15 @@ def setup(argv, world_size):
     if par.tp != world_size:
         raise ConfigError(f"--tp {par.tp} but mpirun started {world_size} ranks; run mpirun -n {par.tp} "
                           f"(or leave --tp out to use every rank)")
-    tp_lib.check_layout(gpt_cfg, par.tp)
+    tp_lib.check_layout(gpt_cfg, par.tp, par.sequence_parallel)
     return gpt_cfg, cfg, train, val, par
 
 
-def train_step(p, g, params, grads, opt, x, y, gpt_cfg, cfg, lr, layout, tp):
+def train_step(p, g, params, grads, opt, x, y, gpt_cfg, cfg, lr, layout, tp, sp):
     """One optimizer step; the same loss on every rank, each rank updating its own shards."""
     grads.fill(0)
-    _, loss, cache = tp_lib.tp_forward(p, x, y, gpt_cfg, tp)
-    tp_lib.tp_backward(cache, p, g, tp)
+    _, loss, cache = tp_lib.tp_forward(p, x, y, gpt_cfg, tp, sp)
+    tp_lib.tp_backward(cache, p, g, tp, sp)
     clip_grad_norm(grads, cfg.grad_clip, tp_lib.grad_norm(grads, layout, tp))
     opt.step(params, grads, lr)
     return loss
@@ -73,10 +74,11 @@ def main(argv=None):
     def step_fn(step, lr):
         offsets = batch_offsets(len(train), gpt_cfg.block_size, cfg.batch_size, cfg.seed, step)
         x, y = get_batch(train, offsets, gpt_cfg.block_size)
-        return train_step(p, g, params, grads, opt, x, y, gpt_cfg, cfg, lr, local, tp)
+        return train_step(p, g, params, grads, opt, x, y, gpt_cfg, cfg, lr, local, tp, par.sequence_parallel)
 
     def evaluate():
-        return float(np.mean([tp_lib.tp_forward(p, x, y, gpt_cfg, tp)[1] for x, y in val_batches]))
+        return float(np.mean([tp_lib.tp_forward(p, x, y, gpt_cfg, tp, par.sequence_parallel)[1]
+                              for x, y in val_batches]))
 
     def save(step):
         state = {part: tp_lib.unshard(flat, local, gpt_cfg, tp)

@@ -1,6 +1,7 @@
 """Prove that the tensor-parallel model computes exactly what the single-core model computes.
 
     mpirun -n 2 python 02_tensor_parallel/verify.py          # also -n 1 and -n 4; float64, a tiny model
+    mpirun -n 2 python 02_tensor_parallel/verify.py --sequence-parallel
 
 Both models start from the same weights and take the same AdamW steps on the same batches, in this one job.
 Rows compare logits, loss and every gradient of the first step, every parameter after the last, the
@@ -25,25 +26,30 @@ def setup(argv, tp):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--n-head", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=11, help="odd by default, so the padding is exercised")
+    parser.add_argument("--sequence-parallel", action="store_true")
     args = parser.parse_args(argv)
     cfg = GPTConfig(n_layer=2, n_head=args.n_head, n_embd=4 * args.n_head, block_size=8, vocab_size=args.vocab_size)
     cfg.validate()
-    tp_lib.check_layout(cfg, tp)
+    tp_lib.check_layout(cfg, tp, args.sequence_parallel)
     return args, cfg
 
 
-def allreduce_formula(cfg, B, itemsize):
-    """(calls, bytes) of one training step's all-reduces, from the module docstring."""
+def ledger_formula(cfg, B, itemsize, replicated, sp):
+    """{kind: (calls, bytes)} of one training step, from the module docstring; the last all-reduce is the
+    gradient norm's (one float64)."""
     big = B * cfg.block_size * cfg.n_embd * itemsize
-    small = B * cfg.block_size * itemsize
-    per_direction = 2 * cfg.n_layer + 1
-    return 2 * per_direction + 3 + 1, 2 * per_direction * big + 3 * small + 8      # + 1: the gradient norm
+    small = 3 * B * cfg.block_size * itemsize
+    n = 2 * (2 * cfg.n_layer + 1)
+    if not sp:
+        return {"allreduce": (n + 3 + 1, n * big + small + 8)}
+    return {"allgather": (n, n * big), "reduce_scatter": (n, n * big),
+            "allreduce": (3 + 1 + 1, small + replicated * itemsize + 8)}
 
 
 def main(argv=None):
     tp = world()
     args, cfg = checked(tp, setup, argv, tp.size)
-    B = 3
+    B, sp = 3, args.sequence_parallel
     layout = gpt_layout(cfg)
     rng = np.random.default_rng(0)
     full = init_params(cfg, 0, np.float64)
@@ -72,10 +78,10 @@ def main(argv=None):
 
         grads.fill(0)
         tp.ledger.reset()
-        logits, loss, cache = tp_lib.tp_forward(local.views(params), x, y, cfg, tp)
-        tp_lib.tp_backward(cache, local.views(params), local.views(grads), tp)
+        logits, loss, cache = tp_lib.tp_forward(local.views(params), x, y, cfg, tp, sp)
+        tp_lib.tp_backward(cache, local.views(params), local.views(grads), tp, sp)
         norm = tp_lib.grad_norm(grads, local, tp)
-        calls, nbytes = tp.ledger.calls["allreduce"], tp.ledger.bytes["allreduce"]
+        ledger = tp.ledger.as_dict()
 
         if step == 0:
             gathered = tp.allgather(logits.reshape(-1), np.empty((tp.size, logits.size)))
@@ -90,9 +96,12 @@ def main(argv=None):
                           if tp_lib.kind(name) == "replicated"), default=0.0)
             report.compare("replicated grads, rank vs rank 0", spread, 0.0, show)
             if tp.size > 1:
-                want_calls, want_bytes = allreduce_formula(cfg, B, 8)
-                report.compare("ledger: all-reduce calls", calls, want_calls, show)
-                report.compare("ledger: all-reduce bytes", nbytes, want_bytes, show)
+                replicated = sum(a.size for n, a in local.views(grads).items() if tp_lib.kind(n) == "replicated")
+                for kind, (calls, nbytes) in ledger_formula(cfg, B, 8, replicated, sp).items():
+                    got = ledger.get(kind, {"calls": 0, "bytes": 0})
+                    report.compare(f"ledger: {kind} calls", got["calls"], calls, show)
+                    report.compare(f"ledger: {kind} bytes", got["bytes"], nbytes, show)
+                report.compare("ledger: nothing else", len(ledger), len(ledger_formula(cfg, B, 8, 0, sp)), show)
 
         ref_norm = clip_grad_norm(ref_g, CLIP)
         clip_grad_norm(grads, CLIP, norm)
@@ -104,7 +113,7 @@ def main(argv=None):
     for name, want in layout.views(ref_p).items():
         report.compare(f"param {name} after {args.steps} steps", tp_params[name], want, show)
     if show:
-        print(f"tp={tp.size}: ", end="")
+        print(f"tp={tp.size}{' with sequence parallelism' if sp else ''}: ", end="")
         return report.finish()
     return 0 if all(ok for _, ok in report.rows) else 1
 

@@ -95,6 +95,7 @@ class TrainConfig:
 class ParallelConfig:
     """How the model is split across MPI ranks; each chapter reads the fields it implements."""
     tp: int = 1  # tensor-parallel ranks (02_tensor_parallel)
+    sequence_parallel: bool = False  # with tp: split LayerNorm and residual activations along the sequence
 
     def validate(self):
         if self.tp < 1:

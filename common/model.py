@@ -120,7 +120,8 @@ def linear_forward(x, w, b):
 def linear_backward(dout, x, w, dw, db):
     dout2 = dout.reshape(-1, dout.shape[-1])                        # (B*T,OC)
     dw += x.reshape(-1, x.shape[-1]).T @ dout2                      # (C,OC)
-    db += colsum(dout2)
+    if db is not None:
+        db += colsum(dout2)
     return (dout2 @ w.T).reshape(*dout.shape[:-1], w.shape[0])      # (B,T,OC) @ (OC,C) -> (B,T,C)
 
 

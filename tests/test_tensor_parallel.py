@@ -16,24 +16,31 @@ TINY = ["--n-layer", 2, "--n-head", 4, "--n-embd", 16, "--block-size", 8, "--bat
         "--dtype", "float64"]
 
 
+@pytest.mark.parametrize("sp", [False, True], ids=["", "sequence_parallel"])
 @pytest.mark.parametrize("tp", [1, 2, 4])
-def test_verify_passes_for_every_tensor_at_tp(tp):
-    result = run_mpi(tp, [VERIFY], timeout=120)
+def test_verify_passes_for_every_tensor_and_the_ledger_at_tp(tp, sp):
+    result = run_mpi(tp, [VERIFY, *(["--sequence-parallel"] if sp else [])], timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     last = result.stdout.strip().splitlines()[-1]
-    assert last.startswith(f"tp={tp}: PASS:"), last
+    assert last.startswith(f"tp={tp}{' with sequence parallelism' if sp else ''}: PASS:"), last
+    if tp > 1:
+        assert result.stdout.count("ledger:") >= (7 if sp else 3)
 
 
-def test_verify_fails_when_the_backward_all_reduce_of_f_is_left_out(tmp_path):
+@pytest.mark.parametrize("sabotage, flags", [
+    ("tp_lib.copy_to_tp_backward = lambda dx, tp: dx", []),                 # f's backward forgets to sum
+    ("tp_lib.sync_replicated_grads = lambda g, tp: None", ["--sequence-parallel"]),  # partial LayerNorm grads
+])
+def test_verify_fails_when_a_communication_is_left_out(tmp_path, sabotage, flags):
     broken = tmp_path / "broken_verify.py"
     broken.write_text(
         "from common.chapters import import_chapter\n"
         "tp_lib = import_chapter('02_tensor_parallel.tensor_parallel')\n"
-        "tp_lib.copy_to_tp_backward = lambda dx, tp: dx      # f's backward forgets to sum over ranks\n"
-        "raise SystemExit(import_chapter('02_tensor_parallel.verify').main([]))\n")
+        f"{sabotage}\n"
+        f"raise SystemExit(import_chapter('02_tensor_parallel.verify').main({flags!r}))\n")
     result = run_mpi(2, [broken], timeout=120)
-    assert result.returncode == 1
-    assert result.stdout.strip().splitlines()[-1].startswith("tp=2: FAIL:")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAIL:" in result.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -53,6 +60,7 @@ def test_shard_then_unshard_gives_back_every_single_core_tensor(tp):
 @pytest.mark.parametrize("n, flags, words", [
     (3, [], ["--tp 3", "n_head=4"]),
     (2, ["--tp", 4], ["--tp 4", "2 ranks"]),
+    (4, ["--sequence-parallel", "--block-size", 6, "--n-head", 4], ["--sequence-parallel", "--block-size 6"]),
 ])
 def test_bad_layout_exits_2_on_every_rank_with_one_message(tiny_data, tmp_path, n, flags, words):
     result = run_mpi(n, [TRAIN, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, *flags], timeout=60)
@@ -67,12 +75,13 @@ def read(out):
     return [r["loss"] for r in records if "loss" in r], np.load(out / "ckpt.npz")
 
 
-def test_a_tp2_checkpoint_resumed_at_tp4_continues_exactly_as_single_core_runs(tiny_data, tmp_path):
+def test_a_tp2_checkpoint_resumed_at_tp4_with_sequence_parallelism_continues_exactly_as_single_core(tiny_data,
+                                                                                                   tmp_path):
     common = ["--data-dir", tiny_data, *TINY, "--eval-interval", 5]
     straight, sharded = tmp_path / "straight", tmp_path / "sharded"
     assert run(["01_single_core/train.py", *common, "--max-iters", 10, "--out-dir", straight]).returncode == 0
     assert run_mpi(2, [TRAIN, *common, "--max-iters", 5, "--out-dir", sharded]).returncode == 0
-    result = run_mpi(4, [TRAIN, *common, "--max-iters", 10, "--out-dir", sharded, "--resume"])
+    result = run_mpi(4, [TRAIN, *common, "--max-iters", 10, "--out-dir", sharded, "--resume", "--sequence-parallel"])
     assert result.returncode == 0, result.stderr
     want_losses, want = read(straight)
     got_losses, got = read(sharded)
