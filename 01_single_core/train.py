@@ -17,12 +17,13 @@ from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
 from common.optim import AdamW, clip_grad_norm, decays
 
 
-def setup(argv, *extra, description=__doc__):
-    """Configs (GPTConfig, TrainConfig and any `extra` config classes) and data, all checked before any compute.
-    Returns gpt_cfg, cfg, train tokens, val tokens, then one instance per extra class."""
+def setup(argv, *extra, description=__doc__, defaults=None):
+    """Configs (GPTConfig, TrainConfig and any `extra` config classes, with a chapter's own `defaults`) and
+    data, all checked before any compute. Returns gpt_cfg, cfg, train and val tokens, then the extra configs."""
     parser = Parser(description=description.splitlines()[0])
-    add_config_args(parser, GPTConfig, TrainConfig, *extra)
-    gpt_cfg, cfg, *extras = config_from_args(parser.parse_args(argv), GPTConfig, TrainConfig, *extra)
+    add_config_args(parser, GPTConfig, TrainConfig, *extra, defaults=defaults)
+    gpt_cfg, cfg, *extras = config_from_args(parser.parse_args(argv), GPTConfig, TrainConfig, *extra,
+                                             defaults=defaults)
     meta = load_meta(cfg.data_dir)
     if gpt_cfg.vocab_size not in (0, meta["vocab_size"]):
         raise ConfigError(f"--vocab-size {gpt_cfg.vocab_size} differs from the data's {meta['vocab_size']} "

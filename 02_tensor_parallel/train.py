@@ -27,7 +27,8 @@ tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
 
 
 def setup(argv, world_size):
-    gpt_cfg, cfg, train, val, par = single.setup(argv, ParallelConfig, description=__doc__)
+    gpt_cfg, cfg, train, val, par = single.setup(argv, ParallelConfig, description=__doc__,
+                                                 defaults={"out_dir": "out/tensor_parallel"})
     if par.tp == 1 and world_size > 1:
         par.tp = world_size
     if par.tp != world_size:

@@ -106,39 +106,43 @@ def flag(name):
     return name.replace("_", "-")
 
 
-def add_config_args(parser, *classes):
-    """Add `--config` and one dashed flag per dataclass field; defaults stay None so set flags are known."""
+def add_config_args(parser, *classes, defaults=None):
+    """Add `--config` and one dashed flag per dataclass field; defaults stay None so set flags are known
+    (`defaults` only changes the help: config_from_args applies them)."""
     parser.add_argument("--config", help="JSON file of field values (flags given here override it)")
+    defaults = defaults or {}
     for cls in classes:
         group = parser.add_argument_group(cls.__name__)
         for f in dataclasses.fields(cls):
+            shown = f"default: {defaults.get(f.name, f.default)}"
             if f.type in (bool, "bool"):
                 group.add_argument(f"--{flag(f.name)}", dest=f.name, action=argparse.BooleanOptionalAction,
-                                   default=None, help=f"default: {f.default}")
+                                   default=None, help=shown)
             else:
                 kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
                 group.add_argument(f"--{flag(f.name)}", dest=f.name, type=kind, default=None,
-                                   metavar=f.name.upper(), help=f"default: {f.default}")
+                                   metavar=f.name.upper(), help=shown)
 
 
-def config_from_args(args, *classes):
-    """Build one instance per dataclass from defaults, the JSON file and the flags; validate each."""
-    values = {}
+def config_from_args(args, *classes, defaults=None):
+    """Build one instance per dataclass from its defaults, a script's own `defaults` ({field: value}), the JSON
+    file and the flags, in that order of precedence; validate each."""
+    values = dict(defaults or {})
     if args.config:
         path = Path(args.config)
         try:
-            values = json.loads(path.read_text())
+            loaded = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"--config {path} does not exist") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"--config {path} is not valid JSON ({e})") from None
-        if not isinstance(values, dict):
+        if not isinstance(loaded, dict):
             raise ConfigError(f"--config {path} must hold one JSON object of field names and values")
         fields = {f.name: f for cls in classes for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
+        unknown = sorted(set(loaded) - set(fields))
         if unknown:
             raise ConfigError(f"--config {path} has unknown keys {unknown}; known keys are {sorted(fields)}")
-        values = {name: _typed(path, fields[name], value) for name, value in values.items()}
+        values.update({name: _typed(path, fields[name], value) for name, value in loaded.items()})
     values.update({k: v for k, v in vars(args).items() if v is not None})
     configs = []
     for cls in classes:
