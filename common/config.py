@@ -96,10 +96,22 @@ class ParallelConfig:
     """How the model is split across MPI ranks; each chapter reads the fields it implements."""
     tp: int = 1  # tensor-parallel ranks (02_tensor_parallel)
     sequence_parallel: bool = False  # with tp: split LayerNorm and residual activations along the sequence
+    dp: int = 1  # data-parallel ranks (03_data_parallel)
+    grad_accum: int = 1  # micro-batches per rank and step, communicating after the last
+    dp_mode: str = "overlapped"  # naive | bucketed | overlapped gradient all-reduce
+    bucket_mb: float = 1.0  # bucket size of the bucketed and overlapped modes
+    check_replicas: int = 1  # assert identical parameters on all data-parallel ranks every N steps (0: never)
 
     def validate(self):
-        if self.tp < 1:
-            raise ConfigError(f"--tp must be a positive integer, got {self.tp}")
+        for name in ("tp", "dp", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{flag(name)} must be a positive integer, got {getattr(self, name)}")
+        if self.dp_mode not in ("naive", "bucketed", "overlapped"):
+            raise ConfigError(f"--dp-mode must be naive, bucketed or overlapped, got {self.dp_mode!r}")
+        if self.bucket_mb <= 0:
+            raise ConfigError(f"--bucket-mb must be positive, got {self.bucket_mb}")
+        if self.check_replicas < 0:
+            raise ConfigError(f"--check-replicas must be zero (never) or positive, got {self.check_replicas}")
 
 
 def flag(name):

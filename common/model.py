@@ -317,15 +317,21 @@ def gpt_forward(p, idx, targets, cfg):
     return logits, loss, (c_emb, c_blocks, c_lnf, c_head, c_loss)
 
 
-def gpt_backward(cache, p, g, dloss=1.0):
-    """Accumulate d(dloss * loss)/d(param) into the gradient views `g`."""
+def gpt_backward(cache, p, g, dloss=1.0, grads_ready=None):
+    """Accumulate d(dloss * loss)/d(param) into the gradient views `g`. grads_ready(name), if given, is called
+    as soon as the gradients of `name` and of every tensor after it in the layout are final: a hook for
+    starting their communication while the backward goes on."""
+    ready = grads_ready or (lambda name: None)
     c_emb, c_blocks, c_lnf, c_head, c_loss = cache
     dlogits = cross_entropy_backward(dloss, c_loss)
     dx = lm_head_backward(dlogits, c_head, p["wte"], g["wte"])
     dx = layernorm_backward(dx, c_lnf, g["ln_f.w"], g["ln_f.b"])
+    ready("ln_f.w")
     for i in reversed(range(len(c_blocks))):
         dx = block_backward(dx, c_blocks[i], sub(p, f"h.{i}."), sub(g, f"h.{i}."))
-    embedding_backward(dx, c_emb, g["wte"], g["wpe"])
+        ready(f"h.{i}.ln_1.w")
+    embedding_backward(dx, c_emb, g["wte"], g["wpe"])            # wte's gradient also has the LM head's part
+    ready("wte")
 
 
 def generate(p, cfg, idx, max_new_tokens, rng, temperature=1.0, top_k=None):

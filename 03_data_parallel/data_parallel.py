@@ -1,0 +1,84 @@
+"""Data parallelism: every rank holds the whole model and computes gradients on its own rows of the batch.
+
+The math. The loss is a mean over the B*T positions of the global batch. Split the B rows into N ranks of
+M micro-batches each, all of equal size b = B/(N M); then L = 1/(N M) sum_{r,k} L_{r,k}, where L_{r,k} is the
+mean loss of rank r's micro-batch k, and so is the gradient. Each micro-batch's backward therefore runs with
+dloss = 1/(N M), gradients accumulate with += over the M micro-batches, and one all-reduce (a sum) after the
+last one leaves every rank with exactly the single-core gradient, so identical AdamW steps keep the replicas
+identical. (Averaging per-rank means is only right because every micro-batch has the same size; scaling by
+1/M on each rank and forgetting the 1/N, or averaging only the last micro-batch, both train - wrongly.)
+
+How the gradient is all-reduced (--dp-mode):
+    naive       one all-reduce per parameter tensor, after the backward                     28 calls here
+    bucketed    contiguous slices of the flat gradient of ~bucket_mb, after the backward    fewer, larger calls
+    overlapped  the same buckets, each started (Iallreduce) as soon as the backward has finished all of
+                its tensors - the last layers first - and waited on before the optimizer step
+
+Communication per step and rank: Psi elements of gradient (e bytes each), whatever the mode; a ring
+all-reduce sends and receives 2 Psi e (N - 1)/N of them. Plus one 8-byte all-reduce of the loss for the log.
+"""
+
+from common.comm import wait_all
+
+
+# ----------------------------------------------------------------------------- shard (the batch, not the model)
+
+def micro_batch_rows(batch_size, dp, grad_accum, rank, micro):
+    """Rows of the global batch that rank `rank` uses for its micro-batch `micro`."""
+    size = batch_size // (dp * grad_accum)
+    start = (rank * grad_accum + micro) * size
+    return slice(start, start + size)
+
+
+# ----------------------------------------------------------------------------- synchronise gradients
+
+def buckets(layout, bucket_bytes, itemsize):
+    """[start, stop) slices of the flat gradient, filled from its end (where the backward starts), each closed
+    once it holds bucket_bytes; a tensor is never split."""
+    out, stop = [], layout.size
+    for name in reversed(list(layout.offsets)):
+        start = layout.offsets[name][0]
+        if (stop - start) * itemsize >= bucket_bytes:
+            out.append((start, stop))
+            stop = start
+    if stop > 0:
+        out.append((0, stop))
+    return out
+
+
+class GradSync:
+    """All-reduces the flat gradient `grads` over `dp` in one of the three modes; `ready` is the backward's
+    hook (see common.model.gpt_backward), `finish` completes the sum before the optimizer step."""
+
+    def __init__(self, mode, layout, grads, dp, bucket_mb):
+        self.mode, self.layout, self.grads, self.dp = mode, layout, grads, dp
+        self.buckets = buckets(layout, bucket_mb * 2 ** 20, grads.itemsize)
+        self.requests, self.launched = [], 0
+
+    def ready(self, name):
+        if self.mode != "overlapped":
+            return
+        done = self.layout.offsets[name][0]               # every gradient from here to the end is final
+        while self.launched < len(self.buckets) and self.buckets[self.launched][0] >= done:
+            start, stop = self.buckets[self.launched]
+            self.requests.append(self.dp.iallreduce(self.grads[start:stop]))
+            self.launched += 1
+
+    def finish(self):
+        if self.mode == "naive":
+            for start, stop in self.layout.offsets.values():
+                self.dp.allreduce(self.grads[start:stop])
+        elif self.mode == "bucketed":
+            for start, stop in self.buckets:
+                self.dp.allreduce(self.grads[start:stop])
+        else:
+            self.ready("wte")                             # without a backward hook: launch them all now
+            wait_all(self.requests)
+        self.requests, self.launched = [], 0
+
+
+def check_replicas(params, dp, step):
+    """Raise unless every data-parallel rank holds bit-identical parameters: replicas that drift apart still
+    train, so a missing all-reduce would otherwise go unnoticed."""
+    if not dp.identical(params):
+        raise RuntimeError(f"data-parallel replicas differ after step {step}: a gradient was not all-reduced")
