@@ -15,7 +15,7 @@ import numpy as np
 from common.chapters import import_chapter
 from common.checkpoint import read_training_state, save_training_state
 from common.comm import checked, world
-from common.config import ConfigError, ParallelConfig
+from common.config import ParallelConfig
 from common.data import batch_offsets, eval_batches, get_batch
 from common.loop import run_training
 from common.memory import reuse_freed_memory
@@ -29,11 +29,7 @@ tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
 def setup(argv, world_size):
     gpt_cfg, cfg, train, val, par = single.setup(argv, ParallelConfig, description=__doc__,
                                                  defaults={"out_dir": "out/tensor_parallel"})
-    if par.tp == 1 and world_size > 1:
-        par.tp = world_size
-    if par.tp != world_size:
-        raise ConfigError(f"--tp {par.tp} but mpirun started {world_size} ranks; run mpirun -n {par.tp} "
-                          f"(or leave --tp out to use every rank)")
+    par.use_every_rank("tp", world_size)
     tp_lib.check_layout(gpt_cfg, par.tp, par.sequence_parallel)
     return gpt_cfg, cfg, train, val, par
 

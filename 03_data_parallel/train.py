@@ -28,11 +28,7 @@ dp_lib = import_chapter("03_data_parallel.data_parallel")
 def setup(argv, world_size):
     gpt_cfg, cfg, train, val, par = single.setup(argv, ParallelConfig, description=__doc__,
                                                  defaults={"out_dir": "out/data_parallel"})
-    if par.dp == 1 and world_size > 1:
-        par.dp = world_size
-    if par.dp != world_size:
-        raise ConfigError(f"--dp {par.dp} but mpirun started {world_size} ranks; run mpirun -n {par.dp} "
-                          f"(or leave --dp out to use every rank)")
+    par.use_every_rank("dp", world_size)
     if cfg.batch_size % (par.dp * par.grad_accum):
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --dp {par.dp} x --grad-accum "
                           f"{par.grad_accum}; choose a multiple of {par.dp * par.grad_accum}")

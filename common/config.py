@@ -102,6 +102,14 @@ class ParallelConfig:
     bucket_mb: float = 1.0  # bucket size of the bucketed and overlapped modes
     check_replicas: int = 1  # assert identical parameters on all data-parallel ranks every N steps (0: never)
 
+    def use_every_rank(self, axis, world_size):
+        """A chapter with one parallel axis: that axis defaults to every rank mpirun started, and must equal it."""
+        if getattr(self, axis) == 1 and world_size > 1:
+            setattr(self, axis, world_size)
+        if getattr(self, axis) != world_size:
+            raise ConfigError(f"--{axis} {getattr(self, axis)} but mpirun started {world_size} ranks; run mpirun "
+                              f"-n {getattr(self, axis)} (or leave --{axis} out to use every rank)")
+
     def validate(self):
         for name in ("tp", "dp", "grad_accum"):
             if getattr(self, name) < 1:
