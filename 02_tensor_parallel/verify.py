@@ -112,10 +112,7 @@ def main(argv=None):
     tp_params = tp_lib.unshard(params, local, cfg, tp)
     for name, want in layout.views(ref_p).items():
         report.compare(f"param {name} after {args.steps} steps", tp_params[name], want, show)
-    if show:
-        print(f"tp={tp.size}{' with sequence parallelism' if sp else ''}: ", end="")
-        return report.finish()
-    return 0 if all(ok for _, ok in report.rows) else 1
+    return report.finish(f"tp={tp.size}{' with sequence parallelism' if sp else ''}: ", show)
 
 
 if __name__ == "__main__":

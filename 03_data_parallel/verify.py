@@ -76,10 +76,7 @@ def main(argv=None):
             report.compare(f"{mode:>10} x{accum}: losses", losses, ref_losses, show)
             report.compare(f"{mode:>10} x{accum}: all parameters", params, ref_params, show)
             report.compare(f"{mode:>10} x{accum}: replicas identical", float(not dp.identical(params)), 0.0, show)
-    if show:
-        print(f"dp={dp.size}: ", end="")
-        return report.finish()
-    return 0 if all(ok for _, ok in report.rows) else 1
+    return report.finish(f"dp={dp.size}: ", show)
 
 
 if __name__ == "__main__":

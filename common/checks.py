@@ -22,14 +22,16 @@ class Report:
             print(f"{name:<32} {str(want.shape):<14} max|Δ| {diff:9.2e}  rel {rel:9.2e}  {'ok' if ok else 'FAIL'}")
         return ok
 
-    def finish(self):
-        """Print the verdict line; returns the process exit code (0 only if every row passed)."""
+    def finish(self, label="", verbose=True):
+        """Print the verdict line (after `label`, on the rank that prints); returns the process exit code
+        (0 only if every row passed), on every rank."""
         failed = [name for name, ok in self.rows if not ok]
         if not self.rows:
-            print("FAIL: nothing was compared")
-            return 1
-        if failed:
-            print(f"FAIL: {len(failed)} of {len(self.rows)} tensors exceed {self.tol:g}: {', '.join(failed[:5])}")
-            return 1
-        print(f"PASS: {len(self.rows)} tensors within {self.tol:g}")
-        return 0
+            verdict = "FAIL: nothing was compared"
+        elif failed:
+            verdict = f"FAIL: {len(failed)} of {len(self.rows)} tensors exceed {self.tol:g}: {', '.join(failed[:5])}"
+        else:
+            verdict = f"PASS: {len(self.rows)} tensors within {self.tol:g}"
+        if verbose:
+            print(label + verdict)
+        return 0 if self.rows and not failed else 1
