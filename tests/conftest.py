@@ -35,6 +35,14 @@ def run_mpi(n, args, timeout=120, cwd=ROOT):
                           env=script_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def assert_one_error(result, words):
+    """Exit status 2 and exactly one `error:` line on stderr (from rank 0 alone), containing every word."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A small generated corpus prepared by data/prepare.py: a dataset folder for fast training runs."""

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run, run_mpi
+from conftest import assert_one_error, run, run_mpi
 
 VERIFY = "03_data_parallel/verify.py"
 TRAIN = "03_data_parallel/train.py"
@@ -50,10 +50,7 @@ def test_the_replica_check_stops_training_whose_gradients_are_not_synchronised(t
 ])
 def test_bad_input_exits_2_on_every_rank_with_one_message(tiny_data, tmp_path, n, flags, words):
     result = run_mpi(n, [TRAIN, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, *flags], timeout=60)
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert all(w in lines[0] for w in words), lines[0]
+    assert_one_error(result, words)
 
 
 def losses(out):

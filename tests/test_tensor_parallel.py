@@ -7,7 +7,7 @@ import pytest
 from common.chapters import import_chapter
 from common.config import GPTConfig
 from common.model import gpt_layout, init_params
-from conftest import run, run_mpi
+from conftest import assert_one_error, run, run_mpi
 
 tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
 VERIFY = "02_tensor_parallel/verify.py"
@@ -64,10 +64,7 @@ def test_shard_then_unshard_gives_back_every_single_core_tensor(tp):
 ])
 def test_bad_layout_exits_2_on_every_rank_with_one_message(tiny_data, tmp_path, n, flags, words):
     result = run_mpi(n, [TRAIN, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, *flags], timeout=60)
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert all(w in lines[0] for w in words), lines[0]
+    assert_one_error(result, words)
 
 
 def read(out):
