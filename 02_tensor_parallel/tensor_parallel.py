@@ -194,14 +194,14 @@ def block_backward(dout, cache, p, g, tp, sp):
     dh = gelu_backward(dh, c_gelu)
     dh = linear_backward(dh, c_fc, p["mlp.c_fc.w"], g["mlp.c_fc.w"], g["mlp.c_fc.b"])
     dh = enter_backward(dh, tp, sp)
-    dx = dout + layernorm_backward(dh, c_ln2, g["ln_2.w"], g["ln_2.b"])
+    dx = dout + layernorm_backward(dh, c_ln2, p["ln_2.w"], g["ln_2.w"], g["ln_2.b"])
     g["attn.c_proj.b"] += colsum(dx)
     dh = leave_backward(dx, tp, sp)
     dh = linear_backward(dh, c_proj, p["attn.c_proj.w"], g["attn.c_proj.w"], None)
     dh = attention_backward(dh, c_att)
     dh = linear_backward(dh, c_qkv, p["attn.c_attn.w"], g["attn.c_attn.w"], g["attn.c_attn.b"])
     dh = enter_backward(dh, tp, sp)
-    return dx + layernorm_backward(dh, c_ln1, g["ln_1.w"], g["ln_1.b"])
+    return dx + layernorm_backward(dh, c_ln1, p["ln_1.w"], g["ln_1.w"], g["ln_1.b"])
 
 
 def positions(T, tp, sp):
@@ -277,7 +277,7 @@ def tp_backward(cache, p, g, tp, sp=False, dloss=1.0):
     c_emb, c_blocks, c_lnf, c_ce = cache
     dx = vocab_cross_entropy_backward(dloss, c_ce, p["wte"], g["wte"])
     dx = enter_backward(dx, tp, sp)
-    dx = layernorm_backward(dx, c_lnf, g["ln_f.w"], g["ln_f.b"])
+    dx = layernorm_backward(dx, c_lnf, p["ln_f.w"], g["ln_f.w"], g["ln_f.b"])
     for i in reversed(range(len(c_blocks))):
         dx = block_backward(dx, c_blocks[i], sub(p, f"h.{i}."), sub(g, f"h.{i}."), tp, sp)
     vocab_embedding_backward(dx, c_emb, g["wte"], g["wpe"], tp, sp)

@@ -4,6 +4,7 @@ Forward returns `(out, cache)`; backward takes `dout` and that cache, accumulate
 `+=` into gradient views and returns the gradient of the input. Nothing is stored on objects, so any number
 of micro-batches can be in flight. Shapes: B batch, T time, C n_embd, V vocab, nh heads, hs head size.
 """
+import contextlib
 import functools
 import math
 
@@ -93,11 +94,11 @@ def layernorm_forward(x, w, b):
     xhat *= rstd
     out = xhat * w
     out += b
-    return out, (xhat, rstd, w)
+    return out, (xhat, rstd)        # not w: the backward is given it again, so no cache holds on to a weight
 
 
-def layernorm_backward(dout, cache, dw, db):
-    xhat, rstd, w = cache
+def layernorm_backward(dout, cache, w, dw, db):
+    xhat, rstd = cache
     dw += colsum(dout * xhat)
     db += colsum(dout)
     # out = xhat*w + b with xhat = (x - mean) * rstd: the mean and the variance both depend on every x
@@ -256,28 +257,31 @@ def block_backward(dout, cache, p, g):
     dh = linear_backward(dout, c_mproj, p["mlp.c_proj.w"], g["mlp.c_proj.w"], g["mlp.c_proj.b"])
     dh = gelu_backward(dh, c_gelu)
     dh = linear_backward(dh, c_fc, p["mlp.c_fc.w"], g["mlp.c_fc.w"], g["mlp.c_fc.b"])
-    dx = dout + layernorm_backward(dh, c_ln2, g["ln_2.w"], g["ln_2.b"])    # the residual adds its path
+    dx = dout + layernorm_backward(dh, c_ln2, p["ln_2.w"], g["ln_2.w"], g["ln_2.b"])  # the residual adds its path
     dh = linear_backward(dx, c_proj, p["attn.c_proj.w"], g["attn.c_proj.w"], g["attn.c_proj.b"])
     dh = attention_backward(dh, c_att)
     dh = linear_backward(dh, c_qkv, p["attn.c_attn.w"], g["attn.c_attn.w"], g["attn.c_attn.b"])
-    return dx + layernorm_backward(dh, c_ln1, g["ln_1.w"], g["ln_1.b"])
+    return dx + layernorm_backward(dh, c_ln1, p["ln_1.w"], g["ln_1.w"], g["ln_1.b"])
 
 
 # ----------------------------------------------------------------------------- the model
+
+def block_shapes(C):
+    """The parameters of one transformer block of width C, in buffer order."""
+    return [("ln_1.w", (C,)), ("ln_1.b", (C,)),
+            ("attn.c_attn.w", (C, 3 * C)), ("attn.c_attn.b", (3 * C,)),
+            ("attn.c_proj.w", (C, C)), ("attn.c_proj.b", (C,)),
+            ("ln_2.w", (C,)), ("ln_2.b", (C,)),
+            ("mlp.c_fc.w", (C, 4 * C)), ("mlp.c_fc.b", (4 * C,)),
+            ("mlp.c_proj.w", (4 * C, C)), ("mlp.c_proj.b", (C,))]
+
 
 def param_shapes(cfg):
     """Every parameter's name and shape, in the order of the flat buffer. Weights are (in, out)."""
     C, V, T = cfg.n_embd, cfg.vocab_size, cfg.block_size
     shapes = [("wte", (V, C)), ("wpe", (T, C))]
     for i in range(cfg.n_layer):
-        shapes += [(f"h.{i}.{name}", shape) for name, shape in [
-            ("ln_1.w", (C,)), ("ln_1.b", (C,)),
-            ("attn.c_attn.w", (C, 3 * C)), ("attn.c_attn.b", (3 * C,)),
-            ("attn.c_proj.w", (C, C)), ("attn.c_proj.b", (C,)),
-            ("ln_2.w", (C,)), ("ln_2.b", (C,)),
-            ("mlp.c_fc.w", (C, 4 * C)), ("mlp.c_fc.b", (4 * C,)),
-            ("mlp.c_proj.w", (4 * C, C)), ("mlp.c_proj.b", (C,)),
-        ]]
+        shapes += [(f"h.{i}.{name}", shape) for name, shape in block_shapes(C)]
     return shapes + [("ln_f.w", (C,)), ("ln_f.b", (C,))]
 
 
@@ -302,35 +306,57 @@ def init_params(cfg, seed, dtype):
     return flat
 
 
-def gpt_forward(p, idx, targets, cfg):
-    """Logits (B,T,V) and, when targets are given, the mean cross-entropy loss; plus the cache for backward."""
-    x, c_emb = embedding_forward(idx, p["wte"], p["wpe"])
+def modules(cfg):
+    """The parameters each part of gpt_forward reads, in the order it runs them: the embedding, every block,
+    and the head (the final LayerNorm and the tied wte). The backward runs them in reverse."""
+    block = [name for name, _ in block_shapes(cfg.n_embd)]
+    return {"embedding": ("wte", "wpe"),
+            **{f"h.{i}": tuple(f"h.{i}.{name}" for name in block) for i in range(cfg.n_layer)},
+            "head": ("ln_f.w", "ln_f.b", "wte")}
+
+
+def _no_hook(module):
+    return contextlib.nullcontext()
+
+
+def gpt_forward(p, idx, targets, cfg, using=_no_hook):
+    """Logits (B,T,V) and, when targets are given, the mean cross-entropy loss; plus the cache for backward.
+    Each part of the model runs inside `with using(module)` (see `modules`): a hook for ZeRO-3 to gather that
+    part's weights into `p` just before it runs and to free them right after."""
+    with using("embedding"):
+        x, c_emb = embedding_forward(idx, p["wte"], p["wpe"])
     c_blocks = []
     for i in range(cfg.n_layer):
-        x, c = block_forward(x, sub(p, f"h.{i}."), cfg.n_head)
+        with using(f"h.{i}"):
+            x, c = block_forward(x, sub(p, f"h.{i}."), cfg.n_head)
         c_blocks.append(c)
-    x, c_lnf = layernorm_forward(x, p["ln_f.w"], p["ln_f.b"])
-    logits, c_head = lm_head_forward(x, p["wte"])
+    with using("head"):
+        x, c_lnf = layernorm_forward(x, p["ln_f.w"], p["ln_f.b"])
+        logits, c_head = lm_head_forward(x, p["wte"])
     if targets is None:
         return logits, None, None
     loss, c_loss = cross_entropy_forward(logits, targets)
     return logits, loss, (c_emb, c_blocks, c_lnf, c_head, c_loss)
 
 
-def gpt_backward(cache, p, g, dloss=1.0, grads_ready=None):
+def gpt_backward(cache, p, g, dloss=1.0, grads_ready=None, using=_no_hook):
     """Accumulate d(dloss * loss)/d(param) into the gradient views `g`. grads_ready(name), if given, is called
     as soon as the gradients of `name` and of every tensor after it in the layout are final: a hook for
-    starting their communication while the backward goes on."""
+    starting their communication while the backward goes on. `using` is gpt_forward's hook, here also the
+    moment ZeRO-2/3 can put a part's gradient buffers into `g`."""
     ready = grads_ready or (lambda name: None)
     c_emb, c_blocks, c_lnf, c_head, c_loss = cache
     dlogits = cross_entropy_backward(dloss, c_loss)
-    dx = lm_head_backward(dlogits, c_head, p["wte"], g["wte"])
-    dx = layernorm_backward(dx, c_lnf, g["ln_f.w"], g["ln_f.b"])
+    with using("head"):
+        dx = lm_head_backward(dlogits, c_head, p["wte"], g["wte"])
+        dx = layernorm_backward(dx, c_lnf, p["ln_f.w"], g["ln_f.w"], g["ln_f.b"])
     ready("ln_f.w")
     for i in reversed(range(len(c_blocks))):
-        dx = block_backward(dx, c_blocks[i], sub(p, f"h.{i}."), sub(g, f"h.{i}."))
+        with using(f"h.{i}"):
+            dx = block_backward(dx, c_blocks[i], sub(p, f"h.{i}."), sub(g, f"h.{i}."))
         ready(f"h.{i}.ln_1.w")
-    embedding_backward(dx, c_emb, g["wte"], g["wpe"])            # wte's gradient also has the LM head's part
+    with using("embedding"):
+        embedding_backward(dx, c_emb, g["wte"], g["wpe"])        # wte's gradient also has the LM head's part
     ready("wte")
 
 

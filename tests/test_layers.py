@@ -1,4 +1,6 @@
 """Every layer's hand-written backward against float64 central finite differences, then the whole model."""
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -62,7 +64,7 @@ def test_layernorm_backward_matches_finite_differences_for_x_w_b(rng):
     loss = lambda: (model.layernorm_forward(x, w, b)[0] * R).sum()
     dw, db = np.zeros_like(w), np.zeros_like(b)
     _, cache = model.layernorm_forward(x, w, b)
-    dx = model.layernorm_backward(R, cache, dw, db)
+    dx = model.layernorm_backward(R, cache, w, dw, db)
     assert_grads({"x": (dx, numeric_grad(loss, x)), "w": (dw, numeric_grad(loss, w)),
                   "b": (db, numeric_grad(loss, b))})
 
@@ -132,8 +134,9 @@ def backward_into(rng, layer, grads):
         out, cache = model.embedding_forward(idx, rng.normal(size=(5, 4)), rng.normal(size=(3, 4)))
         model.embedding_backward(rng.normal(size=out.shape), cache, grads["wte"], grads["wpe"])
     elif layer == "layernorm":
-        out, cache = model.layernorm_forward(x, rng.normal(size=4), rng.normal(size=4))
-        model.layernorm_backward(rng.normal(size=out.shape), cache, grads["w"], grads["b"])
+        w = rng.normal(size=4)
+        out, cache = model.layernorm_forward(x, w, rng.normal(size=4))
+        model.layernorm_backward(rng.normal(size=out.shape), cache, w, grads["w"], grads["b"])
     elif layer == "linear":
         w = rng.normal(size=(4, 5))
         out, cache = model.linear_forward(x, w, rng.normal(size=5))
@@ -225,3 +228,34 @@ def test_float32_model_keeps_every_activation_and_gradient_in_float32(monkeypatc
     assert {"cross_entropy_backward", "attention_backward", "gelu_backward", "layernorm_backward"} <= names
     wrong = {(name, str(a.dtype)) for name, out in returned for a in float_arrays(out) if a.dtype != np.float32}
     assert not wrong
+
+
+def test_model_reads_each_part_only_inside_its_hook_and_gives_the_same_gradients():
+    """The `using` hook of gpt_forward/gpt_backward, as ZeRO-3 uses it: p and g hold a part's tensors only
+    between its enter and exit. Any read outside `modules(cfg)` would raise KeyError here."""
+    import contextlib
+
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=4, vocab_size=7)
+    layout, parts = model.gpt_layout(cfg), model.modules(cfg)
+    assert {n for names in parts.values() for n in names} == set(layout.shapes)
+    params = model.init_params(cfg, 0, np.float64) + np.random.default_rng(0).normal(0, 0.1, layout.size)
+    idx, targets = np.random.default_rng(1).integers(0, 7, (2, 2, 4))
+    full, grads = layout.views(params), np.zeros(layout.size)
+    _, want_loss, cache = model.gpt_forward(full, idx, targets, cfg)
+    model.gpt_backward(cache, full, layout.views(grads))
+
+    p, g, order, hooked_grads = {}, {}, [], np.zeros(layout.size)
+
+    @contextlib.contextmanager
+    def using(part):
+        order.append(part)
+        p.update({n: full[n] for n in parts[part]})
+        g.update({n: layout.views(hooked_grads)[n] for n in parts[part]})
+        yield
+        p.clear()
+        g.clear()
+
+    _, loss, cache = model.gpt_forward(p, idx, targets, cfg, using=using)
+    model.gpt_backward(cache, p, g, using=using)
+    assert order == ["embedding", "h.0", "h.1", "head", "head", "h.1", "h.0", "embedding"]
+    assert loss == want_loss and np.array_equal(hooked_grads, grads)
