@@ -1,7 +1,7 @@
 """Thin wrappers over mpi4py's buffer-based calls that record, per communicator, the calls and bytes of each kind.
 
 The ledger counts the payload each call acts on, from this rank's point of view: the buffer for allreduce
-and bcast, the full (unsplit) buffer for reduce_scatter and allgather, the message for send and recv. How
+and bcast, the full (unsplit) buffer for reduce_scatter, allgather and gather, the message for send and recv. How
 many bytes the MPI library moves on the wire for it (e.g. 2(N-1)/N of the buffer for a ring all-reduce) is
 for the chapters to derive. A communicator of one rank is a no-op and records nothing.
 """
@@ -57,25 +57,48 @@ class Comm:
         self.ledger.record("iallreduce", buf.nbytes)
         return self.mpi.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
 
-    def reduce_scatter(self, send, recv):
-        """recv = this rank's 1/size block of the sum over ranks of `send`."""
-        assert send.size == recv.size * self.size
+    def reduce_scatter(self, send, recv, counts=None):
+        """recv = this rank's block of the sum over ranks of `send`; the blocks are equal, or rank r's is
+        counts[r] elements long (in rank order)."""
+        counts = self._counts(send.size, counts)
+        assert recv.size == counts[self.rank]
         if self.size == 1:
             recv[...] = send.reshape(recv.shape)
             return recv
         self.ledger.record("reduce_scatter", send.nbytes)
-        self.mpi.Reduce_scatter_block(send, recv, op=MPI.SUM)
+        self.mpi.Reduce_scatter(send, recv, recvcounts=counts, op=MPI.SUM)
         return recv
 
-    def allgather(self, send, recv):
-        """recv = the `send` blocks of every rank, concatenated in rank order."""
-        assert recv.size == send.size * self.size
+    def allgather(self, send, recv, counts=None):
+        """recv = the `send` blocks of every rank, concatenated in rank order; blocks are equal, or rank r's
+        is counts[r] elements long. send=None: in place, this rank's block already sits in its part of recv."""
+        counts = self._counts(recv.size, counts)
+        assert send is None or send.size == counts[self.rank]
+        if self.size == 1:
+            if send is not None:
+                recv[...] = send.reshape(recv.shape)
+            return recv
+        self.ledger.record("allgather", recv.nbytes)
+        self.mpi.Allgatherv(MPI.IN_PLACE if send is None else send, [recv, counts])
+        return recv
+
+    def gather(self, send, recv, counts, root=0):
+        """On `root`, recv = every rank's `send` block (counts[r] elements) in rank order; recv is ignored
+        elsewhere. For consolidating a sharded state on one rank."""
+        assert send.size == counts[self.rank]
         if self.size == 1:
             recv[...] = send.reshape(recv.shape)
             return recv
-        self.ledger.record("allgather", recv.nbytes)
-        self.mpi.Allgather(send, recv)
+        self.ledger.record("gather", send.itemsize * sum(counts))
+        self.mpi.Gatherv(send, [recv, counts] if self.rank == root else None, root=root)
         return recv
+
+    def _counts(self, total, counts):
+        if counts is None:
+            assert total % self.size == 0, f"{total} elements do not split into {self.size} equal blocks"
+            return [total // self.size] * self.size
+        assert len(counts) == self.size and sum(counts) == total
+        return [int(c) for c in counts]
 
     def bcast(self, buf, root=0):
         if self.size > 1:

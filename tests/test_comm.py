@@ -97,6 +97,22 @@ COLLECTIVES = """
     comm.allgather(np.array([r, -r], dtype=np.int32), recv)
     assert np.array_equal(recv, np.array([[k, -k] for k in range(n)], dtype=np.int32).ravel())
 
+    counts = [k % 3 for k in range(n)]                                   # uneven, some ranks hold nothing
+    starts = np.cumsum([0] + counts)
+    recv = np.empty(counts[r])
+    comm.reduce_scatter(data(r, sum(counts)), recv, counts)
+    assert np.array_equal(recv, total(sum(counts))[starts[r]:starts[r + 1]])
+    recv = np.empty(sum(counts))
+    comm.allgather(data(r, sum(counts))[starts[r]:starts[r + 1]], recv, counts)
+    assert np.array_equal(recv, np.concatenate([data(k, sum(counts))[starts[k]:starts[k + 1]] for k in range(n)]))
+    inplace = np.full(sum(counts), -1.0)
+    inplace[starts[r]:starts[r + 1]] = r                                   # only this rank's block is filled
+    comm.allgather(None, inplace, counts)
+    assert np.array_equal(inplace, np.repeat(np.arange(n, dtype=np.float64), counts))
+    gathered = np.zeros(sum(counts)) if r == 1 else None
+    comm.gather(np.full(counts[r], float(r)), gathered, counts, root=1)
+    assert r != 1 or np.array_equal(gathered, np.repeat(np.arange(n, dtype=np.float64), counts))
+
     buf = data(r, 10)
     comm.bcast(buf, root=n - 1)
     assert np.array_equal(buf, data(n - 1, 10))
@@ -115,9 +131,10 @@ COLLECTIVES = """
     wait_all([comm.isend(data(r, 4, np.int64), (r + 1) % n, tag=7), comm.irecv(got, (r - 1) % n, tag=7)])
     assert np.array_equal(got, data((r - 1) % n, 4, np.int64))
 
-    want = {"allreduce": (2, 2 * 80), "iallreduce": (1, 6 * 4), "reduce_scatter": (1, 3 * n * 8),
-            "allgather": (1, 2 * n * 4), "bcast": (1, 80), "send": (1, 40), "recv": (1, 40),
-            "isend": (1, 32), "irecv": (1, 32)}
+    uneven = 8 * sum(counts)
+    want = {"allreduce": (2, 2 * 80), "iallreduce": (1, 6 * 4), "reduce_scatter": (2, 3 * n * 8 + uneven),
+            "allgather": (3, 2 * n * 4 + 2 * uneven), "gather": (1, uneven), "bcast": (1, 80),
+            "send": (1, 40), "recv": (1, 40), "isend": (1, 32), "irecv": (1, 32)}
     got = {kind: (row["calls"], row["bytes"]) for kind, row in comm.ledger.as_dict().items()}
     assert got == want, (r, got)
     say(f"rank {r} of {n}: collectives ok")
@@ -176,6 +193,9 @@ def test_with_one_rank_collectives_are_no_ops_or_copies_and_the_ledger_stays_emp
         assert np.array_equal(recv, x.reshape(2, 3))
         recv = np.empty(6)
         comm.allgather(x.reshape(2, 3), recv)
+        assert np.array_equal(recv, x)
+        assert comm.allgather(None, recv, [6]) is recv and np.array_equal(recv, x)   # in place: already there
+        comm.gather(x, recv, [6])
         assert np.array_equal(recv, x)
         assert comm.bcast(x) is x and np.array_equal(x, np.arange(6.0))
         comm.barrier()
