@@ -25,9 +25,9 @@ single = import_chapter("01_single_core.train")
 dp_lib = import_chapter("03_data_parallel.data_parallel")
 
 
-def setup(argv, world_size):
-    gpt_cfg, cfg, train, val, par = single.setup(argv, ParallelConfig, description=__doc__,
-                                                 defaults={"out_dir": "out/data_parallel"})
+def setup(argv, world_size, description=__doc__, defaults=None):
+    gpt_cfg, cfg, train, val, par = single.setup(argv, ParallelConfig, description=description,
+                                                 defaults={"out_dir": "out/data_parallel", **(defaults or {})})
     par.use_every_rank("dp", world_size)
     if cfg.batch_size % (par.dp * par.grad_accum):
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --dp {par.dp} x --grad-accum "

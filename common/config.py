@@ -101,6 +101,7 @@ class ParallelConfig:
     dp_mode: str = "overlapped"  # naive | bucketed | overlapped gradient all-reduce
     bucket_mb: float = 1.0  # bucket size of the bucketed and overlapped modes
     check_replicas: int = 1  # assert identical parameters on all data-parallel ranks every N steps (0: never)
+    zero_stage: int = 0  # ZeRO (04_zero): 1 shards optimizer state, 2 also gradients, 3 also parameters
 
     def use_every_rank(self, axis, world_size):
         """A chapter with one parallel axis: that axis defaults to every rank mpirun started, and must equal it."""
@@ -120,6 +121,8 @@ class ParallelConfig:
             raise ConfigError(f"--bucket-mb must be positive, got {self.bucket_mb}")
         if self.check_replicas < 0:
             raise ConfigError(f"--check-replicas must be zero (never) or positive, got {self.check_replicas}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
 
 
 def flag(name):
