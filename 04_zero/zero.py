@@ -1,0 +1,266 @@
+"""ZeRO (Rajbhandari et al., 2020): data parallelism whose ranks split the model state instead of replicating it.
+
+Shard. The flat buffers of chapter 01 (Psi elements) are cut into N contiguous shards, rank r owning
+[lo_r, hi_r) (a tensor may straddle two shards, as in Megatron's distributed optimizer). Rank r keeps AdamW's
+m and v for its shard only, and updates only its shard of the parameters, from its shard of the gradient.
+
+    stage 1  optimizer state sharded. Full parameters and gradients on every rank; after the backward each
+             gradient bucket is reduce-scattered (each rank receives the sum of its own part), each rank
+             runs AdamW on its shard, and the shards are all-gathered back into every rank's parameters.
+    stage 2  gradients sharded too. The backward writes each bucket into a transient buffer that is
+             reduce-scattered as soon as its gradients are final, then freed; only the shard persists.
+    stage 3  parameters sharded too. Each part of the model (embedding, block i, head) is all-gathered just
+             before its forward and again before its backward, and freed right after.
+
+Memory per rank, e bytes per element (float32: e = 4; Adam's m and v: 2e), without the transient buffers:
+
+    data parallel   e Psi + e Psi + 2e Psi      = 16 Psi
+    stage 1         e Psi + e Psi + 2e Psi / N  =  8 Psi +  8 Psi / N
+    stage 2         e Psi + 3e Psi / N          =  4 Psi + 12 Psi / N
+    stage 3         4e Psi / N                  = 16 Psi / N
+
+Communication per step, in elements each rank contributes to collectives (M micro-batches; V C and T C the
+sizes of wte and wpe). A ring all-reduce is a reduce-scatter followed by an all-gather, so data parallelism's
+all-reduce of Psi counts 2 Psi here:
+
+    stage 1   reduce-scatter Psi (after the last micro-batch) + all-gather Psi               = 2 Psi
+    stage 2   reduce-scatter Psi per micro-batch (there is nowhere to accumulate the full
+              gradient) + all-gather Psi                                                     = (M + 1) Psi
+    stage 3   per micro-batch: all-gather Psi + V C forward (wte twice: embedding and head),
+              Psi - T C backward (the embedding's backward reads no weight), reduce-scatter Psi
+                                                                                             = M (3 Psi + V C - T C)
+"""
+import contextlib
+import math
+import weakref
+from collections import defaultdict
+
+import numpy as np
+
+from common.chapters import import_chapter
+from common.optim import clip_grad_norm
+
+dp_lib = import_chapter("03_data_parallel.data_parallel")
+STAGES = (1, 2, 3)
+
+
+# ----------------------------------------------------------------------------- shard
+
+def shard_bounds(size, n):
+    """lo_0 = 0 < lo_1 < ... < lo_n = size: n contiguous shards whose sizes differ by at most one element."""
+    return [size * r // n for r in range(n + 1)]
+
+
+def overlap_counts(bounds, start, stop):
+    """How many elements of the range [start, stop) lie in each rank's shard."""
+    return [max(0, min(stop, hi) - max(start, lo)) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def take_shard(layout, tensors, lo, hi, out):
+    """out = elements [lo, hi) of the flat buffer that the whole tensors {name: array} make up."""
+    for name, (a, b) in layout.offsets.items():
+        s, e = max(a, lo), min(b, hi)
+        if s < e:
+            out[s - lo:e - lo] = tensors[name].reshape(-1)[s - a:e - a]
+
+
+def runs(layout, names):
+    """The tensors `names` as contiguous [start, stop) ranges of the layout, with the names in each."""
+    out = []
+    for name in sorted(names, key=lambda n: layout.offsets[n][0]):
+        start, stop = layout.offsets[name]
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], stop, out[-1][2] + [name])
+        else:
+            out.append((start, stop, [name]))
+    return out
+
+
+class Transient:
+    """Buffers that live for part of a step (gathered weights, gradient buckets), tracked by weak reference:
+    a buffer counts for as long as anything still holds it, so a forgotten reference shows up in the peak."""
+
+    def __init__(self):
+        self.alive, self.peak = [], defaultdict(int)
+
+    def new(self, kind, size, dtype, zeroed=False):
+        buf = (np.zeros if zeroed else np.empty)(size, dtype)
+        self.alive = [(k, ref) for k, ref in self.alive if ref() is not None] + [(kind, weakref.ref(buf))]
+        now = defaultdict(int)
+        for k, ref in self.alive:
+            now[k] += ref().nbytes
+        for k, nbytes in now.items():
+            self.peak[k] = max(self.peak[k], nbytes)
+        self.peak["total"] = max(self.peak["total"], sum(now.values()))
+        return buf
+
+    def held(self):
+        return sum(ref().nbytes for _, ref in self.alive if ref() is not None)
+
+
+def owned_bytes(a):
+    """Bytes of the array that actually holds a's data (a view counts its whole base)."""
+    while a.base is not None:
+        a = a.base
+    return a.nbytes
+
+
+class Zero:
+    """One rank's model state under ZeRO `stage`, and the hooks gpt_forward/gpt_backward call (see
+    common.model): `forward_hook`/`backward_hook` gather weights (stage 3) and create gradient buckets
+    (stages 2-3) into the dicts `p` and `g`; `ready` reduce-scatters the buckets the backward has finished."""
+
+    def __init__(self, stage, layout, modules, full_params, dp, bucket_mb):
+        self.stage, self.layout, self.modules, self.dp = stage, layout, modules, dp
+        self.bounds = shard_bounds(layout.size, dp.size)
+        self.lo, self.hi = self.bounds[dp.rank], self.bounds[dp.rank + 1]
+        self.dtype = full_params.dtype
+        if stage < 3:
+            self.params = full_params                               # every rank keeps the whole model
+            self.p = layout.views(full_params)
+            self.pshard = full_params[self.lo:self.hi]
+        else:
+            self.pshard = full_params[self.lo:self.hi].copy()       # the rest of full_params is dropped
+            self.p = {}                                             # filled part by part, just in time
+        if stage == 1:
+            self.grads = np.zeros_like(full_params)
+            self.g = layout.views(self.grads)
+            self.gshard = self.grads[self.lo:self.hi]
+        else:
+            self.gshard = np.zeros(self.hi - self.lo, self.dtype)
+            self.g = {}                                             # filled bucket by bucket in the backward
+        self.buckets = dp_lib.buckets(layout, bucket_mb * 2 ** 20, self.dtype.itemsize)
+        self.bucket_of = {name: i for i, (start, stop) in enumerate(self.buckets)
+                          for name, (a, _) in layout.offsets.items() if start <= a < stop}
+        self.bucket_names = [[n for n, b in self.bucket_of.items() if b == i] for i in range(len(self.buckets))]
+        self.live, self.reduced = {}, 0                             # stages 2-3: bucket index -> its buffer
+        self.transient = Transient()
+
+    def _own(self, start, stop):
+        """This rank's part of the range [start, stop) as a slice of its shard (empty if it holds none)."""
+        a = min(max(start, self.lo), self.hi)
+        return slice(a - self.lo, max(a, min(stop, self.hi)) - self.lo)
+
+    # --------------------------------------------------------------------- forward
+
+    def forward_hook(self, module):
+        return self._gathered(self.modules[module]) if self.stage == 3 else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _gathered(self, names):
+        """Stage 3: all-gather the tensors `names` from every rank's shard into `p`; free them on exit."""
+        for start, stop, run in runs(self.layout, names):
+            buf = self.transient.new("parameters", stop - start, self.dtype)
+            self.dp.allgather(self.pshard[self._own(start, stop)], buf, overlap_counts(self.bounds, start, stop))
+            for name in run:
+                s, e = self.layout.offsets[name]
+                self.p[name] = buf[s - start:e - start].reshape(self.layout.shapes[name])
+        try:
+            yield
+        finally:
+            for name in names:
+                del self.p[name]
+
+    # --------------------------------------------------------------------- backward
+
+    def backward_hook(self, module):
+        names = self.modules[module]
+        if self.stage >= 2:
+            for name in names:
+                if name not in self.g:
+                    self._new_bucket(self.bucket_of[name])
+        if self.stage == 3 and module != "embedding":               # the embedding's backward reads no weight
+            return self._gathered(names)
+        return contextlib.nullcontext()
+
+    def _new_bucket(self, i):
+        start, stop = self.buckets[i]
+        self.live[i] = buf = self.transient.new("gradients", stop - start, self.dtype, zeroed=True)
+        for name in self.bucket_names[i]:
+            s, e = self.layout.offsets[name]
+            self.g[name] = buf[s - start:e - start].reshape(self.layout.shapes[name])
+
+    # --------------------------------------------------------------------- synchronise gradients
+
+    def ready(self, name):
+        """gpt_backward's hook: reduce-scatter every bucket from `name` to the end of the layout."""
+        done = self.layout.offsets[name][0]
+        while self.reduced < len(self.buckets) and self.buckets[self.reduced][0] >= done:
+            self._reduce_scatter(self.reduced)
+            self.reduced += 1
+        if self.reduced == len(self.buckets):
+            self.reduced = 0                                        # the next backward starts over
+
+    def _reduce_scatter(self, i):
+        start, stop = self.buckets[i]
+        counts = overlap_counts(self.bounds, start, stop)
+        if self.stage == 1:
+            send = self.grads[start:stop]
+        else:
+            send = self.live.pop(i)
+            for name in self.bucket_names[i]:
+                del self.g[name]                                    # the buffer is freed with `send`
+        piece = self.transient.new("gradients", counts[self.dp.rank], self.dtype)
+        self.dp.reduce_scatter(send, piece, counts)
+        if self.stage == 1:
+            self.gshard[self._own(start, stop)] = piece     # grads held this rank's partial sums until now
+        else:
+            self.gshard[self._own(start, stop)] += piece    # stages 2-3 accumulate over micro-batches here
+
+    def zero_grad(self):
+        (self.grads if self.stage == 1 else self.gshard).fill(0)
+
+    def grad_norm(self):
+        """The L2 norm of the whole gradient, from every rank's shard."""
+        sq = np.array([np.dot(self.gshard, self.gshard)], dtype=np.float64)
+        return math.sqrt(float(self.dp.allreduce(sq)[0]))
+
+    def step(self, opt, lr, grad_clip):
+        """Clip, update this rank's shard with its slice of AdamW; stages 1-2 all-gather the parameters."""
+        clip_grad_norm(self.gshard, grad_clip, norm=self.grad_norm())
+        opt.step(self.pshard, self.gshard, lr)
+        if self.stage < 3:
+            self.dp.allgather(None, self.params, np.diff(self.bounds))   # in place: our shard is already there
+
+    # --------------------------------------------------------------------- checkpoints and the ledgers
+
+    def full_state(self, opt):
+        """{"params" | "adam_m" | "adam_v": {name: whole tensor}} consolidated on rank 0 (None elsewhere)."""
+        counts, state = np.diff(self.bounds), {}
+        for part, shard in (("params", self.pshard), ("adam_m", opt.m), ("adam_v", opt.v)):
+            flat = np.empty(self.layout.size, self.dtype) if self.dp.rank == 0 else None
+            self.dp.gather(shard, flat, counts)
+            state[part] = self.layout.views(flat) if self.dp.rank == 0 else None
+        return state if self.dp.rank == 0 else None
+
+    def load_state(self, state, opt):
+        """Take this rank's shards from a consolidated state (any number of ranks may have written it)."""
+        for part, shard in (("params", self.pshard), ("adam_m", opt.m), ("adam_v", opt.v)):
+            take_shard(self.layout, state[part], self.lo, self.hi, shard)
+        if self.stage < 3:
+            take_shard(self.layout, state["params"], 0, self.layout.size, self.params)
+
+    def memory(self, opt):
+        """Bytes this rank holds, measured from the arrays: the persistent state, and the transient peaks."""
+        return {"parameters": owned_bytes(self.pshard), "gradients": owned_bytes(self.gshard),
+                "optimizer": owned_bytes(opt.m) + owned_bytes(opt.v),
+                "gathered parameters (peak)": self.transient.peak["parameters"],
+                "gradient buckets (peak)": self.transient.peak["gradients"]}
+
+
+def memory_formula(stage, psi, shard, itemsize):
+    """The paper's model-state bytes per rank, Psi/N being this rank's `shard` (stage 0: data parallelism)."""
+    e = itemsize
+    return {"parameters": e * (shard if stage >= 3 else psi), "gradients": e * (shard if stage >= 2 else psi),
+            "optimizer": 2 * e * (shard if stage >= 1 else psi)}
+
+
+def comm_formula(stage, layout, cfg, grad_accum, itemsize):
+    """{kind: bytes} each rank passes to collectives in one training step (see the module docstring)."""
+    psi, e, M = layout.size, itemsize, grad_accum
+    vc, tc = cfg.vocab_size * cfg.n_embd, cfg.block_size * cfg.n_embd
+    if stage == 1:
+        return {"reduce_scatter": e * psi, "allgather": e * psi}
+    if stage == 2:
+        return {"reduce_scatter": M * e * psi, "allgather": e * psi}
+    return {"reduce_scatter": M * e * psi, "allgather": M * e * (2 * psi + vc - tc)}
