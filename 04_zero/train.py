@@ -7,7 +7,10 @@
 
 Batches, micro-batches and the loss scale are chapter 03's; where the model state lives is not: see zero.py.
 Checkpoints hold whole tensors, so a run can resume on any number of ranks, at any stage, or on one core.
+After its first step, rank 0 prints its model-state memory beside the paper's formula and writes that and the
+step's communication (measured and formula) to <out_dir>/ledger.json.
 """
+import json
 from pathlib import Path
 
 import numpy as np
@@ -71,13 +74,22 @@ def evaluate(zero, batches, gpt_cfg):
     return float(np.mean([gpt_forward(zero.p, x, y, gpt_cfg, using=zero.forward_hook)[1] for x, y in batches]))
 
 
-def memory_table(zero, opt, dp):
-    """Rank 0's model-state bytes, measured from its arrays, beside the paper's formula."""
-    got = zero.memory(opt)
-    want = zero_lib.memory_formula(zero.stage, zero.layout.size, zero.hi - zero.lo, opt.m.itemsize)
-    lines = [f"memory per rank (rank 0, stage {zero.stage}, N={dp.size}):      measured      formula"]
-    lines += [f"  {k:<28} {v / 2 ** 20:9.3f} MiB" + (f" {want[k] / 2 ** 20:9.3f} MiB" if k in want else "")
-              for k, v in got.items()]
+def ledgers(zero, opt, dp, gpt_cfg, par):
+    """This rank's model-state bytes measured from its arrays and the bytes of one step's collectives, each
+    beside its formula (zero.py)."""
+    itemsize = opt.m.itemsize
+    return {"stage": zero.stage, "ranks": dp.size, "parameters": zero.layout.size,
+            "memory": zero.memory(opt),
+            "memory_formula": zero_lib.memory_formula(zero.stage, zero.layout.size, zero.hi - zero.lo, itemsize),
+            "comm": {kind: row["bytes"] for kind, row in dp.ledger.as_dict().items()},
+            "comm_formula": zero_lib.comm_formula(zero.stage, zero.layout, gpt_cfg, par.grad_accum, itemsize)}
+
+
+def memory_table(ledger):
+    lines = [f"memory per rank (rank 0, stage {ledger['stage']}, N={ledger['ranks']}):      measured      formula"]
+    for kind, nbytes in ledger["memory"].items():
+        want = ledger["memory_formula"].get(kind)
+        lines.append(f"  {kind:<28} {nbytes / 2 ** 20:9.3f} MiB" + (f" {want / 2 ** 20:9.3f} MiB" if want else ""))
     return "\n".join(lines)
 
 
@@ -102,9 +114,12 @@ def main(argv=None):
     def step_fn(step, lr):
         offsets = batch_offsets(len(train), gpt_cfg.block_size, cfg.batch_size, cfg.seed, step)
         x, y = get_batch(train, offsets, gpt_cfg.block_size)
+        dp.ledger.reset()
         loss = train_step(zero, opt, x, y, gpt_cfg, cfg, par, dp, lr)
-        if step == start and dp.rank == 0:
-            print(memory_table(zero, opt, dp))
+        if step == start and dp.rank == 0:                          # the first step's figures, once
+            ledger = ledgers(zero, opt, dp, gpt_cfg, par)
+            print(memory_table(ledger))
+            (Path(cfg.out_dir) / "ledger.json").write_text(json.dumps(ledger, indent=1))
         if zero.stage < 3 and par.check_replicas and (step + 1) % par.check_replicas == 0:
             dp_lib.check_replicas(zero.params, dp, step)           # stage 3 has no replicas to compare
         return loss
