@@ -319,45 +319,69 @@ def _no_hook(module):
     return contextlib.nullcontext()
 
 
-def gpt_forward(p, idx, targets, cfg, using=_no_hook):
-    """Logits (B,T,V) and, when targets are given, the mean cross-entropy loss; plus the cache for backward.
-    Each part of the model runs inside `with using(module)` (see `modules`): a hook for ZeRO-3 to gather that
-    part's weights into `p` just before it runs and to free them right after."""
-    with using("embedding"):
-        x, c_emb = embedding_forward(idx, p["wte"], p["wpe"])
+def stage_forward(p, inp, targets, cfg, layers, first=True, last=True, using=_no_hook):
+    """Run the part of the model a pipeline stage holds: the embedding if `first` (inp: token ids (B,T)),
+    blocks `layers` (else inp: activations (B,T,C)), and the head if `last`. Returns (out, loss, cache):
+    the logits and, given targets, the mean cross-entropy on the last stage; activations elsewhere.
+    Each part runs inside `with using(part)` (see `modules`): a hook for ZeRO-3 to gather that part's weights
+    into `p` just before it runs and free them right after."""
+    x, c_emb = inp, None
+    if first:
+        with using("embedding"):
+            x, c_emb = embedding_forward(inp, p["wte"], p["wpe"])
     c_blocks = []
-    for i in range(cfg.n_layer):
+    for i in layers:
         with using(f"h.{i}"):
             x, c = block_forward(x, sub(p, f"h.{i}."), cfg.n_head)
         c_blocks.append(c)
+    if not last:
+        return x, None, (first, last, layers, c_emb, c_blocks)
     with using("head"):
         x, c_lnf = layernorm_forward(x, p["ln_f.w"], p["ln_f.b"])
         logits, c_head = lm_head_forward(x, p["wte"])
     if targets is None:
         return logits, None, None
     loss, c_loss = cross_entropy_forward(logits, targets)
-    return logits, loss, (c_emb, c_blocks, c_lnf, c_head, c_loss)
+    return logits, loss, (first, last, layers, c_emb, c_blocks, c_lnf, c_head, c_loss)
 
 
-def gpt_backward(cache, p, g, dloss=1.0, grads_ready=None, using=_no_hook):
-    """Accumulate d(dloss * loss)/d(param) into the gradient views `g`. grads_ready(name), if given, is called
-    as soon as the gradients of `name` and of every tensor after it in the layout are final: a hook for
-    starting their communication while the backward goes on. `using` is gpt_forward's hook, here also the
-    moment ZeRO-2/3 can put a part's gradient buffers into `g`."""
+def stage_backward(cache, p, g, dout, grads_ready=None, using=_no_hook):
+    """Accumulate the parameter gradients of a stage_forward into the views `g`; dout is d(loss)'s scale (a
+    number) on the last stage, the gradient of the stage's output elsewhere. Returns the gradient of the
+    stage's input activations (None on the first stage). grads_ready(name), if given, is called as soon as
+    the gradients of `name` and of every tensor after it in the layout are final: a hook for starting their
+    communication while the backward goes on. `using` is stage_forward's, here also the moment ZeRO-2/3
+    can put a part's gradient buffers into `g`."""
     ready = grads_ready or (lambda name: None)
-    c_emb, c_blocks, c_lnf, c_head, c_loss = cache
-    dlogits = cross_entropy_backward(dloss, c_loss)
-    with using("head"):
-        dx = lm_head_backward(dlogits, c_head, p["wte"], g["wte"])
-        dx = layernorm_backward(dx, c_lnf, p["ln_f.w"], g["ln_f.w"], g["ln_f.b"])
-    ready("ln_f.w")
-    for i in reversed(range(len(c_blocks))):
+    first, last, layers, c_emb, c_blocks, *c_head = cache
+    dx = dout
+    if last:
+        c_lnf, c_head, c_loss = c_head
+        dlogits = cross_entropy_backward(dout, c_loss)
+        with using("head"):
+            dx = lm_head_backward(dlogits, c_head, p["wte"], g["wte"])
+            dx = layernorm_backward(dx, c_lnf, p["ln_f.w"], g["ln_f.w"], g["ln_f.b"])
+        ready("ln_f.w")
+    for i, c in zip(reversed(layers), reversed(c_blocks)):
         with using(f"h.{i}"):
-            dx = block_backward(dx, c_blocks[i], sub(p, f"h.{i}."), sub(g, f"h.{i}."))
+            dx = block_backward(dx, c, sub(p, f"h.{i}."), sub(g, f"h.{i}."))
         ready(f"h.{i}.ln_1.w")
+    if not first:
+        return dx
     with using("embedding"):
         embedding_backward(dx, c_emb, g["wte"], g["wpe"])        # wte's gradient also has the LM head's part
     ready("wte")
+    return None
+
+
+def gpt_forward(p, idx, targets, cfg, using=_no_hook):
+    """Logits (B,T,V) and, when targets are given, the mean cross-entropy loss; plus the cache for backward."""
+    return stage_forward(p, idx, targets, cfg, range(cfg.n_layer), using=using)
+
+
+def gpt_backward(cache, p, g, dloss=1.0, grads_ready=None, using=_no_hook):
+    """Accumulate d(dloss * loss)/d(param) into the gradient views `g` (hooks: see stage_backward)."""
+    stage_backward(cache, p, g, dloss, grads_ready, using)
 
 
 def generate(p, cfg, idx, max_new_tokens, rng, temperature=1.0, top_k=None):
