@@ -131,6 +131,11 @@ class Comm:
         self.ledger.record("check", len(digest) * self.size)
         return len(set(self.mpi.allgather(digest))) == 1
 
+    def gather_object(self, obj, root=0):
+        """On `root`, the list of every rank's picklable `obj` (None elsewhere): for small records such as
+        timelines, not for arrays. Not in the ledger."""
+        return self.mpi.gather(obj, root=root) if self.size > 1 else [obj]
+
     def barrier(self):
         if self.size > 1:
             self.mpi.Barrier()

@@ -102,6 +102,9 @@ class ParallelConfig:
     bucket_mb: float = 1.0  # bucket size of the bucketed and overlapped modes
     check_replicas: int = 1  # assert identical parameters on all data-parallel ranks every N steps (0: never)
     zero_stage: int = 0  # ZeRO (04_zero): 1 shards optimizer state, 2 also gradients, 3 also parameters
+    pp: int = 1  # pipeline stages (05_pipeline)
+    microbatches: int = 4  # micro-batches that flow through the pipeline each step
+    schedule: str = "1f1b"  # afab (GPipe: all forwards, then all backwards) | 1f1b
 
     def use_every_rank(self, axis, world_size):
         """A chapter with one parallel axis: that axis defaults to every rank mpirun started, and must equal it."""
@@ -112,7 +115,7 @@ class ParallelConfig:
                               f"-n {getattr(self, axis)} (or leave --{axis} out to use every rank)")
 
     def validate(self):
-        for name in ("tp", "dp", "grad_accum"):
+        for name in ("tp", "dp", "grad_accum", "pp", "microbatches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{flag(name)} must be a positive integer, got {getattr(self, name)}")
         if self.dp_mode not in ("naive", "bucketed", "overlapped"):
@@ -121,6 +124,8 @@ class ParallelConfig:
             raise ConfigError(f"--bucket-mb must be positive, got {self.bucket_mb}")
         if self.check_replicas < 0:
             raise ConfigError(f"--check-replicas must be zero (never) or positive, got {self.check_replicas}")
+        if self.schedule not in ("afab", "1f1b"):
+            raise ConfigError(f"--schedule must be afab or 1f1b, got {self.schedule!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
 
