@@ -1,0 +1,191 @@
+"""Pipeline parallelism: the layers cut into P stages, one per rank, and the batch into M micro-batches that flow
+through them.
+
+Shard. Stage s holds the blocks split_layers(n_layer, P)[s]; the first stage also the embedding (wte, wpe),
+the last also ln_f and, for the tied LM head, its own copy of wte. Every rank draws the whole init from the
+seed and keeps its stage's tensors, so both copies of wte start equal; their gradients are summed between
+the first and the last stage after every step (as Megatron does), so they stay equal.
+
+The math. The batch's loss is the mean over M equal micro-batches of their mean losses, so the last stage
+seeds each micro-batch's backward with dloss = 1/M and every stage accumulates with +=: after the M
+backwards each stage holds exactly its part of the full-batch gradient, whatever M is. The grad norm is
+summed over stages, counting wte once.
+
+Schedules (per stage, a sequence of instructions: see `schedule`):
+    afab   all M forwards, then all M backwards (GPipe): M micro-batches' activations alive at the peak
+    1f1b   P-1-s warm-up forwards, then one forward, one backward, ...: at most P - s alive on stage s
+Both leave each stage idle for (P-1) forward+backward slots of the M+P-1 in a step: the bubble fraction
+(P-1)/(M+P-1), if every stage takes the same time per micro-batch.
+
+Communication per step and boundary (point-to-point): M activations of (B/M, T, C) forward and M gradients
+of the same shape backward, e bytes per element: B T C e each way. Plus wte's gradient (V C) all-reduced
+between the two ends, the grad norm (8 bytes) and the loss broadcast from the last stage (8 bytes).
+"""
+import time
+
+import numpy as np
+
+from common.comm import wait_all
+from common.model import param_shapes, stage_backward, stage_forward
+from common.params import Layout
+
+
+# ----------------------------------------------------------------------------- shard
+
+def split_layers(n_layer, pp):
+    """Blocks of each stage: as even as possible, the first n_layer % pp stages taking one more."""
+    sizes = [n_layer // pp + (s < n_layer % pp) for s in range(pp)]
+    starts = np.cumsum([0] + sizes)
+    return [range(starts[s], starts[s + 1]) for s in range(pp)]
+
+
+def stage_layout(cfg, stage, pp):
+    """The tensors stage `stage` holds, in the single-core layout's order."""
+    layers = split_layers(cfg.n_layer, pp)[stage]
+    first, last = stage == 0, stage == pp - 1
+
+    def held(name):
+        if name.startswith("h."):
+            return int(name.split(".")[1]) in layers
+        return {"wte": first or last, "wpe": first, "ln_f.w": last, "ln_f.b": last}[name]
+
+    return Layout([(name, shape) for name, shape in param_shapes(cfg) if held(name)])
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def schedule(kind, M, stage, pp):
+    """The instructions of one step on `stage`, as (op, micro-batch) pairs; op is one of recv_fwd, forward,
+    send_fwd, recv_bwd, backward, send_bwd. kind "forward" is the forward half alone (evaluation)."""
+    first, last = stage == 0, stage == pp - 1
+
+    def fwd(m):
+        return ([] if first else [("recv_fwd", m)]) + [("forward", m)] + ([] if last else [("send_fwd", m)])
+
+    def bwd(m):
+        return ([] if last else [("recv_bwd", m)]) + [("backward", m)] + ([] if first else [("send_bwd", m)])
+
+    if kind == "forward":
+        return [op for m in range(M) for op in fwd(m)]
+    if kind == "afab":
+        return [op for m in range(M) for op in fwd(m)] + [op for m in range(M) for op in bwd(m)]
+    warmup = min(pp - 1 - stage, M)                               # 1f1b
+    ops = [op for m in range(warmup) for op in fwd(m)]
+    for i in range(M - warmup):                                   # steady state: one forward, one backward
+        ops += fwd(warmup + i) + bwd(i)
+    return ops + [op for m in range(M - warmup, M) for op in bwd(m)]
+
+
+# ----------------------------------------------------------------------------- forward and backward
+
+class Stage:
+    """One rank's stage: its parameters and gradients (views `p`, `g`), the point-to-point engine that runs
+    a schedule, and the record of what ran when (`trace`) and how many micro-batches were alive (`peak`)."""
+
+    def __init__(self, cfg, stage, pp, p, g):
+        self.cfg, self.stage, self.pp, self.p, self.g = cfg, stage, pp, p, g
+        self.layers = split_layers(cfg.n_layer, pp.size)[stage]
+        self.first, self.last = stage == 0, stage == pp.size - 1
+        self.trace, self.peak = [], 0
+
+    def run(self, ops, x, y):
+        """Execute `ops` on the M micro-batches x[m], y[m] (token ids; every stage has them, only the ends read
+        them). Returns the mean loss on the last stage, None elsewhere."""
+        M, (b, T), C = len(x), x[0].shape, self.cfg.n_embd
+        dtype = next(iter(self.p.values())).dtype
+        inp, out, caches, grad_out, grad_in, losses, sends = {}, {}, {}, {}, {}, [], []
+        self.trace, self.peak, t0 = [], 0, time.perf_counter()
+        for op, m in ops:
+            start = time.perf_counter()
+            if op == "recv_fwd":
+                inp[m] = self.pp.recv(np.empty((b, T, C), dtype), self.stage - 1, tag=m)
+            elif op == "forward":
+                out[m], loss, caches[m] = stage_forward(self.p, x[m] if self.first else inp.pop(m),
+                                                        y[m] if self.last else None, self.cfg, self.layers,
+                                                        self.first, self.last)
+                losses.append(loss)
+                self.peak = max(self.peak, len(caches))
+            elif op == "send_fwd":
+                buf = out.pop(m)
+                sends.append((self.pp.isend(buf, self.stage + 1, tag=m), buf))   # buf lives until the wait
+            elif op == "recv_bwd":
+                grad_out[m] = self.pp.recv(np.empty((b, T, C), dtype), self.stage + 1, tag=m)
+            elif op == "backward":
+                out.pop(m, None)
+                dout = 1.0 / M if self.last else grad_out.pop(m)         # the batch loss is the mean over M
+                grad_in[m] = stage_backward(caches.pop(m), self.p, self.g, dout)
+            elif op == "send_bwd":
+                buf = grad_in.pop(m)
+                sends.append((self.pp.isend(buf, self.stage - 1, tag=m), buf))
+            self.trace.append((op, m, start - t0, time.perf_counter() - t0))
+        caches.clear()                                                   # a forward-only schedule keeps them
+        wait_all([req for req, _ in sends])
+        return float(np.mean(losses)) if self.last else None
+
+
+# ----------------------------------------------------------------------------- synchronise gradients
+
+def sync_tied_embedding(g, ends, stage, pp):
+    """Sum wte's two partial gradients, the embedding's (first stage) and the LM head's (last stage)."""
+    if pp > 1 and stage in (0, pp - 1):
+        ends.allreduce(g["wte"])
+
+
+def grad_norm(grads, layout, stage, pp_comm):
+    """The global L2 norm over every stage, wte counted once (from the first stage)."""
+    sq = float(np.dot(grads, grads))
+    if stage == pp_comm.size - 1 and stage > 0:
+        a, b = layout.offsets["wte"]
+        sq -= float(np.dot(grads[a:b], grads[a:b]))
+    return float(np.sqrt(pp_comm.allreduce(np.array([sq]))[0]))
+
+
+# ----------------------------------------------------------------------------- what the runs show
+
+def bubble(trace, step_time):
+    """Fraction of the step's wall time (from the common start) this stage spent neither in a forward nor in a
+    backward."""
+    busy = sum(end - start for op, _, start, end in trace if op in ("forward", "backward"))
+    return 1.0 - busy / step_time
+
+
+def bubble_formula(M, pp):
+    return (pp - 1) / (M + pp - 1)
+
+
+def p2p_formula(cfg, batch_size, stage, pp, itemsize):
+    """{kind: bytes} of one step's point-to-point calls on `stage`: B T C e per direction and neighbour."""
+    each = batch_size * cfg.block_size * cfg.n_embd * itemsize
+    out = {}
+    if stage < pp - 1:
+        out.update(isend=each, recv=each)                      # activations out, their gradients back in
+    if stage > 0:
+        out["recv"] = out.get("recv", 0) + each
+        out["isend"] = out.get("isend", 0) + each
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def stage_sizes(cfg, pp):
+    return [stage_layout(cfg, s, pp).size for s in range(pp)]
+
+
+def whole_state(cfg, flats, comm, root=None):
+    """{"params" | "adam_m" | "adam_v": {name: whole tensor}} from every stage's flat buffers (`flats`, in that
+    order), gathered on `root` (None elsewhere), or on every rank if root is None."""
+    counts = stage_sizes(cfg, comm.size)
+    starts = np.cumsum([0] + counts)
+    state = {}
+    for part, flat in zip(("params", "adam_m", "adam_v"), flats):
+        buf = np.empty(starts[-1], flat.dtype) if root in (None, comm.rank) else None
+        if root is None:
+            comm.allgather(flat, buf, counts)
+        else:
+            comm.gather(flat, buf, counts, root)
+        if buf is not None:
+            state[part] = {}
+            for s in range(comm.size):                          # wte: the first stage's copy (both are equal)
+                for name, view in stage_layout(cfg, s, comm.size).views(buf[starts[s]:starts[s + 1]]).items():
+                    state[part].setdefault(name, view)
+    return state or None

@@ -1,0 +1,91 @@
+"""Prove that pipeline parallelism, with both schedules and any number of micro-batches, computes what single
+core computes.
+
+    mpirun -n 2 python 05_pipeline/verify.py            # also -n 1, 3 (uneven stages) and 4; float64, a tiny model
+
+For each --schedule (afab, 1f1b) and --microbatches (1, 4, 8), the real train_step of 05_pipeline/train.py
+and the single-core train_step of chapter 01 take the same AdamW steps on the same batches from the same
+weights. Rows: the losses (as every rank logs them); all parameters and Adam's m and v after the steps,
+gathered from the stages; the two copies of wte; the peak number of micro-batches alive on each stage
+against the schedule's bound (afab: M, 1f1b: min(P - stage, M)); each stage's point-to-point bytes of one
+step against the formula.
+"""
+import numpy as np
+
+from common.checks import Report
+from common.chapters import import_chapter
+from common.comm import checked, world
+from common.config import GPTConfig, Parser, ParallelConfig, TrainConfig
+
+single = import_chapter("01_single_core.train")
+pipe_train = import_chapter("05_pipeline.train")
+pipe = import_chapter("05_pipeline.pipeline")
+TOL = 1e-10
+SCHEDULES, MICROBATCHES = ("afab", "1f1b"), (1, 4, 8)
+
+
+def setup(argv):
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    return parser.parse_args(argv)
+
+
+def every_rank(comm, values):
+    """[values of rank 0, values of rank 1, ...] on every rank."""
+    values = np.asarray(values, dtype=np.float64)
+    return comm.allgather(values, np.empty(values.size * comm.size)).reshape(comm.size, -1)
+
+
+def main(argv=None):
+    pp = world()
+    args = checked(pp, setup, argv)
+    gpt_cfg = GPTConfig(n_layer=4, n_head=2, n_embd=16, block_size=8, vocab_size=11)
+    cfg = TrainConfig(batch_size=8, dtype="float64", learning_rate=1e-2, seed=0)
+    rng = np.random.default_rng(0)
+    batches = [tuple(rng.integers(0, gpt_cfg.vocab_size, (2, cfg.batch_size, gpt_cfg.block_size)))
+               for _ in range(args.steps)]
+    jitter = rng.normal(0.0, 0.1, single.build(gpt_cfg, cfg)[1].shape)   # biases off 0, gains off 1
+
+    layout, ref_params, ref_grads, ref_opt = single.build(gpt_cfg, cfg)
+    ref_params += jitter
+    ref_losses = [single.train_step(layout.views(ref_params), layout.views(ref_grads), ref_params, ref_grads,
+                                    ref_opt, x, y, gpt_cfg, cfg, cfg.learning_rate) for x, y in batches]
+    ref_state = {"params": ref_params, "adam_m": ref_opt.m, "adam_v": ref_opt.v}
+
+    stage, P = pp.rank, pp.size
+    ends = pp.split(color=int(stage not in (0, P - 1)), key=stage, name="embedding")
+    report, show = Report(TOL), pp.rank == 0
+    for kind in SCHEDULES:
+        for M in MICROBATCHES:
+            label = f"{kind} M={M}:"
+            par = ParallelConfig(pp=P, microbatches=M, schedule=kind)
+            slayout, params, grads, opt = pipe_train.build(gpt_cfg, cfg, stage, P,
+                                                           full=single.build(gpt_cfg, cfg)[1] + jitter)
+            st = pipe.Stage(gpt_cfg, stage, pp, slayout.views(params), slayout.views(grads))
+            losses, peaks = [], []
+            for step, (x, y) in enumerate(batches):
+                pp.ledger.reset()
+                losses.append(pipe_train.train_step(st, slayout, params, grads, opt, x, y, cfg, par, pp, ends,
+                                                    cfg.learning_rate))
+                peaks.append(st.peak)
+                if step == 0 and P > 1:
+                    got = pp.ledger.as_dict()
+                    want = pipe.p2p_formula(gpt_cfg, cfg.batch_size, stage, P, params.itemsize)
+                    report.compare(f"{label} p2p bytes, every stage",
+                                   every_rank(pp, [got[k]["bytes"] for k in ("isend", "recv")]),
+                                   every_rank(pp, [want[k] for k in ("isend", "recv")]), show)
+            report.compare(f"{label} losses on every rank", every_rank(pp, losses), [ref_losses] * P, show)
+            whole = pipe.whole_state(gpt_cfg, (params, opt.m, opt.v), pp)
+            for part, ref in ref_state.items():
+                got = np.concatenate([whole[part][name].ravel() for name in layout.shapes])
+                report.compare(f"{label} {part}", got, ref, show)
+            wte = (slayout.views(params)["wte"] if "wte" in slayout.shapes else whole["params"]["wte"]).ravel()
+            report.compare(f"{label} both copies of wte", every_rank(pp, wte), np.tile(whole["params"]["wte"].ravel(),
+                                                                                       (P, 1)), show)
+            bound = [M if kind == "afab" else min(P - s, M) for s in range(P)]
+            report.compare(f"{label} peak alive per stage", every_rank(pp, [max(peaks)]).ravel(), bound, show)
+    return report.finish(f"P={P}: ", show)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""Chapter 05: both pipeline schedules are valid programs, equal single core for any M, and keep their bounds."""
+import json
+
+import numpy as np
+import pytest
+
+from common.chapters import import_chapter
+from common.config import GPTConfig
+from conftest import assert_one_error, run, run_mpi
+
+VERIFY = "05_pipeline/verify.py"
+TRAIN = "05_pipeline/train.py"
+TINY = ["--n-layer", 4, "--n-head", 2, "--n-embd", 16, "--block-size", 8, "--batch-size", 8, "--eval-iters", 2,
+        "--dtype", "float64", "--eval-interval", 5]
+pipe = import_chapter("05_pipeline.pipeline")
+
+
+def simulate(kind, M, P):
+    """Run every stage's instruction list as MPI would (sends never block, a recv waits for its send); return
+    each stage's peak number of micro-batches alive. Fails on a deadlock or a message received out of place."""
+    programs = [list(pipe.schedule(kind, M, s, P)) for s in range(P)]
+    pc, sent, alive, peak = [0] * P, set(), [0] * P, [0] * P
+    while any(pc[s] < len(programs[s]) for s in range(P)):
+        progressed = False
+        for s in range(P):
+            while pc[s] < len(programs[s]):
+                op, m = programs[s][pc[s]]
+                if op == "recv_fwd" and ("fwd", s - 1, m) not in sent or op == "recv_bwd" and ("bwd", s + 1, m) not in sent:
+                    break
+                if op == "send_fwd":
+                    sent.add(("fwd", s, m))
+                elif op == "send_bwd":
+                    sent.add(("bwd", s, m))
+                elif op == "forward":
+                    alive[s] += 1
+                    peak[s] = max(peak[s], alive[s])
+                elif op == "backward":
+                    alive[s] -= 1
+                pc[s] += 1
+                progressed = True
+        assert progressed, f"{kind} deadlocks at M={M}, P={P}: stages wait at {pc}"
+    return peak
+
+
+@pytest.mark.parametrize("kind", ["afab", "1f1b"])
+@pytest.mark.parametrize("P", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("M", [1, 2, 4, 7, 12])
+def test_schedules_run_every_micro_batch_once_without_deadlock_within_their_activation_bound(kind, P, M):
+    for s in range(P):
+        ops = pipe.schedule(kind, M, s, P)
+        assert sorted(m for op, m in ops if op == "forward") == list(range(M))
+        assert sorted(m for op, m in ops if op == "backward") == list(range(M))
+        for m in range(M):
+            assert ops.index(("forward", m)) < ops.index(("backward", m))
+    want = [M] * P if kind == "afab" else [min(P - s, M) for s in range(P)]
+    assert simulate(kind, M, P) == want
+
+
+def test_layers_are_split_as_evenly_as_possible_and_the_ends_hold_the_embedding_and_head():
+    assert [list(r) for r in pipe.split_layers(5, 3)] == [[0, 1], [2, 3], [4]]
+    cfg = GPTConfig(n_layer=5, n_head=2, n_embd=8, block_size=4, vocab_size=7)
+    names = [set(pipe.stage_layout(cfg, s, 3).shapes) for s in range(3)]
+    assert {"wte", "wpe"} <= names[0] and {"wte", "ln_f.w", "ln_f.b"} <= names[2]
+    assert not names[1] & {"wte", "wpe", "ln_f.w", "ln_f.b"}
+    assert sum(pipe.stage_sizes(cfg, 3)) == pipe.stage_layout(cfg, 0, 1).size + 7 * 8   # wte held twice
+
+
+def test_bubble_formula():
+    assert pipe.bubble_formula(1, 4) == 0.75 and pipe.bubble_formula(8, 1) == 0.0
+    assert pipe.bubble_formula(8, 4) == pytest.approx(3 / 11)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_verify_passes_for_both_schedules_and_every_micro_batch_count_on_n_stages(n):
+    result = run_mpi(n, [VERIFY], timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith(f"P={n}: PASS:")
+
+
+def sabotaged(tmp_path, patch):
+    path = tmp_path / "sabotaged.py"
+    path.write_text("from common.chapters import import_chapter\n"
+                    "pipe = import_chapter('05_pipeline.pipeline')\n"
+                    f"{patch}\n"
+                    "raise SystemExit(import_chapter('05_pipeline.verify').main([]))\n")
+    return path
+
+
+@pytest.mark.parametrize("patch, failing", [
+    ("pipe.sync_tied_embedding = lambda *args: None                  # wte's halves never summed",
+     "both copies of wte"),
+    ("f = pipe.stage_backward\n"
+     "pipe.stage_backward = lambda cache, p, g, dout, *a: f(cache, p, g, 1.0 if isinstance(dout, float) else dout)",
+     "M=4: params"),                                                 # dloss 1 instead of 1/M: M times the gradient
+])
+def test_verify_fails_when_the_gradients_are_wrong(tmp_path, patch, failing):
+    result = run_mpi(2, [sabotaged(tmp_path, patch)], timeout=180)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAIL:" in result.stdout.strip().splitlines()[-1]
+    assert any(failing in line and line.endswith("FAIL") for line in result.stdout.splitlines()), result.stdout
+
+
+@pytest.mark.parametrize("n, flags, words", [
+    (3, ["--n-layer", 2], ["--n-layer 2", "--pp 3", "at most 2"]),
+    (2, ["--pp", 4], ["--pp 4", "2 ranks"]),
+    (2, ["--microbatches", 3], ["--batch-size 8", "--microbatches 3"]),
+    (1, ["--schedule", "zigzag"], ["--schedule", "zigzag"]),
+])
+def test_bad_input_exits_2_on_every_rank_with_one_message(tiny_data, tmp_path, n, flags, words):
+    result = run_mpi(n, [TRAIN, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, *flags], timeout=60)
+    assert_one_error(result, words)
+
+
+def read(out):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r], np.load(out / "ckpt.npz")
+
+
+def test_a_2_stage_checkpoint_resumed_on_4_stages_continues_exactly_as_single_core(tiny_data, tmp_path):
+    common = ["--data-dir", tiny_data, *TINY]
+    straight, piped = tmp_path / "straight", tmp_path / "piped"
+    assert run(["01_single_core/train.py", *common, "--max-iters", 10, "--out-dir", straight]).returncode == 0
+    first = run_mpi(2, [TRAIN, *common, "--max-iters", 5, "--out-dir", piped])
+    assert first.returncode == 0, first.stderr
+    result = run_mpi(4, [TRAIN, *common, "--schedule", "afab", "--microbatches", 2, "--max-iters", 10,
+                         "--out-dir", piped, "--resume"])
+    assert result.returncode == 0, result.stderr
+    want_losses, want = read(straight)
+    got_losses, got = read(piped)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-10, atol=0)
+    assert len(got_losses) == 10
+    for key in want.files:
+        if key != "meta":
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-10 * np.abs(want[key]).max(),
+                                       err_msg=key)
+    sample = run(["01_single_core/sample.py", "--out-dir", piped, "--max-new-tokens", 20, "--start", "ANNA"])
+    assert sample.returncode == 0 and sample.stdout.startswith("ANNA"), sample.stderr
+
+
+@pytest.mark.parametrize("kind", ["afab", "1f1b"])
+def test_the_timeline_records_every_instruction_of_every_stage(tiny_data, tmp_path, kind):
+    result = run_mpi(4, [TRAIN, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, "--max-iters", 2,
+                         "--schedule", kind, "--microbatches", 4])
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "timeline.json").read_text())
+    assert (record["pp"], record["microbatches"], len(record["ranks"])) == (4, 4, 4)
+    for s, r in enumerate(record["ranks"]):
+        assert [tuple(op[:2]) for op in r["trace"]] == [tuple(op) for op in pipe.schedule(kind, 4, s, 4)]
+        assert all(0 <= start <= end for _, _, start, end in r["trace"])
+        assert r["peak"] == (4 if kind == "afab" else 4 - s)
+        assert r["p2p"] == r["p2p_formula"] and 0 <= r["bubble"] < 1
+    assert "bubble per stage" in result.stdout
