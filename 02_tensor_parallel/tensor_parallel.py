@@ -259,28 +259,50 @@ def vocab_cross_entropy_backward(dloss, cache, wte, dwte):
     return lm_head_backward(dz.reshape(*c_head.shape[:-1], -1), c_head, wte, dwte)  # a partial sum over V
 
 
-def tp_forward(p, idx, targets, cfg, tp, sp=False):
-    """This rank's logits (B,T,V_padded/N) and the loss, equal to the single-core model's on every rank."""
-    x, c_emb = vocab_embedding_forward(idx, p["wte"], p["wpe"], tp, sp)
+def tp_stage_forward(p, inp, targets, cfg, layers, first, last, tp, sp=False):
+    """common.model.stage_forward with this rank's shards: the vocab-parallel embedding if `first`, blocks
+    `layers`, the vocab-parallel head and loss if `last` (then `out` is this rank's logits (B,T,V_padded/N))."""
+    x, c_emb = inp, None
+    if first:
+        x, c_emb = vocab_embedding_forward(inp, p["wte"], p["wpe"], tp, sp)
     c_blocks = []
-    for i in range(cfg.n_layer):
+    for i in layers:
         x, c = block_forward(x, sub(p, f"h.{i}."), cfg.n_head // tp.size, tp, sp)
         c_blocks.append(c)
+    if not last:
+        return x, None, (first, last, layers, c_emb, c_blocks)
     x, c_lnf = layernorm_forward(x, p["ln_f.w"], p["ln_f.b"])
     x = enter(x, tp, sp)
     logits, loss, c_ce = vocab_cross_entropy_forward(x, p["wte"], targets, cfg.vocab_size, tp)
-    return logits, loss, (c_emb, c_blocks, c_lnf, c_ce)
+    return logits, loss, (first, last, layers, c_emb, c_blocks, c_lnf, c_ce)
+
+
+def tp_stage_backward(cache, p, g, dout, tp, sp=False):
+    """common.model.stage_backward with this rank's shards. With sp, the replicated tensors' gradients are
+    left as partial sums: sync_replicated_grads once all micro-batches are done."""
+    first, last, layers, c_emb, c_blocks, *c_head = cache
+    dx = dout
+    if last:
+        c_lnf, c_ce = c_head
+        dx = vocab_cross_entropy_backward(dout, c_ce, p["wte"], g["wte"])
+        dx = enter_backward(dx, tp, sp)
+        dx = layernorm_backward(dx, c_lnf, p["ln_f.w"], g["ln_f.w"], g["ln_f.b"])
+    for i, c in zip(reversed(layers), reversed(c_blocks)):
+        dx = block_backward(dx, c, sub(p, f"h.{i}."), sub(g, f"h.{i}."), tp, sp)
+    if not first:
+        return dx
+    vocab_embedding_backward(dx, c_emb, g["wte"], g["wpe"], tp, sp)
+    return None
+
+
+def tp_forward(p, idx, targets, cfg, tp, sp=False):
+    """This rank's logits (B,T,V_padded/N) and the loss, equal to the single-core model's on every rank."""
+    return tp_stage_forward(p, idx, targets, cfg, range(cfg.n_layer), True, True, tp, sp)
 
 
 def tp_backward(cache, p, g, tp, sp=False, dloss=1.0):
     """Accumulate this rank's gradients; replicated tensors end with the same gradient on every rank."""
-    c_emb, c_blocks, c_lnf, c_ce = cache
-    dx = vocab_cross_entropy_backward(dloss, c_ce, p["wte"], g["wte"])
-    dx = enter_backward(dx, tp, sp)
-    dx = layernorm_backward(dx, c_lnf, p["ln_f.w"], g["ln_f.w"], g["ln_f.b"])
-    for i in reversed(range(len(c_blocks))):
-        dx = block_backward(dx, c_blocks[i], sub(p, f"h.{i}."), sub(g, f"h.{i}."), tp, sp)
-    vocab_embedding_backward(dx, c_emb, g["wte"], g["wpe"], tp, sp)
+    tp_stage_backward(cache, p, g, dloss, tp, sp)
     if sp:
         sync_replicated_grads(g, tp)
 
