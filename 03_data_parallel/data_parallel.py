@@ -56,9 +56,10 @@ class GradSync:
         self.requests, self.launched = [], 0
 
     def ready(self, name):
-        if self.mode != "overlapped":
-            return
-        done = self.layout.offsets[name][0]               # every gradient from here to the end is final
+        if self.mode == "overlapped":
+            self._launch_from(self.layout.offsets[name][0])    # every gradient from here to the end is final
+
+    def _launch_from(self, done):
         while self.launched < len(self.buckets) and self.buckets[self.launched][0] >= done:
             start, stop = self.buckets[self.launched]
             self.requests.append(self.dp.iallreduce(self.grads[start:stop]))
@@ -72,7 +73,7 @@ class GradSync:
             for start, stop in self.buckets:
                 self.dp.allreduce(self.grads[start:stop])
         else:
-            self.ready("wte")                             # without a backward hook: launch them all now
+            self._launch_from(0)                          # what the backward's hook has not launched yet
             wait_all(self.requests)
         self.requests, self.launched = [], 0
 

@@ -184,7 +184,13 @@ class Zero:
 
     def ready(self, name):
         """gpt_backward's hook: reduce-scatter every bucket from `name` to the end of the layout."""
-        done = self.layout.offsets[name][0]
+        self._reduce_from(self.layout.offsets[name][0])
+
+    def finish(self):
+        """Reduce-scatter what no hook has yet (a backward run without `ready`, as in a pipeline)."""
+        self._reduce_from(0)
+
+    def _reduce_from(self, done):
         while self.reduced < len(self.buckets) and self.buckets[self.reduced][0] >= done:
             self._reduce_scatter(self.reduced)
             self.reduced += 1
@@ -215,23 +221,28 @@ class Zero:
         sq = np.array([np.dot(self.gshard, self.gshard)], dtype=np.float64)
         return math.sqrt(float(self.dp.allreduce(sq)[0]))
 
-    def step(self, opt, lr, grad_clip):
-        """Clip, update this rank's shard with its slice of AdamW; stages 1-2 all-gather the parameters."""
-        clip_grad_norm(self.gshard, grad_clip, norm=self.grad_norm())
+    def step(self, opt, lr, grad_clip, norm=None):
+        """Clip (by the global `norm`, or this data-parallel group's), update this rank's shard with its slice
+        of AdamW; stages 1-2 all-gather the parameters."""
+        clip_grad_norm(self.gshard, grad_clip, norm=self.grad_norm() if norm is None else norm)
         opt.step(self.pshard, self.gshard, lr)
         if self.stage < 3:
             self.dp.allgather(None, self.params, np.diff(self.bounds))   # in place: our shard is already there
 
     # --------------------------------------------------------------------- checkpoints and the ledgers
 
+    def gather_flat(self, shard, root=0):
+        """The whole flat buffer of every rank's `shard` (of params, m or v) on `root`, None elsewhere."""
+        flat = np.empty(self.layout.size, self.dtype) if self.dp.rank == root else None
+        self.dp.gather(shard, flat, np.diff(self.bounds), root)
+        return flat
+
     def full_state(self, opt):
         """{"params" | "adam_m" | "adam_v": {name: whole tensor}} consolidated on rank 0 (None elsewhere)."""
-        counts, state = np.diff(self.bounds), {}
-        for part, shard in (("params", self.pshard), ("adam_m", opt.m), ("adam_v", opt.v)):
-            flat = np.empty(self.layout.size, self.dtype) if self.dp.rank == 0 else None
-            self.dp.gather(shard, flat, counts)
-            state[part] = self.layout.views(flat) if self.dp.rank == 0 else None
-        return state if self.dp.rank == 0 else None
+        flats = [self.gather_flat(shard) for shard in (self.pshard, opt.m, opt.v)]
+        if self.dp.rank != 0:
+            return None
+        return {part: self.layout.views(flat) for part, flat in zip(("params", "adam_m", "adam_v"), flats)}
 
     def load_state(self, state, opt):
         """Take this rank's shards from a consolidated state (any number of ranks may have written it)."""

@@ -82,16 +82,19 @@ class Stage:
     """One rank's stage: its parameters and gradients (views `p`, `g`), the point-to-point engine that runs
     a schedule, and the record of what ran when (`trace`) and how many micro-batches were alive (`peak`)."""
 
-    def __init__(self, cfg, stage, pp, p, g):
+    def __init__(self, cfg, stage, pp, p, g, forward=None, backward=None, seq_len=None):
         self.cfg, self.stage, self.pp, self.p, self.g = cfg, stage, pp, p, g
         self.layers = split_layers(cfg.n_layer, pp.size)[stage]
         self.first, self.last = stage == 0, stage == pp.size - 1
+        self.forward = forward or stage_forward               # 06_3d passes tensor-parallel ones
+        self.backward = backward or stage_backward
+        self.seq_len = seq_len or cfg.block_size              # positions of the activations sent between stages
         self.trace, self.peak = [], 0
 
-    def run(self, ops, x, y):
+    def run(self, ops, x, y, scale=1.0):
         """Execute `ops` on the M micro-batches x[m], y[m] (token ids; every stage has them, only the ends read
-        them). Returns the mean loss on the last stage, None elsewhere."""
-        M, (b, T), C = len(x), x[0].shape, self.cfg.n_embd
+        them), the loss's gradient scaled by `scale` / M. Returns the mean loss on the last stage, else None."""
+        M, b, T, C = len(x), x[0].shape[0], self.seq_len, self.cfg.n_embd
         dtype = next(iter(self.p.values())).dtype
         inp, out, caches, grad_out, grad_in, losses, sends = {}, {}, {}, {}, {}, [], []
         self.trace, self.peak, t0 = [], 0, time.perf_counter()
@@ -100,9 +103,9 @@ class Stage:
             if op == "recv_fwd":
                 inp[m] = self.pp.recv(np.empty((b, T, C), dtype), self.stage - 1, tag=m)
             elif op == "forward":
-                out[m], loss, caches[m] = stage_forward(self.p, x[m] if self.first else inp.pop(m),
-                                                        y[m] if self.last else None, self.cfg, self.layers,
-                                                        self.first, self.last)
+                out[m], loss, caches[m] = self.forward(self.p, x[m] if self.first else inp.pop(m),
+                                                       y[m] if self.last else None, self.cfg, self.layers,
+                                                       self.first, self.last)
                 losses.append(loss)
                 self.peak = max(self.peak, len(caches))
             elif op == "send_fwd":
@@ -112,8 +115,8 @@ class Stage:
                 grad_out[m] = self.pp.recv(np.empty((b, T, C), dtype), self.stage + 1, tag=m)
             elif op == "backward":
                 out.pop(m, None)
-                dout = 1.0 / M if self.last else grad_out.pop(m)         # the batch loss is the mean over M
-                grad_in[m] = stage_backward(caches.pop(m), self.p, self.g, dout)
+                dout = scale / M if self.last else grad_out.pop(m)       # the batch loss is the mean over M
+                grad_in[m] = self.backward(caches.pop(m), self.p, self.g, dout)
             elif op == "send_bwd":
                 buf = grad_in.pop(m)
                 sends.append((self.pp.isend(buf, self.stage - 1, tag=m), buf))
@@ -153,9 +156,9 @@ def bubble_formula(M, pp):
     return (pp - 1) / (M + pp - 1)
 
 
-def p2p_formula(cfg, batch_size, stage, pp, itemsize):
+def p2p_formula(cfg, batch_size, stage, pp, itemsize, seq_len=None):
     """{kind: bytes} of one step's point-to-point calls on `stage`: B T C e per direction and neighbour."""
-    each = batch_size * cfg.block_size * cfg.n_embd * itemsize
+    each = batch_size * (seq_len or cfg.block_size) * cfg.n_embd * itemsize
     out = {}
     if stage < pp - 1:
         out.update(isend=each, recv=each)                      # activations out, their gradients back in
