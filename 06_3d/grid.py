@@ -1,0 +1,200 @@
+"""3D parallelism: tensor, pipeline and data parallelism (optionally ZeRO-1) on one grid of tp x pp x dp ranks.
+
+The grid. World rank r sits at tp = r % tp, pp = (r // tp) % pp, dp = r // (tp pp): the tp ranks of one
+pipeline stage are neighbours, so on real machines they share a node and its fast links, which tensor
+parallelism needs (two all-reduces of activations per block and micro-batch); the pipeline sends one
+activation per micro-batch and stage boundary; data parallelism reduces gradients once per step. Each axis
+gets its own communicator (MPI Split): ranks that differ only along that axis.
+
+Composed, without copies, from the chapters before:
+    02  inside each stage, every weight matrix split over the tp ranks (tp_stage_forward/backward), with
+        optional sequence parallelism (activations between stages are then (b, T/tp, C) per rank)
+    05  stages run a 1F1B or AFAB schedule over M micro-batches; wte's gradient is summed between the
+        first and last stage (each holding the same vocabulary shard)
+    03  each (tp, pp) position's gradient summed over the dp replicas, in buckets
+    04  or, with --zero-stage 1, reduce-scattered, each dp rank updating its shard, then all-gathered
+
+The loss is the mean over dp x M micro-batches of b = B/(dp M) rows, so the last stage seeds each backward
+with 1/(dp M). The grad norm is one world all-reduce of squares, each element counted once: a replicated
+tensor on tp rank 0 only, wte on the first stage only, and without ZeRO on dp rank 0 only.
+
+Communication per step, as chapters 02, 05 and 03/04 derive it, on each axis's communicator:
+    tp  per micro-batch: (4 L_s + first + last) all-reduces of b T C e (with sp: as many all-gathers and
+        reduce-scatters), plus 3 of b T e on the last stage; with sp one all-reduce of replicated gradients
+    pp  per micro-batch and boundary b (T/tp with sp) C e each way; the loss broadcast; wte's all-reduce
+    dp  the stage's local gradient once: an all-reduce (or reduce-scatter + all-gather with ZeRO-1)
+"""
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.chapters import import_chapter
+from common.comm import Comm
+from common.config import ConfigError
+from common.model import gpt_layout
+from common.optim import AdamW, decays
+from common.params import Layout
+
+tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
+dp_lib = import_chapter("03_data_parallel.data_parallel")
+zero_lib = import_chapter("04_zero.zero")
+pipe = import_chapter("05_pipeline.pipeline")
+
+
+# ----------------------------------------------------------------------------- the grid
+
+def coords(rank, tp, pp):
+    """(tp, pp, dp) coordinates of a world rank: tp innermost."""
+    return rank % tp, (rank // tp) % pp, rank // (tp * pp)
+
+
+@dataclass(frozen=True)
+class Grid:
+    world: Comm
+    tp: Comm
+    pp: Comm
+    dp: Comm
+    ends: Comm              # first and last stage of one (dp, tp) pipeline: wte's two copies
+
+    @classmethod
+    def build(cls, world, tp, pp, dp):
+        t, p, d = coords(world.rank, tp, pp)
+        assert tp * pp * dp == world.size
+        pipeline = world.split(color=d * tp + t, key=p, name="pp")
+        return cls(world, world.split(color=d * pp + p, key=t, name="tp"), pipeline,
+                   world.split(color=p * tp + t, key=d, name="dp"),
+                   pipeline.split(color=int(p not in (0, pp - 1)), key=p, name="ends"))
+
+
+def check(gpt_cfg, cfg, par, world_size):
+    """Every axis's constraint, as one ConfigError naming the flag; --dp defaults to the ranks left over."""
+    if par.dp == 1 and world_size % (par.tp * par.pp) == 0:
+        par.dp = world_size // (par.tp * par.pp)
+    if par.tp * par.pp * par.dp != world_size:
+        raise ConfigError(f"--tp {par.tp} x --pp {par.pp} x --dp {par.dp} = {par.tp * par.pp * par.dp} ranks but mpirun "
+                          f"started {world_size}; choose sizes whose product is {world_size}")
+    tp_lib.check_layout(gpt_cfg, par.tp, par.sequence_parallel)
+    if gpt_cfg.n_layer < par.pp:
+        raise ConfigError(f"--n-layer {gpt_cfg.n_layer} is fewer than --pp {par.pp} stages, and every stage needs "
+                          f"a block; choose --pp of at most {gpt_cfg.n_layer}")
+    if cfg.batch_size % (par.dp * par.microbatches):
+        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --dp {par.dp} x --microbatches "
+                          f"{par.microbatches}; choose a multiple of {par.dp * par.microbatches}")
+    if par.zero_stage > 1:
+        raise ConfigError(f"--zero-stage {par.zero_stage} is not combined with pipeline and tensor parallelism "
+                          f"here; use --zero-stage 1 (Megatron's distributed optimizer) or 04_zero for stages 2-3")
+
+
+def local_layout(cfg, stage, pp, tp):
+    """The tensors of pipeline stage `stage`, each with its shape on one of the tp ranks."""
+    shapes = tp_lib.tp_layout(cfg, tp).shapes
+    return Layout([(name, shapes[name]) for name in pipe.stage_layout(cfg, stage, pp).shapes])
+
+
+# ----------------------------------------------------------------------------- one rank's part of the model
+
+class Part:
+    """This rank's shards of its stage, their gradients and optimizer, the pipeline engine and the gradient
+    synchronisation over dp (buckets, or ZeRO-1)."""
+
+    def __init__(self, gpt_cfg, cfg, par, grid, full):
+        self.cfg, self.par, self.grid = gpt_cfg, par, grid
+        self.stage, P, tp = grid.pp.rank, grid.pp.size, grid.tp
+        self.layout = local_layout(gpt_cfg, self.stage, P, tp.size)
+        params = tp_lib.shard(gpt_layout(gpt_cfg).views(full), self.layout, gpt_cfg, tp.size, tp.rank, full.dtype)
+        decay = self.layout.mask(decays)
+        if par.zero_stage == 1:
+            self.zero = zero_lib.Zero(1, self.layout, {}, params, grid.dp, par.bucket_mb)
+            self.params, self.grads, p, g = params, self.zero.grads, self.zero.p, self.zero.g
+            decay = decay[self.zero.lo:self.zero.hi]
+        else:
+            self.zero, self.params, self.grads = None, params, np.zeros_like(params)
+            p, g = self.layout.views(params), self.layout.views(self.grads)
+            self.sync = dp_lib.GradSync(par.dp_mode, self.layout, self.grads, grid.dp, par.bucket_mb)
+        self.opt = AdamW(decay, cfg.beta1, cfg.beta2, cfg.weight_decay, dtype=full.dtype)
+        sp = par.sequence_parallel
+        self.st = pipe.Stage(gpt_cfg, self.stage, grid.pp, p, g,
+                             forward=functools.partial(tp_lib.tp_stage_forward, tp=tp, sp=sp),
+                             backward=functools.partial(tp_lib.tp_stage_backward, tp=tp, sp=sp),
+                             seq_len=gpt_cfg.block_size // tp.size if sp else None)
+        self.counted = self._counted()
+
+    def _counted(self):
+        """[start, stop) ranges of the gradient this rank adds to the global norm (see the docstring)."""
+        grid, lo, hi = self.grid, 0, self.layout.size
+        if self.zero:
+            lo, hi = self.zero.lo, self.zero.hi
+        elif grid.dp.rank != 0:
+            return []
+        out = []
+        for name, (a, b) in self.layout.offsets.items():
+            if tp_lib.kind(name) == "replicated" and grid.tp.rank != 0:
+                continue
+            if name == "wte" and self.stage == grid.pp.size - 1 and grid.pp.size > 1:
+                continue
+            if max(a, lo) < min(b, hi):
+                out.append((max(a, lo) - lo, min(b, hi) - lo))
+        return out
+
+    def grad_norm(self, g):
+        sq = np.array([sum(float(np.dot(g[a:b], g[a:b])) for a, b in self.counted)], dtype=np.float64)
+        return float(np.sqrt(self.grid.world.allreduce(sq)[0]))
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def whole_state(self):
+        """{"params" | "adam_m" | "adam_v": {name: whole single-core tensor}} on world rank 0, None elsewhere:
+        gathered over dp (ZeRO-1's shards), then tp (02's unshard), then pp (05's stages)."""
+        grid, opt = self.grid, self.opt
+        flats = [self.params, opt.m, opt.v]
+        if self.zero:
+            flats[1:] = [self.zero.gather_flat(opt.m), self.zero.gather_flat(opt.v)]
+        if grid.dp.rank != 0:
+            return None
+        stage_layout = pipe.stage_layout(self.cfg, self.stage, grid.pp.size)
+        whole = []
+        for flat in flats:
+            tensors = tp_lib.unshard(flat, self.layout, self.cfg, grid.tp)
+            whole.append(np.empty(stage_layout.size, flat.dtype))
+            for name, view in stage_layout.views(whole[-1]).items():
+                view[...] = tensors[name]
+        return pipe.whole_state(self.cfg, whole, grid.pp, root=0) if grid.tp.rank == 0 else None
+
+    def load_state(self, state):
+        """Take this rank's shards of a consolidated state, whatever layout wrote it."""
+        grid, opt, dtype = self.grid, self.opt, self.params.dtype
+        for part, dest in (("params", self.params), ("adam_m", opt.m), ("adam_v", opt.v)):
+            flat = tp_lib.shard(state[part], self.layout, self.cfg, grid.tp.size, grid.tp.rank, dtype)
+            dest[...] = flat[self.zero.lo:self.zero.hi] if self.zero and part != "params" else flat
+
+
+# ----------------------------------------------------------------------------- the ledgers
+
+def ledger_formula(part, batch_size):
+    """{axis: {kind: bytes}} of one training step on this rank, from chapters 02, 05 and 03/04."""
+    cfg, par, grid = part.cfg, part.par, part.grid
+    e, M, sp = part.params.itemsize, par.microbatches, par.sequence_parallel
+    b, T, C = batch_size // (grid.dp.size * M), cfg.block_size, cfg.n_embd
+    first, last = part.st.first, part.st.last
+    out = {"tp": {}, "pp": {}, "dp": {}, "ends": {}}
+    if grid.tp.size > 1:
+        big = M * (4 * len(part.st.layers) + first + last) * b * T * C * e
+        out["tp"] = {"allgather": big, "reduce_scatter": big} if sp else {"allreduce": big}
+        if last:
+            out["tp"]["allreduce"] = out["tp"].get("allreduce", 0) + M * 3 * b * T * e
+        if sp:
+            replicated = sum(stop - start for name, (start, stop) in part.layout.offsets.items()
+                             if tp_lib.kind(name) == "replicated")
+            out["tp"]["allreduce"] = out["tp"].get("allreduce", 0) + replicated * e
+    if grid.pp.size > 1:
+        out["pp"] = pipe.p2p_formula(cfg, batch_size // grid.dp.size, part.stage, grid.pp.size, e, part.st.seq_len)
+        out["pp"]["bcast"] = 8
+        if first or last:
+            out["ends"] = {"allreduce": int(np.prod(part.layout.shapes["wte"])) * e}
+    if grid.dp.size > 1:
+        grad = part.layout.size * e
+        out["dp"] = ({"reduce_scatter": grad, "allgather": grad} if part.zero else
+                     {"iallreduce" if par.dp_mode == "overlapped" else "allreduce": grad})
+        out["dp"]["allreduce"] = out["dp"].get("allreduce", 0) + 8                # the loss
+    return out

@@ -1,0 +1,112 @@
+"""Train the GPT on a grid of tensor x pipeline x data parallel ranks (3D parallelism), optionally with ZeRO-1.
+
+    mpirun -n 8 python 06_3d/train.py --tp 2 --pp 2 --dp 2
+    mpirun -n 8 python 06_3d/train.py --tp 2 --pp 2 --sequence-parallel --zero-stage 1   # --dp: the ranks left
+    mpirun -n 4 python 06_3d/train.py --pp 4 --schedule afab --microbatches 8
+    mpirun --hostfile hosts -n 16 python 06_3d/train.py --tp 2 --pp 2 --dp 4             # across machines
+
+Each data-parallel replica takes its rows of the batch, in --microbatches pieces that flow through the
+pipeline stages; inside a stage, the tensor-parallel ranks split every weight matrix. See grid.py.
+The default batch is 32 rows (chapter 01: 12), so that it splits over 1, 2, 4 or 8 replicas x 4 micro-batches.
+Checkpoints hold whole tensors: they resume under any other layout, or on one core.
+"""
+from pathlib import Path
+
+import numpy as np
+
+from common.chapters import import_chapter
+from common.checkpoint import read_training_state, save_training_state
+from common.comm import checked, world
+from common.config import ParallelConfig
+from common.data import batch_offsets, eval_batches, get_batch
+from common.loop import run_training
+from common.memory import reuse_freed_memory
+from common.model import gpt_layout, init_params
+from common.optim import clip_grad_norm
+
+single = import_chapter("01_single_core.train")
+tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
+pipe = import_chapter("05_pipeline.pipeline")
+grid_lib = import_chapter("06_3d.grid")
+
+
+def setup(argv, world_size):
+    gpt_cfg, cfg, train, val, par = single.setup(argv, ParallelConfig, description=__doc__,
+                                                 defaults={"out_dir": "out/3d", "batch_size": 32})
+    grid_lib.check(gpt_cfg, cfg, par, world_size)
+    return gpt_cfg, cfg, train, val, par
+
+
+def train_step(part, x, y, cfg, par, lr):
+    """One optimizer step: this replica's rows through the pipeline, the tensor-parallel and tied-embedding
+    gradient sums, the data-parallel sum (or ZeRO-1's reduce-scatter), the global norm, AdamW."""
+    grid, st = part.grid, part.st
+    part.grads.fill(0)
+    rows = np.split(x, grid.dp.size)[grid.dp.rank], np.split(y, grid.dp.size)[grid.dp.rank]
+    M = par.microbatches
+    grid.pp.barrier()
+    loss = st.run(pipe.schedule(par.schedule, M, st.stage, grid.pp.size), np.split(rows[0], M),
+                  np.split(rows[1], M), scale=1.0 / grid.dp.size)
+    if par.sequence_parallel:
+        tp_lib.sync_replicated_grads(st.g, grid.tp)
+    pipe.sync_tied_embedding(st.g, grid.ends, st.stage, grid.pp.size)
+    if part.zero:
+        part.zero.finish()
+        part.zero.step(part.opt, lr, cfg.grad_clip, norm=part.grad_norm(part.zero.gshard))
+    else:
+        part.sync.finish()
+        clip_grad_norm(part.grads, cfg.grad_clip, norm=part.grad_norm(part.grads))
+        part.opt.step(part.params, part.grads, lr)
+    loss = grid.dp.allreduce(np.array([(loss or 0.0) / grid.dp.size]))
+    return float(grid.pp.bcast(loss, root=grid.pp.size - 1)[0])
+
+
+def evaluate(part, batches, par):
+    st, grid = part.st, part.grid
+    losses = [st.run(pipe.schedule("forward", par.microbatches, st.stage, grid.pp.size),
+                     np.split(x, par.microbatches), np.split(y, par.microbatches)) for x, y in batches]
+    return float(grid.pp.bcast(np.array([np.mean(losses) if st.last else 0.0]), root=grid.pp.size - 1)[0])
+
+
+def rank_map(par):
+    return "\n".join(f"  world rank {r}: tp {t}, pp {p}, dp {d}"
+                     for r in range(par.tp * par.pp * par.dp) for t, p, d in [grid_lib.coords(r, par.tp, par.pp)])
+
+
+def main(argv=None):
+    comm = world()
+    gpt_cfg, cfg, train, val, par = checked(comm, setup, argv, comm.size)
+    reuse_freed_memory()
+    grid = grid_lib.Grid.build(comm, par.tp, par.pp, par.dp)
+    part = grid_lib.Part(gpt_cfg, cfg, par, grid, init_params(gpt_cfg, cfg.seed, np.dtype(cfg.dtype)))
+    ckpt = Path(cfg.out_dir) / "ckpt.npz"
+    start = 0
+    if cfg.resume:
+        state, part.opt.t, start = checked(comm, read_training_state, ckpt, gpt_layout(gpt_cfg).shapes, cfg.max_iters)
+        part.load_state(state)
+        del state
+    if comm.rank == 0:
+        print(f"{gpt_layout(gpt_cfg).size:,} parameters on a grid of tp {par.tp} x pp {par.pp} x dp {par.dp}"
+              f"{' (sequence parallel)' if par.sequence_parallel else ''}{', ZeRO-1' if par.zero_stage else ''}, "
+              f"{cfg.dtype}, batch {cfg.batch_size} x {gpt_cfg.block_size} tokens, {par.microbatches} micro-batches "
+              f"per replica, {par.schedule}" + (f", resuming at step {start}" if start else "") + "\n" + rank_map(par))
+    val_batches = eval_batches(val, cfg, gpt_cfg.block_size)
+
+    def step_fn(step, lr):
+        offsets = batch_offsets(len(train), gpt_cfg.block_size, cfg.batch_size, cfg.seed, step)
+        x, y = get_batch(train, offsets, gpt_cfg.block_size)
+        return train_step(part, x, y, cfg, par, lr)
+
+    def save(step):
+        state = part.whole_state()                                  # a collective on every rank
+        if comm.rank == 0:
+            save_training_state(ckpt, state, part.opt.t, step, gpt_cfg, cfg)
+
+    run_training(cfg, start, cfg.batch_size * gpt_cfg.block_size, step_fn,
+                 evaluate=lambda: evaluate(part, val_batches, par), save=save,
+                 metrics_path=Path(cfg.out_dir) / "metrics.jsonl" if comm.rank == 0 else None,
+                 verbose=comm.rank == 0)
+
+
+if __name__ == "__main__":
+    main()

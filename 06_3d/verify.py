@@ -1,0 +1,94 @@
+"""Prove that every 3D layout of the job's ranks, with and without sequence parallelism and ZeRO-1, computes
+what single core computes.
+
+    mpirun -n 8 python 06_3d/verify.py            # every (tp, pp, dp) of 8 ranks; also -n 4, -n 2, -n 1
+    mpirun -n 8 python 06_3d/verify.py --tp 2 --pp 2 --dp 2
+
+For each layout (tp x pp x dp = the number of ranks, tp dividing the 4 heads, pp at most the 4 layers), and
+each of plain, --sequence-parallel (tp > 1), --zero-stage 1 (dp > 1) and both, the real train_step of
+06_3d/train.py and the single-core train_step of chapter 01 take the same AdamW steps on the same batches
+from the same weights, in float64. Rows: the losses on every rank; all parameters and Adam's m and v after
+the steps, consolidated from the grid; and every rank's bytes per axis (tp, pp, ends, dp) in one step against
+grid.ledger_formula.
+"""
+import itertools
+
+import numpy as np
+
+from common.checks import Report
+from common.chapters import import_chapter
+from common.comm import checked, world
+from common.config import GPTConfig, Parser, ParallelConfig, TrainConfig
+
+single = import_chapter("01_single_core.train")
+train3d = import_chapter("06_3d.train")
+grid_lib = import_chapter("06_3d.grid")
+TOL = 1e-10
+GPT = GPTConfig(n_layer=4, n_head=4, n_embd=16, block_size=8, vocab_size=11)
+
+
+def setup(argv, world_size):
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    for axis in ("tp", "pp", "dp"):
+        parser.add_argument(f"--{axis}", type=int, help="only layouts with this size (default: all)")
+    args = parser.parse_args(argv)
+    layouts = [(t, p, world_size // (t * p)) for t, p in itertools.product(range(1, world_size + 1), repeat=2)
+               if world_size % (t * p) == 0 and GPT.n_head % t == 0 and p <= GPT.n_layer]
+    args.layouts = [lay for lay in layouts if all(want in (None, got) for want, got
+                                                  in zip((args.tp, args.pp, args.dp), lay))]
+    if not args.layouts:
+        raise ValueError("no layout of the ranks matches --tp/--pp/--dp")
+    return args
+
+
+def variants(tp, dp):
+    """(sequence_parallel, zero_stage) pairs that differ on this layout."""
+    return [(sp, z) for sp in ((False, True) if tp > 1 else (False,)) for z in ((0, 1) if dp > 1 else (0,))]
+
+
+def main(argv=None):
+    comm = world()
+    args = checked(comm, setup, argv, comm.size)
+    cfg = TrainConfig(batch_size=2 * comm.size, dtype="float64", learning_rate=1e-2, seed=0)   # dp x 2 micro-batches
+    rng = np.random.default_rng(0)
+    batches = [tuple(rng.integers(0, GPT.vocab_size, (2, cfg.batch_size, GPT.block_size))) for _ in range(args.steps)]
+    jitter = rng.normal(0.0, 0.1, single.build(GPT, cfg)[1].shape)       # biases off 0, gains off 1
+    layout, ref_params, ref_grads, ref_opt = single.build(GPT, cfg)
+    ref_params += jitter
+    ref_losses = [single.train_step(layout.views(ref_params), layout.views(ref_grads), ref_params, ref_grads,
+                                    ref_opt, x, y, GPT, cfg, cfg.learning_rate) for x, y in batches]
+    ref = np.concatenate([ref_params, ref_opt.m, ref_opt.v])
+
+    report, show = Report(TOL), comm.rank == 0
+    for n, (tp, pp, dp) in enumerate(args.layouts):
+        for sp, zero in variants(tp, dp):
+            schedule = ("1f1b", "afab")[n % 2]
+            label = f"({tp},{pp},{dp}){' sp' if sp else ''}{' z1' if zero else ''} {schedule}:"
+            par = ParallelConfig(tp=tp, pp=pp, dp=dp, sequence_parallel=sp, zero_stage=zero, microbatches=2,
+                                 schedule=schedule, bucket_mb=0.005)
+            grid = grid_lib.Grid.build(comm, tp, pp, dp)
+            part = grid_lib.Part(GPT, cfg, par, grid, single.build(GPT, cfg)[1] + jitter)
+            losses, ledger_ok = [], True
+            for step, (x, y) in enumerate(batches):
+                for c in (grid.tp, grid.pp, grid.dp, grid.ends):
+                    c.ledger.reset()
+                losses.append(train3d.train_step(part, x, y, cfg, par, cfg.learning_rate))
+                if step == 0:
+                    got = {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()}
+                           for axis, c in (("tp", grid.tp), ("pp", grid.pp), ("dp", grid.dp), ("ends", grid.ends))}
+                    ledger_ok = got == grid_lib.ledger_formula(part, cfg.batch_size)
+            state = part.whole_state()
+            flat = np.concatenate([state[k][name].ravel() for k in ("params", "adam_m", "adam_v")
+                                   for name in layout.shapes]) if comm.rank == 0 else np.empty(ref.size)
+            comm.bcast(flat)
+            every = comm.allgather(np.array([losses[-1], float(ledger_ok)]), np.empty(2 * comm.size)).reshape(-1, 2)
+            report.compare(f"{label} losses", losses, ref_losses, show)
+            report.compare(f"{label} last loss, every rank", every[:, 0], np.full(comm.size, ref_losses[-1]), show)
+            report.compare(f"{label} params, m, v", flat, ref, show)
+            report.compare(f"{label} ledger, every rank", every[:, 1], np.ones(comm.size), show)
+    return report.finish(f"{comm.size} ranks: ", show)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

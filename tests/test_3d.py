@@ -1,0 +1,97 @@
+"""Chapter 06: every tp x pp x dp layout (+ SP, ZeRO-1) equals single core, and checkpoints move between layouts."""
+import json
+
+import numpy as np
+import pytest
+
+from common.chapters import import_chapter
+from conftest import assert_one_error, run, run_mpi
+
+VERIFY = "06_3d/verify.py"
+TRAIN = "06_3d/train.py"
+TINY = ["--n-layer", 4, "--n-head", 4, "--n-embd", 16, "--block-size", 8, "--batch-size", 8, "--eval-iters", 2,
+        "--dtype", "float64", "--eval-interval", 5, "--microbatches", 2]
+grid_lib = import_chapter("06_3d.grid")
+
+
+def test_tp_is_innermost_in_the_rank_map():
+    assert [grid_lib.coords(r, 2, 2) for r in range(8)] == [
+        (0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 1), (1, 1, 1)]
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_verify_passes_for_every_layout_of_n_ranks(n):
+    result = run_mpi(n, [VERIFY], timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith(f"{n} ranks: PASS:")
+    if n == 8:
+        labels = {line.split(":")[0].split()[0] for line in result.stdout.splitlines() if line.startswith("(")}
+        assert {"(2,2,2)", "(1,2,4)", "(2,1,4)", "(4,2,1)", "(2,4,1)"} <= labels
+
+
+def sabotaged(tmp_path, patch, args):
+    path = tmp_path / "sabotaged.py"
+    path.write_text("from common.chapters import import_chapter\n"
+                    "grid_lib = import_chapter('06_3d.grid')\n"
+                    f"{patch}\n"
+                    f"raise SystemExit(import_chapter('06_3d.verify').main({[str(a) for a in args]!r}))\n")
+    return path
+
+
+@pytest.mark.parametrize("patch, args", [
+    ("grid_lib.dp_lib.GradSync.finish = lambda self: None          # replicas never sum", ["--dp", 2]),
+    ("grid_lib.pipe.sync_tied_embedding = lambda *a: None          # wte's halves never sum", ["--pp", 2]),
+    ("grid_lib.tp_lib.sync_replicated_grads = lambda g, tp: None   # SP's partial sums kept", ["--tp", 2]),
+])
+def test_verify_fails_when_one_axis_forgets_its_sum(tmp_path, patch, args):
+    result = run_mpi(4, [sabotaged(tmp_path, patch, args)], timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAIL:" in result.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("n, flags, words", [
+    (4, ["--tp", 2, "--pp", 2, "--dp", 2], ["--tp 2 x --pp 2 x --dp 2 = 8", "started 4"]),
+    (3, ["--tp", 3], ["--tp 3", "n_head=4"]),
+    (4, ["--pp", 4, "--n-layer", 2], ["--n-layer 2", "--pp 4"]),
+    (4, ["--dp", 4, "--batch-size", 4], ["--batch-size 4", "--dp 4", "multiple of 8"]),
+    (2, ["--dp", 2, "--zero-stage", 2], ["--zero-stage 2", "04_zero"]),
+])
+def test_bad_input_exits_2_on_every_rank_with_one_message(tiny_data, tmp_path, n, flags, words):
+    result = run_mpi(n, [TRAIN, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, *flags], timeout=60)
+    assert_one_error(result, words)
+
+
+def read(out):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r], np.load(out / "ckpt.npz")
+
+
+def assert_same_run(got_dir, want_dir, steps):
+    want_losses, want = read(want_dir)
+    got_losses, got = read(got_dir)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-10, atol=0)
+    assert len(got_losses) == steps
+    for key in want.files:
+        if key != "meta":
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-10 * np.abs(want[key]).max(),
+                                       err_msg=key)
+
+
+def test_a_checkpoint_moves_from_2x2x2_with_sp_and_zero1_to_4x1x1_and_to_one_core_exactly(tiny_data, tmp_path):
+    common = ["--data-dir", tiny_data, *TINY]
+    straight, grid, single = tmp_path / "straight", tmp_path / "grid", tmp_path / "single"
+    assert run(["01_single_core/train.py", *common[:-2], "--max-iters", 10, "--out-dir", straight]).returncode == 0
+    first = run_mpi(8, [TRAIN, *common, "--tp", 2, "--pp", 2, "--dp", 2, "--sequence-parallel", "--zero-stage", 1,
+                        "--max-iters", 5, "--out-dir", grid], timeout=180)
+    assert first.returncode == 0, first.stderr
+    assert "world rank 5: tp 1, pp 0, dp 1" in first.stdout
+    single.mkdir()
+    (single / "ckpt.npz").write_bytes((grid / "ckpt.npz").read_bytes())
+    (single / "metrics.jsonl").write_bytes((grid / "metrics.jsonl").read_bytes())
+    result = run_mpi(4, [TRAIN, *common, "--tp", 4, "--schedule", "afab", "--max-iters", 10, "--out-dir", grid,
+                         "--resume"], timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert_same_run(grid, straight, 10)
+    result = run(["01_single_core/train.py", *common[:-2], "--max-iters", 10, "--out-dir", single, "--resume"])
+    assert result.returncode == 0, result.stderr
+    assert_same_run(single, straight, 10)
