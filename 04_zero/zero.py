@@ -255,6 +255,7 @@ class Zero:
         """Bytes this rank holds, measured from the arrays: the persistent state, and the transient peaks."""
         return {"parameters": owned_bytes(self.pshard), "gradients": owned_bytes(self.gshard),
                 "optimizer": owned_bytes(opt.m) + owned_bytes(opt.v),
+                "optimizer scratch": owned_bytes(opt.tmp),          # AdamW's work array: not in the paper's count
                 "gathered parameters (peak)": self.transient.peak["parameters"],
                 "gradient buckets (peak)": self.transient.peak["gradients"]}
 

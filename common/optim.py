@@ -34,7 +34,8 @@ class AdamW:
     given to `step`, so ZeRO can hand each rank one slice of the whole."""
 
     def __init__(self, decay_mask, beta1, beta2, weight_decay, eps=1e-8, dtype=np.float32):
-        self.decay = decay_mask.astype(dtype)       # 1.0 where weight decay applies
+        edges = np.flatnonzero(np.diff(np.r_[0, np.asarray(decay_mask, dtype=np.int8), 0]))
+        self.decayed = list(zip(edges[::2], edges[1::2]))    # [start, stop) runs where weight decay applies
         self.m = np.zeros(decay_mask.shape, dtype)
         self.v = np.zeros(decay_mask.shape, dtype)
         self.tmp = np.zeros(decay_mask.shape, dtype)
@@ -51,9 +52,8 @@ class AdamW:
         np.multiply(g, g, out=tmp)
         tmp *= 1.0 - b2
         self.v += tmp                                       # v = b2 v + (1 - b2) g^2
-        np.multiply(p, self.decay, out=tmp)
-        tmp *= lr * self.weight_decay
-        p -= tmp                                            # decoupled decay: p -= lr wd p
+        for a, b in self.decayed:
+            p[a:b] *= 1.0 - lr * self.weight_decay          # decoupled decay, as PyTorch: p *= 1 - lr wd
         bias1 = 1.0 - b1 ** self.t
         bias2 = 1.0 - b2 ** self.t
         np.sqrt(self.v, out=tmp)
