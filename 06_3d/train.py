@@ -8,8 +8,12 @@
 Each data-parallel replica takes its rows of the batch, in --microbatches pieces that flow through the
 pipeline stages; inside a stage, the tensor-parallel ranks split every weight matrix. See grid.py.
 The default batch is 32 rows (chapter 01: 12), so that it splits over 1, 2, 4 or 8 replicas x 4 micro-batches.
-Checkpoints hold whole tensors: they resume under any other layout, or on one core.
+Checkpoints hold whole tensors: they resume under any other layout, or on one core. After the first step,
+rank 0 writes <out_dir>/ledger.json: every rank's grid coordinates, model-state bytes, peak resident memory
+and bytes per axis (measured and formula).
 """
+import json
+import resource
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +32,7 @@ single = import_chapter("01_single_core.train")
 tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
 pipe = import_chapter("05_pipeline.pipeline")
 grid_lib = import_chapter("06_3d.grid")
+zero_lib = import_chapter("04_zero.zero")
 
 
 def setup(argv, world_size):
@@ -68,6 +73,20 @@ def evaluate(part, batches, par):
     return float(grid.pp.bcast(np.array([np.mean(losses) if st.last else 0.0]), root=grid.pp.size - 1)[0])
 
 
+def ledger(part, batch_size):
+    """Every rank's coordinates, model-state bytes, peak resident memory and the bytes its first step passed
+    to each axis's communicator beside grid.ledger_formula: on rank 0 (None elsewhere)."""
+    grid, opt = part.grid, part.opt
+    comms = {"tp": grid.tp, "pp": grid.pp, "dp": grid.dp, "ends": grid.ends}
+    mine = {"rank": grid.world.rank, "tp": grid.tp.rank, "pp": grid.pp.rank, "dp": grid.dp.rank,
+            "parameters": zero_lib.owned_bytes(part.params), "gradients": zero_lib.owned_bytes(part.grads),
+            "optimizer": zero_lib.owned_bytes(opt.m) + zero_lib.owned_bytes(opt.v),
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "comm": {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()} for axis, c in comms.items()},
+            "comm_formula": grid_lib.ledger_formula(part, batch_size)}
+    return grid.world.gather_object(mine)
+
+
 def rank_map(par):
     return "\n".join(f"  world rank {r}: tp {t}, pp {p}, dp {d}"
                      for r in range(par.tp * par.pp * par.dp) for t, p, d in [grid_lib.coords(r, par.tp, par.pp)])
@@ -95,7 +114,15 @@ def main(argv=None):
     def step_fn(step, lr):
         offsets = batch_offsets(len(train), gpt_cfg.block_size, cfg.batch_size, cfg.seed, step)
         x, y = get_batch(train, offsets, gpt_cfg.block_size)
-        return train_step(part, x, y, cfg, par, lr)
+        for c in (part.grid.tp, part.grid.pp, part.grid.dp, part.grid.ends):
+            c.ledger.reset()
+        loss = train_step(part, x, y, cfg, par, lr)
+        if step == start:                                           # the first step's figures, once
+            ranks = ledger(part, cfg.batch_size)
+            if comm.rank == 0:
+                (Path(cfg.out_dir) / "ledger.json").write_text(json.dumps({"layout": [par.tp, par.pp, par.dp],
+                                                                           "ranks": ranks}, indent=1))
+        return loss
 
     def save(step):
         state = part.whole_state()                                  # a collective on every rank

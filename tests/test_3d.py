@@ -85,6 +85,9 @@ def test_a_checkpoint_moves_from_2x2x2_with_sp_and_zero1_to_4x1x1_and_to_one_cor
                         "--max-iters", 5, "--out-dir", grid], timeout=180)
     assert first.returncode == 0, first.stderr
     assert "world rank 5: tp 1, pp 0, dp 1" in first.stdout
+    ranks = json.loads((grid / "ledger.json").read_text())["ranks"]
+    assert [(r["tp"], r["pp"], r["dp"]) for r in ranks] == [grid_lib.coords(r, 2, 2) for r in range(8)]
+    assert all(r["comm"] == r["comm_formula"] for r in ranks), ranks
     single.mkdir()
     (single / "ckpt.npz").write_bytes((grid / "ckpt.npz").read_bytes())
     (single / "metrics.jsonl").write_bytes((grid / "metrics.jsonl").read_bytes())
