@@ -4,6 +4,7 @@
 """
 import numpy as np
 
+from common.chapters import import_chapter
 from common.checks import Report
 from common.config import ConfigError, GPTConfig, Parser, exit_with
 from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
@@ -39,6 +40,22 @@ def gradcheck(cfg, seed=0, eps=1e-6, tol=1e-6, verbose=True):
     for name in layout.shapes:
         report.compare(name, g[name], n[name], verbose)
     return report
+
+
+def reference(gpt_cfg, cfg, steps, seed=0):
+    """What the parallel chapters' verify.py compare against: `steps` random batches, starting weights moved off
+    the init (biases off 0, gains off 1), and the single-core run on them with train.py's train_step.
+    Returns (batches, start, losses, params, opt): `start` a copy of the weights before the first step."""
+    train = import_chapter("01_single_core.train")
+    rng = np.random.default_rng(seed)
+    batches = [tuple(rng.integers(0, gpt_cfg.vocab_size, (2, cfg.batch_size, gpt_cfg.block_size)))
+               for _ in range(steps)]
+    layout, params, grads, opt = train.build(gpt_cfg, cfg)
+    params += rng.normal(0.0, 0.1, params.shape)
+    start = params.copy()
+    losses = [train.train_step(layout.views(params), layout.views(grads), params, grads, opt, x, y, gpt_cfg, cfg,
+                               cfg.learning_rate) for x, y in batches]
+    return batches, start, losses, params, opt
 
 
 def main(argv=None):

@@ -7,14 +7,13 @@ For each --dp-mode (naive, bucketed, overlapped) and --grad-accum (1, 2, 4), the
 global batches from the same weights. Rows: the losses, all parameters after the steps, the replicas'
 agreement, and the all-reduce ledger of one step against the formula.
 """
-import numpy as np
-
 from common.checks import Report
 from common.chapters import import_chapter
 from common.comm import checked, world
 from common.config import GPTConfig, Parser, ParallelConfig, TrainConfig
 
 single = import_chapter("01_single_core.train")
+reference = import_chapter("01_single_core.verify").reference
 dp_train = import_chapter("03_data_parallel.train")
 dp_lib = import_chapter("03_data_parallel.data_parallel")
 TOL = 1e-10
@@ -41,19 +40,12 @@ def main(argv=None):
     args = checked(dp, setup, argv)
     gpt_cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
     cfg = TrainConfig(batch_size=16, dtype="float64", learning_rate=1e-2, seed=0)
-    rng = np.random.default_rng(0)
-    batches = [tuple(rng.integers(0, gpt_cfg.vocab_size, (2, cfg.batch_size, gpt_cfg.block_size)))
-               for _ in range(args.steps)]
-    jitter = rng.normal(0.0, 0.1, single.build(gpt_cfg, cfg)[1].shape)   # biases off 0, gains off 1
+    batches, start, ref_losses, ref_params, _ = reference(gpt_cfg, cfg, args.steps)
 
     def fresh():
         layout, params, grads, opt = single.build(gpt_cfg, cfg)
-        params += jitter
+        params[...] = start
         return layout, params, grads, opt
-
-    layout, ref_params, ref_grads, ref_opt = fresh()
-    ref_losses = [single.train_step(layout.views(ref_params), layout.views(ref_grads), ref_params, ref_grads,
-                                    ref_opt, x, y, gpt_cfg, cfg, cfg.learning_rate) for x, y in batches]
 
     report, show = Report(TOL), dp.rank == 0
     for mode in MODES:

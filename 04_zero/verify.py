@@ -16,7 +16,7 @@ from common.chapters import import_chapter
 from common.comm import checked, world
 from common.config import GPTConfig, Parser, ParallelConfig, TrainConfig
 
-single = import_chapter("01_single_core.train")
+reference = import_chapter("01_single_core.verify").reference
 zero_train = import_chapter("04_zero.train")
 zero_lib = import_chapter("04_zero.zero")
 TOL = 1e-10
@@ -39,15 +39,8 @@ def main(argv=None):
     args = checked(dp, setup, argv)
     gpt_cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
     cfg = TrainConfig(batch_size=4 * dp.size, dtype="float64", learning_rate=1e-2, seed=0)   # 2 rows per micro-batch
-    rng = np.random.default_rng(0)
-    batches = [tuple(rng.integers(0, gpt_cfg.vocab_size, (2, cfg.batch_size, gpt_cfg.block_size)))
-               for _ in range(args.steps)]
-    jitter = rng.normal(0.0, 0.1, single.build(gpt_cfg, cfg)[1].shape)   # biases off 0, gains off 1
-
-    layout, ref_params, ref_grads, ref_opt = single.build(gpt_cfg, cfg)
-    ref_params += jitter
-    ref_losses = [single.train_step(layout.views(ref_params), layout.views(ref_grads), ref_params, ref_grads,
-                                    ref_opt, x, y, gpt_cfg, cfg, cfg.learning_rate) for x, y in batches]
+    batches, start, ref_losses, ref_params, ref_opt = reference(gpt_cfg, cfg, args.steps)
+    layout = zero_train.gpt_layout(gpt_cfg)
     itemsize = ref_params.itemsize
     largest_part = max(sum(np.prod(layout.shapes[n]) for n in names)
                        for names in zero_train.modules(gpt_cfg).values()) * itemsize
@@ -57,7 +50,7 @@ def main(argv=None):
         for accum in ACCUMS:
             label = f"stage {stage} x{accum}:"
             par = ParallelConfig(dp=dp.size, grad_accum=accum, zero_stage=stage, bucket_mb=0.005)
-            layout, zero, opt = zero_train.build(gpt_cfg, cfg, par, dp, params=single.build(gpt_cfg, cfg)[1] + jitter)
+            layout, zero, opt = zero_train.build(gpt_cfg, cfg, par, dp, params=start.copy())
             losses, left = [], 0
             for step, (x, y) in enumerate(batches):
                 dp.ledger.reset()

@@ -17,7 +17,7 @@ from common.chapters import import_chapter
 from common.comm import checked, world
 from common.config import GPTConfig, Parser, ParallelConfig, TrainConfig
 
-single = import_chapter("01_single_core.train")
+reference = import_chapter("01_single_core.verify").reference
 pipe_train = import_chapter("05_pipeline.train")
 pipe = import_chapter("05_pipeline.pipeline")
 TOL = 1e-10
@@ -41,15 +41,8 @@ def main(argv=None):
     args = checked(pp, setup, argv)
     gpt_cfg = GPTConfig(n_layer=4, n_head=2, n_embd=16, block_size=8, vocab_size=11)
     cfg = TrainConfig(batch_size=8, dtype="float64", learning_rate=1e-2, seed=0)
-    rng = np.random.default_rng(0)
-    batches = [tuple(rng.integers(0, gpt_cfg.vocab_size, (2, cfg.batch_size, gpt_cfg.block_size)))
-               for _ in range(args.steps)]
-    jitter = rng.normal(0.0, 0.1, single.build(gpt_cfg, cfg)[1].shape)   # biases off 0, gains off 1
-
-    layout, ref_params, ref_grads, ref_opt = single.build(gpt_cfg, cfg)
-    ref_params += jitter
-    ref_losses = [single.train_step(layout.views(ref_params), layout.views(ref_grads), ref_params, ref_grads,
-                                    ref_opt, x, y, gpt_cfg, cfg, cfg.learning_rate) for x, y in batches]
+    batches, start, ref_losses, ref_params, ref_opt = reference(gpt_cfg, cfg, args.steps)
+    layout = pipe_train.gpt_layout(gpt_cfg)
     ref_state = {"params": ref_params, "adam_m": ref_opt.m, "adam_v": ref_opt.v}
 
     stage, P = pp.rank, pp.size
@@ -60,7 +53,7 @@ def main(argv=None):
             label = f"{kind} M={M}:"
             par = ParallelConfig(pp=P, microbatches=M, schedule=kind)
             slayout, params, grads, opt = pipe_train.build(gpt_cfg, cfg, stage, P,
-                                                           full=single.build(gpt_cfg, cfg)[1] + jitter)
+                                                           full=start)
             st = pipe.Stage(gpt_cfg, stage, pp, slayout.views(params), slayout.views(grads))
             losses, peaks = [], []
             for step, (x, y) in enumerate(batches):

@@ -20,7 +20,7 @@ from common.chapters import import_chapter
 from common.comm import checked, world
 from common.config import GPTConfig, Parser, ParallelConfig, TrainConfig
 
-single = import_chapter("01_single_core.train")
+reference = import_chapter("01_single_core.verify").reference
 train3d = import_chapter("06_3d.train")
 grid_lib = import_chapter("06_3d.grid")
 TOL = 1e-10
@@ -51,13 +51,8 @@ def main(argv=None):
     comm = world()
     args = checked(comm, setup, argv, comm.size)
     cfg = TrainConfig(batch_size=2 * comm.size, dtype="float64", learning_rate=1e-2, seed=0)   # dp x 2 micro-batches
-    rng = np.random.default_rng(0)
-    batches = [tuple(rng.integers(0, GPT.vocab_size, (2, cfg.batch_size, GPT.block_size))) for _ in range(args.steps)]
-    jitter = rng.normal(0.0, 0.1, single.build(GPT, cfg)[1].shape)       # biases off 0, gains off 1
-    layout, ref_params, ref_grads, ref_opt = single.build(GPT, cfg)
-    ref_params += jitter
-    ref_losses = [single.train_step(layout.views(ref_params), layout.views(ref_grads), ref_params, ref_grads,
-                                    ref_opt, x, y, GPT, cfg, cfg.learning_rate) for x, y in batches]
+    batches, start, ref_losses, ref_params, ref_opt = reference(GPT, cfg, args.steps)
+    layout = train3d.gpt_layout(GPT)
     ref = np.concatenate([ref_params, ref_opt.m, ref_opt.v])
 
     report, show = Report(TOL), comm.rank == 0
@@ -68,7 +63,7 @@ def main(argv=None):
             par = ParallelConfig(tp=tp, pp=pp, dp=dp, sequence_parallel=sp, zero_stage=zero, microbatches=2,
                                  schedule=schedule, bucket_mb=0.005)
             grid = grid_lib.Grid.build(comm, tp, pp, dp)
-            part = grid_lib.Part(GPT, cfg, par, grid, single.build(GPT, cfg)[1] + jitter)
+            part = grid_lib.Part(GPT, cfg, par, grid, start)
             losses, ledger_ok = [], True
             for step, (x, y) in enumerate(batches):
                 for c in (grid.tp, grid.pp, grid.dp, grid.ends):

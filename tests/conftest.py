@@ -1,10 +1,12 @@
 """Shared test helpers: run repository scripts as subprocesses (plain or under mpiexec) and a tiny dataset."""
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +43,38 @@ def assert_one_error(result, words):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert all(w in lines[0] for w in words), lines[0]
+
+
+def sabotaged(tmp_path, patch, script, args=()):
+    """A script that runs `patch` (Python lines, with import_chapter in scope), then `script`'s main(args): how
+    a test shows that a check fails once the code it guards is broken."""
+    path = tmp_path / "sabotaged.py"
+    path.write_text("from common.chapters import import_chapter\n"
+                    f"{patch}\n"
+                    f"raise SystemExit(import_chapter({script!r}).main({[str(a) for a in args]!r}))\n")
+    return path
+
+
+def verdict(result):
+    return result.stdout.strip().splitlines()[-1]
+
+
+def read_run(out):
+    """The train losses of a run's metrics.jsonl and its checkpoint's arrays."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r], np.load(out / "ckpt.npz")
+
+
+def assert_same_run(got_dir, want_dir, steps):
+    """Two runs logged the same `steps` losses and saved the same tensors, to 1e-10 (float64 runs)."""
+    want_losses, want = read_run(want_dir)
+    got_losses, got = read_run(got_dir)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-10, atol=0)
+    assert len(got_losses) == steps
+    for key in want.files:
+        if key != "meta":
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-10 * np.abs(want[key]).max(),
+                                       err_msg=key)
 
 
 @pytest.fixture(scope="session")

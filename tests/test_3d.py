@@ -1,11 +1,10 @@
 """Chapter 06: every tp x pp x dp layout (+ SP, ZeRO-1) equals single core, and checkpoints move between layouts."""
 import json
 
-import numpy as np
 import pytest
 
 from common.chapters import import_chapter
-from conftest import assert_one_error, run, run_mpi
+from conftest import assert_one_error, assert_same_run, run, run_mpi, sabotaged, verdict
 
 VERIFY = "06_3d/verify.py"
 TRAIN = "06_3d/train.py"
@@ -29,24 +28,16 @@ def test_verify_passes_for_every_layout_of_n_ranks(n):
         assert {"(2,2,2)", "(1,2,4)", "(2,1,4)", "(4,2,1)", "(2,4,1)"} <= labels
 
 
-def sabotaged(tmp_path, patch, args):
-    path = tmp_path / "sabotaged.py"
-    path.write_text("from common.chapters import import_chapter\n"
-                    "grid_lib = import_chapter('06_3d.grid')\n"
-                    f"{patch}\n"
-                    f"raise SystemExit(import_chapter('06_3d.verify').main({[str(a) for a in args]!r}))\n")
-    return path
-
-
 @pytest.mark.parametrize("patch, args", [
     ("grid_lib.dp_lib.GradSync.finish = lambda self: None          # replicas never sum", ["--dp", 2]),
     ("grid_lib.pipe.sync_tied_embedding = lambda *a: None          # wte's halves never sum", ["--pp", 2]),
     ("grid_lib.tp_lib.sync_replicated_grads = lambda g, tp: None   # SP's partial sums kept", ["--tp", 2]),
 ])
 def test_verify_fails_when_one_axis_forgets_its_sum(tmp_path, patch, args):
-    result = run_mpi(4, [sabotaged(tmp_path, patch, args)], timeout=300)
+    patch = "grid_lib = import_chapter('06_3d.grid')\n" + patch
+    result = run_mpi(4, [sabotaged(tmp_path, patch, "06_3d.verify", args)], timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "FAIL:" in result.stdout.strip().splitlines()[-1]
+    assert "FAIL:" in verdict(result)
 
 
 @pytest.mark.parametrize("n, flags, words", [
@@ -59,22 +50,6 @@ def test_verify_fails_when_one_axis_forgets_its_sum(tmp_path, patch, args):
 def test_bad_input_exits_2_on_every_rank_with_one_message(tiny_data, tmp_path, n, flags, words):
     result = run_mpi(n, [TRAIN, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, *flags], timeout=60)
     assert_one_error(result, words)
-
-
-def read(out):
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r], np.load(out / "ckpt.npz")
-
-
-def assert_same_run(got_dir, want_dir, steps):
-    want_losses, want = read(want_dir)
-    got_losses, got = read(got_dir)
-    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-10, atol=0)
-    assert len(got_losses) == steps
-    for key in want.files:
-        if key != "meta":
-            np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-10 * np.abs(want[key]).max(),
-                                       err_msg=key)
 
 
 def test_a_checkpoint_moves_from_2x2x2_with_sp_and_zero1_to_4x1x1_and_to_one_core_exactly(tiny_data, tmp_path):

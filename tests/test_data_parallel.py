@@ -1,10 +1,7 @@
 """Chapter 03: data parallelism in every mode, with gradient accumulation, equals single core; drift is caught."""
-import json
-
-import numpy as np
 import pytest
 
-from conftest import assert_one_error, run, run_mpi
+from conftest import assert_one_error, assert_same_run, run, run_mpi, sabotaged, verdict
 
 VERIFY = "03_data_parallel/verify.py"
 TRAIN = "03_data_parallel/train.py"
@@ -19,26 +16,20 @@ def test_verify_passes_for_every_mode_and_accumulation_at_dp(dp):
     assert result.stdout.strip().splitlines()[-1].startswith(f"dp={dp}: PASS:")
 
 
-def sabotaged(tmp_path, script, patch, args):
-    path = tmp_path / "sabotaged.py"
-    path.write_text("from common.chapters import import_chapter\n"
-                    "dp_lib = import_chapter('03_data_parallel.data_parallel')\n"
-                    f"{patch}\n"
-                    f"raise SystemExit(import_chapter('{script}').main({[str(a) for a in args]!r}))\n")
-    return path
+DP_LIB = "dp_lib = import_chapter('03_data_parallel.data_parallel')\n"
 
 
 def test_verify_fails_when_one_bucket_is_not_all_reduced(tmp_path):
-    patch = "dp_lib.buckets = (lambda f: lambda *a: f(*a)[1:])(dp_lib.buckets)   # forget the last layers' bucket"
-    result = run_mpi(2, [sabotaged(tmp_path, "03_data_parallel.verify", patch, [])], timeout=180)
+    patch = DP_LIB + "dp_lib.buckets = (lambda f: lambda *a: f(*a)[1:])(dp_lib.buckets)   # the last layers'"
+    result = run_mpi(2, [sabotaged(tmp_path, patch, "03_data_parallel.verify")], timeout=180)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "FAIL:" in result.stdout.strip().splitlines()[-1]
+    assert "FAIL:" in verdict(result)
 
 
 def test_the_replica_check_stops_training_whose_gradients_are_not_synchronised(tiny_data, tmp_path):
-    patch = "dp_lib.GradSync.finish = lambda self: None                            # no all-reduce at all"
+    patch = DP_LIB + "dp_lib.GradSync.finish = lambda self: None                  # no all-reduce at all"
     args = ["--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, "--max-iters", 3]
-    result = run_mpi(2, [sabotaged(tmp_path, "03_data_parallel.train", patch, args)], timeout=60)
+    result = run_mpi(2, [sabotaged(tmp_path, patch, "03_data_parallel.train", args)], timeout=60)
     assert result.returncode != 0
     assert "replicas differ after step 0" in result.stdout + result.stderr
 
@@ -53,15 +44,10 @@ def test_bad_input_exits_2_on_every_rank_with_one_message(tiny_data, tmp_path, n
     assert_one_error(result, words)
 
 
-def losses(out):
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
-
 @pytest.mark.parametrize("mode", ["naive", "overlapped"])
 def test_training_on_two_ranks_with_accumulation_reproduces_single_core_losses(tiny_data, tmp_path, mode):
     common = ["--data-dir", tiny_data, *TINY, "--max-iters", 8]
     assert run(["01_single_core/train.py", *common, "--out-dir", tmp_path / "single"]).returncode == 0
     result = run_mpi(2, [TRAIN, *common, "--out-dir", tmp_path / "dp", "--grad-accum", 2, "--dp-mode", mode])
     assert result.returncode == 0, result.stderr
-    np.testing.assert_allclose(losses(tmp_path / "dp"), losses(tmp_path / "single"), rtol=1e-10, atol=0)
-    assert len(losses(tmp_path / "dp")) == 8
+    assert_same_run(tmp_path / "dp", tmp_path / "single", 8)

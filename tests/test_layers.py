@@ -233,8 +233,6 @@ def test_float32_model_keeps_every_activation_and_gradient_in_float32(monkeypatc
 def test_model_reads_each_part_only_inside_its_hook_and_gives_the_same_gradients():
     """The `using` hook of gpt_forward/gpt_backward, as ZeRO-3 uses it: p and g hold a part's tensors only
     between its enter and exit. Any read outside `modules(cfg)` would raise KeyError here."""
-    import contextlib
-
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=4, vocab_size=7)
     layout, parts = model.gpt_layout(cfg), model.modules(cfg)
     assert {n for names in parts.values() for n in names} == set(layout.shapes)

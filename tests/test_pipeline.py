@@ -1,12 +1,11 @@
 """Chapter 05: both pipeline schedules are valid programs, equal single core for any M, and keep their bounds."""
 import json
 
-import numpy as np
 import pytest
 
 from common.chapters import import_chapter
 from common.config import GPTConfig
-from conftest import assert_one_error, run, run_mpi
+from conftest import assert_one_error, assert_same_run, run, run_mpi, sabotaged, verdict
 
 VERIFY = "05_pipeline/verify.py"
 TRAIN = "05_pipeline/train.py"
@@ -77,15 +76,6 @@ def test_verify_passes_for_both_schedules_and_every_micro_batch_count_on_n_stage
     assert result.stdout.strip().splitlines()[-1].startswith(f"P={n}: PASS:")
 
 
-def sabotaged(tmp_path, patch):
-    path = tmp_path / "sabotaged.py"
-    path.write_text("from common.chapters import import_chapter\n"
-                    "pipe = import_chapter('05_pipeline.pipeline')\n"
-                    f"{patch}\n"
-                    "raise SystemExit(import_chapter('05_pipeline.verify').main([]))\n")
-    return path
-
-
 @pytest.mark.parametrize("patch, failing", [
     ("pipe.sync_tied_embedding = lambda *args: None                  # wte's halves never summed",
      "both copies of wte"),
@@ -94,9 +84,10 @@ def sabotaged(tmp_path, patch):
      "M=4: params"),                                                 # dloss 1 instead of 1/M: M times the gradient
 ])
 def test_verify_fails_when_the_gradients_are_wrong(tmp_path, patch, failing):
-    result = run_mpi(2, [sabotaged(tmp_path, patch)], timeout=180)
+    patch = "pipe = import_chapter('05_pipeline.pipeline')\n" + patch
+    result = run_mpi(2, [sabotaged(tmp_path, patch, "05_pipeline.verify")], timeout=180)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "FAIL:" in result.stdout.strip().splitlines()[-1]
+    assert "FAIL:" in verdict(result)
     assert any(failing in line and line.endswith("FAIL") for line in result.stdout.splitlines()), result.stdout
 
 
@@ -111,11 +102,6 @@ def test_bad_input_exits_2_on_every_rank_with_one_message(tiny_data, tmp_path, n
     assert_one_error(result, words)
 
 
-def read(out):
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r], np.load(out / "ckpt.npz")
-
-
 def test_a_2_stage_checkpoint_resumed_on_4_stages_continues_exactly_as_single_core(tiny_data, tmp_path):
     common = ["--data-dir", tiny_data, *TINY]
     straight, piped = tmp_path / "straight", tmp_path / "piped"
@@ -125,14 +111,7 @@ def test_a_2_stage_checkpoint_resumed_on_4_stages_continues_exactly_as_single_co
     result = run_mpi(4, [TRAIN, *common, "--schedule", "afab", "--microbatches", 2, "--max-iters", 10,
                          "--out-dir", piped, "--resume"])
     assert result.returncode == 0, result.stderr
-    want_losses, want = read(straight)
-    got_losses, got = read(piped)
-    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-10, atol=0)
-    assert len(got_losses) == 10
-    for key in want.files:
-        if key != "meta":
-            np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-10 * np.abs(want[key]).max(),
-                                       err_msg=key)
+    assert_same_run(piped, straight, 10)
     sample = run(["01_single_core/sample.py", "--out-dir", piped, "--max-new-tokens", 20, "--start", "ANNA"])
     assert sample.returncode == 0 and sample.stdout.startswith("ANNA"), sample.stderr
 

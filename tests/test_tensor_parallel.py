@@ -1,5 +1,4 @@
 """Chapter 02: tensor parallelism computes exactly what single core computes, under real mpiexec runs."""
-import json
 
 import numpy as np
 import pytest
@@ -7,7 +6,7 @@ import pytest
 from common.chapters import import_chapter
 from common.config import GPTConfig
 from common.model import gpt_layout, init_params
-from conftest import assert_one_error, run, run_mpi
+from conftest import assert_one_error, assert_same_run, run, run_mpi, sabotaged, verdict
 
 tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
 VERIFY = "02_tensor_parallel/verify.py"
@@ -32,15 +31,10 @@ def test_verify_passes_for_every_tensor_and_the_ledger_at_tp(tp, sp):
     ("tp_lib.sync_replicated_grads = lambda g, tp: None", ["--sequence-parallel"]),  # partial LayerNorm grads
 ])
 def test_verify_fails_when_a_communication_is_left_out(tmp_path, sabotage, flags):
-    broken = tmp_path / "broken_verify.py"
-    broken.write_text(
-        "from common.chapters import import_chapter\n"
-        "tp_lib = import_chapter('02_tensor_parallel.tensor_parallel')\n"
-        f"{sabotage}\n"
-        f"raise SystemExit(import_chapter('02_tensor_parallel.verify').main({flags!r}))\n")
-    result = run_mpi(2, [broken], timeout=120)
+    patch = "tp_lib = import_chapter('02_tensor_parallel.tensor_parallel')\n" + sabotage
+    result = run_mpi(2, [sabotaged(tmp_path, patch, "02_tensor_parallel.verify", flags)], timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "FAIL:" in result.stdout.strip().splitlines()[-1]
+    assert "FAIL:" in verdict(result)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -67,11 +61,6 @@ def test_bad_layout_exits_2_on_every_rank_with_one_message(tiny_data, tmp_path, 
     assert_one_error(result, words)
 
 
-def read(out):
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r], np.load(out / "ckpt.npz")
-
-
 def test_a_tp2_checkpoint_resumed_at_tp4_with_sequence_parallelism_continues_exactly_as_single_core(tiny_data,
                                                                                                    tmp_path):
     common = ["--data-dir", tiny_data, *TINY, "--eval-interval", 5]
@@ -80,13 +69,6 @@ def test_a_tp2_checkpoint_resumed_at_tp4_with_sequence_parallelism_continues_exa
     assert run_mpi(2, [TRAIN, *common, "--max-iters", 5, "--out-dir", sharded]).returncode == 0
     result = run_mpi(4, [TRAIN, *common, "--max-iters", 10, "--out-dir", sharded, "--resume", "--sequence-parallel"])
     assert result.returncode == 0, result.stderr
-    want_losses, want = read(straight)
-    got_losses, got = read(sharded)
-    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-10, atol=0)
-    assert len(got_losses) == 10
-    for key in want.files:
-        if key != "meta":
-            np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-10 * np.abs(want[key]).max(),
-                                       err_msg=key)
+    assert_same_run(sharded, straight, 10)
     sample = run(["01_single_core/sample.py", "--out-dir", sharded, "--max-new-tokens", 20, "--start", "ANNA"])
     assert sample.returncode == 0 and sample.stdout.startswith("ANNA"), sample.stderr

@@ -1,12 +1,11 @@
 """Chapter 04: every ZeRO stage equals single core, holds what the paper says it holds, and resumes anywhere."""
-import json
 
 import numpy as np
 import pytest
 
 from common.chapters import import_chapter
 from common.params import Layout
-from conftest import assert_one_error, run, run_mpi
+from conftest import assert_one_error, assert_same_run, run, run_mpi, sabotaged, verdict
 
 VERIFY = "04_zero/verify.py"
 TRAIN = "04_zero/train.py"
@@ -42,24 +41,13 @@ def test_verify_passes_for_every_stage_and_accumulation_on_n_ranks(n):
     assert result.stdout.strip().splitlines()[-1].startswith(f"N={n}: PASS:")
 
 
-def sabotaged(tmp_path, patch, script="04_zero.verify", args=()):
-    path = tmp_path / "sabotaged.py"
-    path.write_text("import common.model as model\n"
-                    "from common.chapters import import_chapter\n"
-                    "zero_lib = import_chapter('04_zero.zero')\n"
-                    f"{patch}\n"
-                    f"raise SystemExit(import_chapter('{script}').main({[str(a) for a in args]!r}))\n")
-    return path
-
-
-def verdict(result):
-    return result.stdout.strip().splitlines()[-1]
+PRELUDE = "import common.model as model\nzero_lib = import_chapter('04_zero.zero')\n"
 
 
 def test_verify_fails_when_one_bucket_is_not_reduce_scattered(tmp_path):
     patch = ("f = zero_lib.Zero._reduce_scatter\n"
              "zero_lib.Zero._reduce_scatter = lambda self, i: None if i == 0 else f(self, i)   # the last layers")
-    result = run_mpi(2, [sabotaged(tmp_path, patch)], timeout=180)
+    result = run_mpi(2, [sabotaged(tmp_path, PRELUDE + patch, "04_zero.verify")], timeout=180)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAIL:" in verdict(result) and "parameters" in verdict(result)
 
@@ -70,7 +58,7 @@ def test_verify_fails_when_a_cache_keeps_a_gathered_weight_alive(tmp_path):
     patch = ("fwd, bwd = model.layernorm_forward, model.layernorm_backward\n"
              "model.layernorm_forward = lambda x, w, b: (lambda out: (out[0], out[1] + (w,)))(fwd(x, w, b))\n"
              "model.layernorm_backward = lambda d, cache, w, dw, db: bwd(d, cache[:2], w, dw, db)")
-    result = run_mpi(2, [sabotaged(tmp_path, patch)], timeout=180)
+    result = run_mpi(2, [sabotaged(tmp_path, PRELUDE + patch, "04_zero.verify")], timeout=180)
     assert result.returncode == 1, result.stdout + result.stderr
     failed = [line for line in result.stdout.splitlines() if line.endswith("FAIL")]
     assert failed and all("stage 3" in line and "peak gathered" in line for line in failed), result.stdout
@@ -87,11 +75,6 @@ def test_bad_input_exits_2_on_every_rank_with_one_message(tiny_data, tmp_path, n
     assert_one_error(result, words)
 
 
-def read(out):
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r], np.load(out / "ckpt.npz")
-
-
 def test_a_stage3_checkpoint_from_4_ranks_samples_on_one_core_and_resumes_exactly_on_2_ranks(tiny_data, tmp_path):
     common = ["--data-dir", tiny_data, *TINY]
     straight, sharded = tmp_path / "straight", tmp_path / "sharded"
@@ -103,14 +86,7 @@ def test_a_stage3_checkpoint_from_4_ranks_samples_on_one_core_and_resumes_exactl
     result = run_mpi(2, [TRAIN, *common, "--zero-stage", 2, "--grad-accum", 2, "--max-iters", 10,
                          "--out-dir", sharded, "--resume"])
     assert result.returncode == 0, result.stderr
-    want_losses, want = read(straight)
-    got_losses, got = read(sharded)
-    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-10, atol=0)
-    assert len(got_losses) == 10
-    for key in want.files:
-        if key != "meta":
-            np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-10 * np.abs(want[key]).max(),
-                                       err_msg=key)
+    assert_same_run(sharded, straight, 10)
 
 
 def test_training_prints_the_measured_memory_beside_the_formula(tiny_data, tmp_path):
