@@ -121,6 +121,7 @@ class Stage:
                 buf = grad_in.pop(m)
                 sends.append((self.pp.isend(buf, self.stage - 1, tag=m), buf))
             self.trace.append((op, m, start - t0, time.perf_counter() - t0))
+            sends = [(req, buf) for req, buf in sends if not req.Test()]   # free what has arrived
         caches.clear()                                                   # a forward-only schedule keeps them
         wait_all([req for req, _ in sends])
         return float(np.mean(losses)) if self.last else None
