@@ -103,9 +103,11 @@ class Stage:
             if op == "recv_fwd":
                 inp[m] = self.pp.recv(np.empty((b, T, C), dtype), self.stage - 1, tag=m)
             elif op == "forward":
-                out[m], loss, caches[m] = self.forward(self.p, x[m] if self.first else inp.pop(m),
-                                                       y[m] if self.last else None, self.cfg, self.layers,
-                                                       self.first, self.last)
+                act, loss, caches[m] = self.forward(self.p, x[m] if self.first else inp.pop(m),
+                                                    y[m] if self.last else None, self.cfg, self.layers,
+                                                    self.first, self.last)
+                if not self.last:                                        # the logits are not needed again
+                    out[m] = act
                 losses.append(loss)
                 self.peak = max(self.peak, len(caches))
             elif op == "send_fwd":
@@ -114,7 +116,6 @@ class Stage:
             elif op == "recv_bwd":
                 grad_out[m] = self.pp.recv(np.empty((b, T, C), dtype), self.stage + 1, tag=m)
             elif op == "backward":
-                out.pop(m, None)
                 dout = scale / M if self.last else grad_out.pop(m)       # the batch loss is the mean over M
                 grad_in[m] = self.backward(caches.pop(m), self.p, self.g, dout)
             elif op == "send_bwd":
