@@ -97,15 +97,18 @@ class Stage:
         M, b, T, C = len(x), x[0].shape[0], self.seq_len, self.cfg.n_embd
         dtype = next(iter(self.p.values())).dtype
         inp, out, caches, grad_out, grad_in, losses, sends = {}, {}, {}, {}, {}, [], []
+        training = any(op == "backward" for op, _ in ops)                # else no cache is kept
         self.trace, self.peak, t0 = [], 0, time.perf_counter()
         for op, m in ops:
             start = time.perf_counter()
             if op == "recv_fwd":
                 inp[m] = self.pp.recv(np.empty((b, T, C), dtype), self.stage - 1, tag=m)
             elif op == "forward":
-                act, loss, caches[m] = self.forward(self.p, x[m] if self.first else inp.pop(m),
-                                                    y[m] if self.last else None, self.cfg, self.layers,
-                                                    self.first, self.last)
+                act, loss, cache = self.forward(self.p, x[m] if self.first else inp.pop(m),
+                                                y[m] if self.last else None, self.cfg, self.layers,
+                                                self.first, self.last)
+                if training:
+                    caches[m] = cache
                 if not self.last:                                        # the logits are not needed again
                     out[m] = act
                 losses.append(loss)
@@ -123,7 +126,6 @@ class Stage:
                 sends.append((self.pp.isend(buf, self.stage - 1, tag=m), buf))
             self.trace.append((op, m, start - t0, time.perf_counter() - t0))
             sends = [(req, buf) for req, buf in sends if not req.Test()]   # free what has arrived
-        caches.clear()                                                   # a forward-only schedule keeps them
         wait_all([req for req, _ in sends])
         return float(np.mean(losses)) if self.last else None
 

@@ -67,10 +67,14 @@ def train_step(part, x, y, cfg, par, lr):
 
 
 def evaluate(part, batches, par):
+    """The mean val loss over `batches`, the data-parallel replicas taking turns: replica d runs batches d,
+    d + dp, ... through the pipeline; the sums and counts are added over dp."""
     st, grid = part.st, part.grid
+    mine = batches[grid.dp.rank::grid.dp.size]
     losses = [st.run(pipe.schedule("forward", par.microbatches, st.stage, grid.pp.size),
-                     np.split(x, par.microbatches), np.split(y, par.microbatches)) for x, y in batches]
-    return float(grid.pp.bcast(np.array([np.mean(losses) if st.last else 0.0]), root=grid.pp.size - 1)[0])
+                     np.split(x, par.microbatches), np.split(y, par.microbatches)) for x, y in mine]
+    total = grid.dp.allreduce(np.array([sum(losses) if st.last else 0.0, len(mine)]))
+    return float(grid.pp.bcast(np.array([total[0] / total[1]]), root=grid.pp.size - 1)[0])
 
 
 def ledger(part, batch_size):

@@ -60,17 +60,20 @@ def verdict(result):
 
 
 def read_run(out):
-    """The train losses of a run's metrics.jsonl and its checkpoint's arrays."""
+    """The train losses and the val losses of a run's metrics.jsonl, and its checkpoint's arrays."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r], np.load(out / "ckpt.npz")
+    return ([r["loss"] for r in records if "loss" in r], [r["val_loss"] for r in records if "val_loss" in r],
+            np.load(out / "ckpt.npz"))
 
 
 def assert_same_run(got_dir, want_dir, steps):
-    """Two runs logged the same `steps` losses and saved the same tensors, to 1e-10 (float64 runs)."""
-    want_losses, want = read_run(want_dir)
-    got_losses, got = read_run(got_dir)
+    """Two runs logged the same `steps` train losses and val losses, and saved the same tensors, to 1e-10
+    (float64 runs)."""
+    want_losses, want_val, want = read_run(want_dir)
+    got_losses, got_val, got = read_run(got_dir)
     np.testing.assert_allclose(got_losses, want_losses, rtol=1e-10, atol=0)
-    assert len(got_losses) == steps
+    np.testing.assert_allclose(got_val, want_val, rtol=1e-10, atol=0)
+    assert len(got_losses) == steps and len(got_val) > 1
     for key in want.files:
         if key != "meta":
             np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-10 * np.abs(want[key]).max(),
