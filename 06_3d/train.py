@@ -30,6 +30,7 @@ from common.optim import clip_grad_norm
 
 single = import_chapter("01_single_core.train")
 tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
+dp_lib = import_chapter("03_data_parallel.data_parallel")
 pipe = import_chapter("05_pipeline.pipeline")
 grid_lib = import_chapter("06_3d.grid")
 zero_lib = import_chapter("04_zero.zero")
@@ -126,6 +127,8 @@ def main(argv=None):
             if comm.rank == 0:
                 (Path(cfg.out_dir) / "ledger.json").write_text(json.dumps({"layout": [par.tp, par.pp, par.dp],
                                                                            "ranks": ranks}, indent=1))
+        if par.check_replicas and (step + 1) % par.check_replicas == 0:
+            dp_lib.check_replicas(part.params, part.grid.dp, step)   # each (tp, pp) shard, over its replicas
         return loss
 
     def save(step):

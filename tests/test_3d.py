@@ -73,3 +73,11 @@ def test_a_checkpoint_moves_from_2x2x2_with_sp_and_zero1_to_4x1x1_and_to_one_cor
     result = run(["01_single_core/train.py", *common[:-2], "--max-iters", 10, "--out-dir", single, "--resume"])
     assert result.returncode == 0, result.stderr
     assert_same_run(single, straight, 10)
+
+
+def test_the_replica_check_stops_a_grid_whose_data_parallel_sum_is_missing(tiny_data, tmp_path):
+    patch = "grid_lib = import_chapter('06_3d.grid')\ngrid_lib.dp_lib.GradSync.finish = lambda self: None"
+    args = ["--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, "--pp", 2, "--dp", 2, "--max-iters", 3]
+    result = run_mpi(4, [sabotaged(tmp_path, patch, "06_3d.train", args)], timeout=120)
+    assert result.returncode != 0
+    assert "replicas differ after step 0" in result.stdout + result.stderr
