@@ -18,6 +18,8 @@ Communication per step and rank: Psi elements of gradient (e bytes each), whatev
 all-reduce sends and receives 2 Psi e (N - 1)/N of them. Plus one 8-byte all-reduce of the loss for the log.
 """
 
+import numpy as np
+
 from common.comm import wait_all
 
 
@@ -76,6 +78,17 @@ class GradSync:
             self._launch_from(0)                          # what the backward's hook has not launched yet
             wait_all(self.requests)
         self.requests, self.launched = [], 0
+
+
+def mean_over_replicas(batches, dp, loss_of):
+    """The mean of loss_of(x, y) over `batches`, each replica taking its 1/N of every batch's rows, as in
+    training (every rank runs as many forwards, which ZeRO-3's gathers need). loss_of may give None where no
+    loss is seen (a pipeline stage before the last): the caller then takes the loss from the rank that has it."""
+    size = len(batches[0][0]) // dp.size
+    rows = slice(dp.rank * size, (dp.rank + 1) * size)
+    losses = [loss_of(x[rows], y[rows]) for x, y in batches]
+    total = dp.allreduce(np.array([sum(loss or 0.0 for loss in losses)], dtype=np.float64))
+    return float(total[0] / (dp.size * len(batches)))
 
 
 def check_replicas(params, dp, step):

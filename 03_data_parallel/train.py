@@ -80,7 +80,9 @@ def main(argv=None):
             save_training_state(ckpt, single_core_state(layout, params, opt), opt.t, step, gpt_cfg, cfg)
 
     run_training(cfg, start, cfg.batch_size * gpt_cfg.block_size, step_fn,
-                 evaluate=lambda: single.evaluate(p, val_batches, gpt_cfg), save=save,
+                 evaluate=lambda: dp_lib.mean_over_replicas(val_batches, dp,
+                                                            lambda x, y: gpt_forward(p, x, y, gpt_cfg)[1]),
+                 save=save,
                  metrics_path=Path(cfg.out_dir) / "metrics.jsonl" if dp.rank == 0 else None, verbose=dp.rank == 0)
 
 

@@ -70,8 +70,9 @@ def train_step(zero, opt, x, y, gpt_cfg, cfg, par, dp, lr):
     return float(loss[0])
 
 
-def evaluate(zero, batches, gpt_cfg):
-    return float(np.mean([gpt_forward(zero.p, x, y, gpt_cfg, using=zero.forward_hook)[1] for x, y in batches]))
+def evaluate(zero, batches, gpt_cfg, dp):
+    return dp_lib.mean_over_replicas(batches, dp,
+                                     lambda x, y: gpt_forward(zero.p, x, y, gpt_cfg, using=zero.forward_hook)[1])
 
 
 def ledgers(zero, opt, dp, gpt_cfg, par):
@@ -130,7 +131,7 @@ def main(argv=None):
             save_training_state(ckpt, state, opt.t, step, gpt_cfg, cfg)
 
     run_training(cfg, start, cfg.batch_size * gpt_cfg.block_size, step_fn,
-                 evaluate=lambda: evaluate(zero, val_batches, gpt_cfg), save=save,
+                 evaluate=lambda: evaluate(zero, val_batches, gpt_cfg, dp), save=save,
                  metrics_path=Path(cfg.out_dir) / "metrics.jsonl" if dp.rank == 0 else None, verbose=dp.rank == 0)
 
 

@@ -68,14 +68,13 @@ def train_step(part, x, y, cfg, par, lr):
 
 
 def evaluate(part, batches, par):
-    """The mean val loss over `batches`, the data-parallel replicas taking turns: replica d runs batches d,
-    d + dp, ... through the pipeline; the sums and counts are added over dp."""
+    """The mean val loss over `batches`: each data-parallel replica runs its rows of every batch through the
+    pipeline, and the last stage's sums are added over dp."""
     st, grid = part.st, part.grid
-    mine = batches[grid.dp.rank::grid.dp.size]
-    losses = [st.run(pipe.schedule("forward", par.microbatches, st.stage, grid.pp.size),
-                     np.split(x, par.microbatches), np.split(y, par.microbatches)) for x, y in mine]
-    total = grid.dp.allreduce(np.array([sum(losses) if st.last else 0.0, len(mine)]))
-    return float(grid.pp.bcast(np.array([total[0] / total[1]]), root=grid.pp.size - 1)[0])
+    loss = dp_lib.mean_over_replicas(batches, grid.dp, lambda x, y: st.run(
+        pipe.schedule("forward", par.microbatches, st.stage, grid.pp.size),
+        np.split(x, par.microbatches), np.split(y, par.microbatches)))
+    return float(grid.pp.bcast(np.array([loss]), root=grid.pp.size - 1)[0])
 
 
 def ledger(part, batch_size):
