@@ -72,8 +72,8 @@ def check(gpt_cfg, cfg, par, world_size):
     if par.dp == 1 and world_size % (par.tp * par.pp) == 0:
         par.dp = world_size // (par.tp * par.pp)
     if par.tp * par.pp * par.dp != world_size:
-        raise ConfigError(f"--tp {par.tp} x --pp {par.pp} x --dp {par.dp} = {par.tp * par.pp * par.dp} ranks but mpirun "
-                          f"started {world_size}; choose sizes whose product is {world_size}")
+        raise ConfigError(f"--tp {par.tp} x --pp {par.pp} x --dp {par.dp} = {par.tp * par.pp * par.dp} ranks but "
+                          f"mpirun started {world_size}; choose sizes whose product is {world_size}")
     tp_lib.check_layout(gpt_cfg, par.tp, par.sequence_parallel)
     if gpt_cfg.n_layer < par.pp:
         raise ConfigError(f"--n-layer {gpt_cfg.n_layer} is fewer than --pp {par.pp} stages, and every stage needs "

@@ -24,7 +24,8 @@ def simulate(kind, M, P):
         for s in range(P):
             while pc[s] < len(programs[s]):
                 op, m = programs[s][pc[s]]
-                if op == "recv_fwd" and ("fwd", s - 1, m) not in sent or op == "recv_bwd" and ("bwd", s + 1, m) not in sent:
+                waits_for = {"recv_fwd": ("fwd", s - 1, m), "recv_bwd": ("bwd", s + 1, m)}.get(op)
+                if waits_for and waits_for not in sent:
                     break
                 if op == "send_fwd":
                     sent.add(("fwd", s, m))
