@@ -7,6 +7,7 @@ for the chapters to derive. A communicator of one rank is a no-op and records no
 """
 import hashlib
 import sys
+import time
 import traceback
 from collections import defaultdict
 
@@ -152,6 +153,9 @@ def wait_all(requests):
 def _abort_on_exception(kind, value, tb):
     traceback.print_exception(kind, value, tb)
     sys.stderr.flush()
+    # Abort tears the job down at once: give the launcher a moment to forward this message, and other ranks
+    # failing the same way time to finish theirs, or the one line that says what went wrong can be lost.
+    time.sleep(1.0)
     MPI.COMM_WORLD.Abort(1)
 
 
