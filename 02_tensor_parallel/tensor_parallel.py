@@ -277,9 +277,11 @@ def tp_stage_forward(p, inp, targets, cfg, layers, first, last, tp, sp=False):
     return logits, loss, (first, last, layers, c_emb, c_blocks, c_lnf, c_ce)
 
 
-def tp_stage_backward(cache, p, g, dout, tp, sp=False):
-    """common.model.stage_backward with this rank's shards. With sp, the replicated tensors' gradients are
-    left as partial sums: sync_replicated_grads once all micro-batches are done."""
+def tp_stage_backward(cache, p, g, dout, grads_ready=None, *, tp, sp=False):
+    """common.model.stage_backward (with its grads_ready hook) on this rank's shards. With sp the replicated
+    tensors' gradients are left as partial sums (sync_replicated_grads once all micro-batches are done), so
+    they are not final when the hook is called: pass no hook then."""
+    ready = grads_ready or (lambda name: None)
     first, last, layers, c_emb, c_blocks, *c_head = cache
     dx = dout
     if last:
@@ -287,11 +289,14 @@ def tp_stage_backward(cache, p, g, dout, tp, sp=False):
         dx = vocab_cross_entropy_backward(dout, c_ce, p["wte"], g["wte"])
         dx = enter_backward(dx, tp, sp)
         dx = layernorm_backward(dx, c_lnf, p["ln_f.w"], g["ln_f.w"], g["ln_f.b"])
+        ready("ln_f.w")
     for i, c in zip(reversed(layers), reversed(c_blocks)):
         dx = block_backward(dx, c, sub(p, f"h.{i}."), sub(g, f"h.{i}."), tp, sp)
+        ready(f"h.{i}.ln_1.w")
     if not first:
         return dx
     vocab_embedding_backward(dx, c_emb, g["wte"], g["wpe"], tp, sp)
+    ready("wte")
     return None
 
 
@@ -302,7 +307,7 @@ def tp_forward(p, idx, targets, cfg, tp, sp=False):
 
 def tp_backward(cache, p, g, tp, sp=False, dloss=1.0):
     """Accumulate this rank's gradients; replicated tensors end with the same gradient on every rank."""
-    tp_stage_backward(cache, p, g, dloss, tp, sp)
+    tp_stage_backward(cache, p, g, dloss, tp=tp, sp=sp)
     if sp:
         sync_replicated_grads(g, tp)
 

@@ -64,6 +64,8 @@ def train_step(zero, opt, x, y, gpt_cfg, cfg, par, dp, lr):
         communicate = micro == par.grad_accum - 1 or zero.stage > 1
         gpt_backward(cache, zero.p, zero.g, dloss=1.0 / (dp.size * par.grad_accum),
                      grads_ready=zero.ready if communicate else None, using=zero.backward_hook)
+        if communicate:
+            zero.finish()
         loss += micro_loss / (dp.size * par.grad_accum)
     dp.allreduce(loss)
     zero.step(opt, lr, cfg.grad_clip)

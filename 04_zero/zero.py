@@ -187,15 +187,15 @@ class Zero:
         self._reduce_from(self.layout.offsets[name][0])
 
     def finish(self):
-        """Reduce-scatter what no hook has yet (a backward run without `ready`, as in a pipeline)."""
+        """Reduce-scatter the buckets the hook has not (all of them after a backward run without it); the
+        next backward starts over."""
         self._reduce_from(0)
+        self.reduced = 0
 
     def _reduce_from(self, done):
         while self.reduced < len(self.buckets) and self.buckets[self.reduced][0] >= done:
             self._reduce_scatter(self.reduced)
             self.reduced += 1
-        if self.reduced == len(self.buckets):
-            self.reduced = 0                                        # the next backward starts over
 
     def _reduce_scatter(self, i):
         start, stop = self.buckets[i]

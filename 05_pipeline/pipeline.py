@@ -91,13 +91,15 @@ class Stage:
         self.seq_len = seq_len or cfg.block_size              # positions of the activations sent between stages
         self.trace, self.peak = [], 0
 
-    def run(self, ops, x, y, scale=1.0):
+    def run(self, ops, x, y, scale=1.0, grads_ready=None):
         """Execute `ops` on the M micro-batches x[m], y[m] (token ids; every stage has them, only the ends read
-        them), the loss's gradient scaled by `scale` / M. Returns the mean loss on the last stage, else None."""
+        them), the loss's gradient scaled by `scale` / M. The step's last backward gets the `grads_ready` hook
+        (see common.model.stage_backward): data parallelism can start reducing while it runs. Returns the mean
+        loss on the last stage, else None."""
         M, b, T, C = len(x), x[0].shape[0], self.seq_len, self.cfg.n_embd
         dtype = next(iter(self.p.values())).dtype
         inp, out, caches, grad_out, grad_in, losses, sends = {}, {}, {}, {}, {}, [], []
-        training = any(op == "backward" for op, _ in ops)                # else no cache is kept
+        backwards = [m for op, m in ops if op == "backward"]             # none: no cache is kept
         self.trace, self.peak, t0 = [], 0, time.perf_counter()
         for op, m in ops:
             start = time.perf_counter()
@@ -107,7 +109,7 @@ class Stage:
                 act, loss, cache = self.forward(self.p, x[m] if self.first else inp.pop(m),
                                                 y[m] if self.last else None, self.cfg, self.layers,
                                                 self.first, self.last)
-                if training:
+                if backwards:
                     caches[m] = cache
                 if not self.last:                                        # the logits are not needed again
                     out[m] = act
@@ -120,7 +122,8 @@ class Stage:
                 grad_out[m] = self.pp.recv(np.empty((b, T, C), dtype), self.stage + 1, tag=m)
             elif op == "backward":
                 dout = scale / M if self.last else grad_out.pop(m)       # the batch loss is the mean over M
-                grad_in[m] = self.backward(caches.pop(m), self.p, self.g, dout)
+                hook = grads_ready if m == backwards[-1] else None       # all micro-batches are then summed
+                grad_in[m] = self.backward(caches.pop(m), self.p, self.g, dout, hook)
             elif op == "send_bwd":
                 buf = grad_in.pop(m)
                 sends.append((self.pp.isend(buf, self.stage - 1, tag=m), buf))

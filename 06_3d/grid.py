@@ -11,7 +11,8 @@ Composed, without copies, from the chapters before:
         optional sequence parallelism (activations between stages are then (b, T/tp, C) per rank)
     05  stages run a 1F1B or AFAB schedule over M micro-batches; wte's gradient is summed between the
         first and last stage (each holding the same vocabulary shard)
-    03  each (tp, pp) position's gradient summed over the dp replicas, in buckets
+    03  each (tp, pp) position's gradient summed over the dp replicas, in buckets started during the last
+        micro-batch's backward (not with sp, whose replicated gradients are final only after their tp sum)
     04  or, with --zero-stage 1, reduce-scattered, each dp rank updating its shard, then all-gathered
 
 The loss is the mean over dp x M micro-batches of b = B/(dp M) rows, so the last stage seeds each backward

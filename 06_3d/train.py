@@ -51,8 +51,17 @@ def train_step(part, x, y, cfg, par, lr):
     rows = np.split(x, grid.dp.size)[grid.dp.rank], np.split(y, grid.dp.size)[grid.dp.rank]
     M = par.microbatches
     grid.pp.barrier()
+    sync = part.zero or part.sync
+
+    def ready(name):
+        # the dp reduction starts inside the last backward, except for wte's bucket: it must first receive
+        # the other end's half (sync_tied_embedding below); finish() reduces it
+        if name != "wte":
+            sync.ready(name)
+
     loss = st.run(pipe.schedule(par.schedule, M, st.stage, grid.pp.size), np.split(rows[0], M),
-                  np.split(rows[1], M), scale=1.0 / grid.dp.size)
+                  np.split(rows[1], M), scale=1.0 / grid.dp.size,
+                  grads_ready=None if par.sequence_parallel else ready)      # SP: replicated grads not final yet
     if par.sequence_parallel:
         tp_lib.sync_replicated_grads(st.g, grid.tp)
     pipe.sync_tied_embedding(st.g, grid.ends, st.stage, grid.pp.size)
