@@ -135,6 +135,12 @@ class Stage:
 
 # ----------------------------------------------------------------------------- synchronise gradients
 
+def end_stages(pp_comm, stage, pp):
+    """The communicator of the first and the last of `pp` stages, which hold wte's two copies (the middle
+    stages get one of their own, unused)."""
+    return pp_comm.split(color=int(stage not in (0, pp - 1)), key=stage, name="ends")
+
+
 def sync_tied_embedding(g, ends, stage, pp):
     """Sum wte's two partial gradients, the embedding's (first stage) and the LM head's (last stage)."""
     if pp > 1 and stage in (0, pp - 1):

@@ -84,7 +84,7 @@ def timeline(st, pp, cfg, gpt_cfg, par, itemsize):
     for r in ranks:
         r["bubble"] = pipe.bubble(r["trace"], end)
     return {"schedule": par.schedule, "pp": pp.size, "microbatches": par.microbatches,
-                      "bubble_formula": pipe.bubble_formula(par.microbatches, pp.size), "ranks": ranks}
+            "bubble_formula": pipe.bubble_formula(par.microbatches, pp.size), "ranks": ranks}
 
 
 def main(argv=None):
@@ -94,7 +94,7 @@ def main(argv=None):
     stage = pp.rank
     layout, params, grads, opt = build(gpt_cfg, cfg, stage, pp.size)
     st = pipe.Stage(gpt_cfg, stage, pp, layout.views(params), layout.views(grads))
-    ends = pp.split(color=int(stage not in (0, pp.size - 1)), key=stage, name="embedding")
+    ends = pipe.end_stages(pp, stage, pp.size)
     ckpt = Path(cfg.out_dir) / "ckpt.npz"
     start = 0
     if cfg.resume:

@@ -46,7 +46,7 @@ def main(argv=None):
     ref_state = {"params": ref_params, "adam_m": ref_opt.m, "adam_v": ref_opt.v}
 
     stage, P = pp.rank, pp.size
-    ends = pp.split(color=int(stage not in (0, P - 1)), key=stage, name="embedding")
+    ends = pipe.end_stages(pp, stage, P)
     report, show = Report(TOL), pp.rank == 0
     for kind in SCHEDULES:
         for M in MICROBATCHES:

@@ -65,7 +65,7 @@ class Grid:
         pipeline = world.split(color=d * tp + t, key=p, name="pp")
         return cls(world, world.split(color=d * pp + p, key=t, name="tp"), pipeline,
                    world.split(color=p * tp + t, key=d, name="dp"),
-                   pipeline.split(color=int(p not in (0, pp - 1)), key=p, name="ends"))
+                   pipe.end_stages(pipeline, p, pp))
 
 
 def check(gpt_cfg, cfg, par, world_size):
