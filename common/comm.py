@@ -10,11 +10,13 @@ import sys
 import time
 import traceback
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 from mpi4py import MPI
 
 from common.config import ConfigError
+from common.threads import Threads, size_blas_pool
 
 
 class Ledger:
@@ -43,6 +45,7 @@ class Comm:
         self.rank = mpi_comm.Get_rank()
         self.size = mpi_comm.Get_size()
         self.ledger = Ledger()
+        self.host = None        # world(): where this rank runs
 
     def allreduce(self, buf, op="sum"):
         """Reduce `buf` over all ranks in place: op "sum" or "max"."""
@@ -159,12 +162,26 @@ def _abort_on_exception(kind, value, tb):
     MPI.COMM_WORLD.Abort(1)
 
 
+@dataclass(frozen=True)
+class Host:
+    """The machine a rank runs on, as MPI groups ranks: those that can share memory."""
+    comm: Comm              # this job's ranks on this host, in world-rank order
+    index: int              # hosts numbered in the order of their lowest world rank
+    threads: Threads        # this rank's BLAS pool, sized for comm.size ranks on the host
+
+
 def world():
-    """COMM_WORLD as a Comm; with more than one rank, an uncaught exception on any rank aborts the whole job
-    instead of leaving the others waiting forever in a collective."""
+    """COMM_WORLD as a Comm, with `.host` filled in and this rank's BLAS pool sized to its share of the host's
+    cores. With more than one rank, an uncaught exception on any rank aborts the whole job instead of leaving
+    the others waiting forever in a collective."""
     if MPI.COMM_WORLD.Get_size() > 1:
         sys.excepthook = _abort_on_exception
-    return Comm(MPI.COMM_WORLD)
+    comm = Comm(MPI.COMM_WORLD)
+    local = Comm(comm.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank), "host")
+    first = local.mpi.bcast(comm.rank, root=0) if local.size > 1 else comm.rank
+    firsts = sorted(set(comm.mpi.allgather(first))) if comm.size > 1 else [first]
+    comm.host = Host(local, firsts.index(first), size_blas_pool(local.size))
+    return comm
 
 
 def checked(comm, setup, *args):

@@ -20,9 +20,14 @@ def mpiexec_path():
     return found
 
 
+THREAD_VARS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
+
+
 def script_env():
-    # one BLAS thread per process: MPI tests put several ranks on two cores
-    return {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    """The environment a reader's shell gives: no thread variables, so every script sizes its BLAS pool itself
+    (common/threads.py) exactly as it does for a reader."""
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
+    return {**env, "PYTHONUNBUFFERED": "1"}
 
 
 def run(args, timeout=120, cwd=ROOT):
