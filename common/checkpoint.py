@@ -54,6 +54,10 @@ def load_checkpoint(path):
         raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}: {e})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {meta.get('format')}, this code reads format {FORMAT}")
+    bad = next((k for k, a in tensors.items() if a.dtype.kind == "f" and not np.isfinite(a).all()), None)
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite values in {bad}: the run that wrote it had "
+                              f"diverged; use an earlier checkpoint or train again with a lower --learning-rate")
     return tensors, meta
 
 

@@ -19,11 +19,18 @@ def decays(name, shape):
     return len(shape) == 2
 
 
+class Diverged(ArithmeticError):
+    """A non-finite loss or gradient: training stops before the optimizer writes it into the weights."""
+
+
 def clip_grad_norm(g, max_norm, norm=None):
     """Scale g in place so its L2 norm is at most max_norm (0: never); returns the norm before clipping.
-    A sharded caller passes the norm it reduced across ranks."""
+    A sharded caller passes the norm it reduced across ranks, so every rank raises Diverged together when
+    the norm is not finite."""
     if norm is None:
         norm = math.sqrt(float(np.dot(g, g)))
+    if not math.isfinite(norm):
+        raise Diverged(f"the gradient norm is {norm}")
     if max_norm > 0 and norm > max_norm:
         g *= max_norm / (norm + 1e-6)
     return norm
