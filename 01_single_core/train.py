@@ -9,21 +9,25 @@ from pathlib import Path
 import numpy as np
 
 from common.checkpoint import load_training_state, save_training_state, single_core_state
-from common.config import ConfigError, GPTConfig, Parser, TrainConfig, add_config_args, config_from_args, exit_with
+from common.config import (ConfigError, GPTConfig, ParallelConfig, Parser, TrainConfig, add_config_args,
+                           config_from_args, exit_with)
 from common.data import batch_offsets, eval_batches, get_batch, load_meta, load_tokens
 from common.loop import run_training
-from common.memory import reuse_freed_memory
+from common.memory import check_fits, estimate, reuse_freed_memory
 from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
 from common.optim import AdamW, clip_grad_norm, decays
+from common.threads import size_blas_pool
+
+CHAPTER = Path(__file__).parent.name
 
 
-def setup(argv, *extra, description=__doc__, defaults=None):
-    """Configs (GPTConfig, TrainConfig and any `extra` config classes, with a chapter's own `defaults`) and
-    data, all checked before any compute. Returns gpt_cfg, cfg, train and val tokens, then the extra configs."""
+def setup(argv, chapter=CHAPTER, description=__doc__, defaults=None, shown=None):
+    """Configs (with a chapter's own `defaults`, and only the parallel flags `chapter` implements) and data,
+    all checked before any compute. Returns gpt_cfg, train_cfg, train and val tokens, and the ParallelConfig."""
     parser = Parser(description=description.splitlines()[0])
-    add_config_args(parser, GPTConfig, TrainConfig, *extra, defaults=defaults)
-    gpt_cfg, cfg, *extras = config_from_args(parser.parse_args(argv), GPTConfig, TrainConfig, *extra,
-                                             defaults=defaults)
+    classes = GPTConfig, TrainConfig, ParallelConfig
+    add_config_args(parser, *classes, defaults=defaults, chapter=chapter, shown=shown)
+    gpt_cfg, cfg, par = config_from_args(parser.parse_args(argv), *classes, defaults=defaults, chapter=chapter)
     meta = load_meta(cfg.data_dir)
     if gpt_cfg.vocab_size not in (0, meta["vocab_size"]):
         raise ConfigError(f"--vocab-size {gpt_cfg.vocab_size} differs from the data's {meta['vocab_size']} "
@@ -37,7 +41,7 @@ def setup(argv, *extra, description=__doc__, defaults=None):
     ckpt = Path(cfg.out_dir) / "ckpt.npz"
     if cfg.resume and not ckpt.exists():
         raise ConfigError(f"--resume given but {ckpt} does not exist; train without --resume first")
-    return (gpt_cfg, cfg, train, val, *extras)
+    return gpt_cfg, cfg, train, val, par
 
 
 def build(gpt_cfg, cfg):
@@ -47,6 +51,13 @@ def build(gpt_cfg, cfg):
     params = init_params(gpt_cfg, cfg.seed, dtype)
     opt = AdamW(layout.mask(decays), cfg.beta1, cfg.beta2, cfg.weight_decay, dtype=dtype)
     return layout, params, np.zeros_like(params), opt
+
+
+def memory_estimate(gpt_cfg, cfg):
+    """{kind: bytes} this process will hold: the whole model, its gradient and AdamW, one batch's activations."""
+    n = gpt_layout(gpt_cfg).size
+    return estimate(gpt_cfg, np.dtype(cfg.dtype).itemsize, params=n, grads=n, optimizer=n, rows=cfg.batch_size,
+                    blocks=gpt_cfg.n_layer)
 
 
 def train_step(p, g, params, grads, opt, x, y, gpt_cfg, cfg, lr):
@@ -64,8 +75,10 @@ def evaluate(p, batches, gpt_cfg):
 
 
 def main(argv=None):
+    threads = size_blas_pool(host_ranks=1)
     try:
-        gpt_cfg, cfg, train, val = setup(argv)
+        gpt_cfg, cfg, train, val, _ = setup(argv)
+        budget = check_fits(memory_estimate(gpt_cfg, cfg), host=None)
     except ConfigError as e:
         exit_with(e)
     reuse_freed_memory()
@@ -79,7 +92,8 @@ def main(argv=None):
         except ConfigError as e:
             exit_with(e)
         print(f"resuming from {ckpt} at step {start}")
-    print(f"{layout.size:,} parameters, {cfg.dtype}, batch {cfg.batch_size} x {gpt_cfg.block_size} tokens")
+    print(f"{layout.size:,} parameters, {cfg.dtype}, batch {cfg.batch_size} x {gpt_cfg.block_size} tokens\n"
+          f"runtime: {threads}\n{budget.banner()}")
 
     val_batches = eval_batches(val, cfg, gpt_cfg.block_size)
 
@@ -93,6 +107,7 @@ def main(argv=None):
                  save=lambda step: save_training_state(ckpt, single_core_state(layout, params, opt), opt.t, step,
                                                      gpt_cfg, cfg),
                  metrics_path=Path(cfg.out_dir) / "metrics.jsonl")
+    print(budget.summary())
 
 
 if __name__ == "__main__":

@@ -15,10 +15,9 @@ import numpy as np
 from common.chapters import import_chapter
 from common.checkpoint import read_training_state, save_training_state
 from common.comm import checked, world
-from common.config import ParallelConfig
 from common.data import batch_offsets, eval_batches, get_batch
 from common.loop import run_training
-from common.memory import reuse_freed_memory
+from common.memory import check_fits, estimate, reuse_freed_memory
 from common.model import gpt_layout, init_params
 from common.optim import AdamW, clip_grad_norm, decays
 
@@ -27,11 +26,18 @@ tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
 
 
 def setup(argv, world_size):
-    gpt_cfg, cfg, train, val, par = single.setup(argv, ParallelConfig, description=__doc__,
-                                                 defaults={"out_dir": "out/tensor_parallel"})
+    gpt_cfg, cfg, train, val, par = single.setup(argv, chapter=Path(__file__).parent.name, description=__doc__,
+                                                 defaults={"out_dir": "out/tensor_parallel"}, shown={"tp": "every rank"})
     par.use_every_rank("tp", world_size)
     tp_lib.check_layout(gpt_cfg, par.tp, par.sequence_parallel)
     return gpt_cfg, cfg, train, val, par
+
+
+def memory_estimate(gpt_cfg, cfg, par):
+    """{kind: bytes} one rank will hold: its shards, their gradient and AdamW, its part of the activations."""
+    n = tp_lib.tp_layout(gpt_cfg, par.tp).size
+    return estimate(gpt_cfg, np.dtype(cfg.dtype).itemsize, params=n, grads=n, optimizer=n, rows=cfg.batch_size,
+                    blocks=gpt_cfg.n_layer, tp_size=par.tp, sp=par.sequence_parallel)
 
 
 def train_step(p, g, params, grads, opt, x, y, gpt_cfg, cfg, lr, layout, tp, sp):
@@ -47,6 +53,7 @@ def train_step(p, g, params, grads, opt, x, y, gpt_cfg, cfg, lr, layout, tp, sp)
 def main(argv=None):
     tp = world()
     gpt_cfg, cfg, train, val, par = checked(tp, setup, argv, tp.size)
+    budget = checked(tp, check_fits, memory_estimate(gpt_cfg, cfg, par), tp.host.comm)
     reuse_freed_memory()
     dtype = np.dtype(cfg.dtype)
     layout, local = gpt_layout(gpt_cfg), tp_lib.tp_layout(gpt_cfg, tp.size)
@@ -64,7 +71,8 @@ def main(argv=None):
             flat[...] = tp_lib.shard(state[part], local, gpt_cfg, tp.size, tp.rank, dtype)
     if tp.rank == 0:
         print(f"{layout.size:,} parameters, {local.size:,} on each of {tp.size} ranks, {cfg.dtype}, "
-              f"batch {cfg.batch_size} x {gpt_cfg.block_size} tokens" + (f", resuming at step {start}" if start else ""))
+              f"batch {cfg.batch_size} x {gpt_cfg.block_size} tokens" + (f", resuming at step {start}" if start else "") +
+              f"\nruntime: {tp.host.threads}\n{budget.banner()}")
 
     val_batches = eval_batches(val, cfg, gpt_cfg.block_size)
 
@@ -85,6 +93,8 @@ def main(argv=None):
 
     run_training(cfg, start, cfg.batch_size * gpt_cfg.block_size, step_fn, evaluate, save,
                  metrics_path=Path(cfg.out_dir) / "metrics.jsonl" if tp.rank == 0 else None, verbose=tp.rank == 0)
+    if tp.rank == 0:
+        print(budget.summary())
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ import numpy as np
 from common.chapters import import_chapter
 from common.checkpoint import save_training_state, single_core_state, load_training_state
 from common.comm import checked, world
-from common.config import ConfigError, ParallelConfig
+from common.config import ConfigError
 from common.data import batch_offsets, eval_batches, get_batch
 from common.loop import run_training
-from common.memory import reuse_freed_memory
+from common.memory import check_fits, estimate, reuse_freed_memory
 from common.model import gpt_backward, gpt_forward
 from common.optim import clip_grad_norm
 
@@ -25,14 +25,22 @@ single = import_chapter("01_single_core.train")
 dp_lib = import_chapter("03_data_parallel.data_parallel")
 
 
-def setup(argv, world_size, description=__doc__, defaults=None):
-    gpt_cfg, cfg, train, val, par = single.setup(argv, ParallelConfig, description=description,
-                                                 defaults={"out_dir": "out/data_parallel", **(defaults or {})})
+def setup(argv, world_size, chapter=Path(__file__).parent.name, description=__doc__, defaults=None):
+    gpt_cfg, cfg, train, val, par = single.setup(argv, chapter=chapter, description=description,
+                                                 defaults={"out_dir": "out/data_parallel", **(defaults or {})},
+                                                 shown={"dp": "every rank"})
     par.use_every_rank("dp", world_size)
     if cfg.batch_size % (par.dp * par.grad_accum):
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --dp {par.dp} x --grad-accum "
                           f"{par.grad_accum}; choose a multiple of {par.dp * par.grad_accum}")
     return gpt_cfg, cfg, train, val, par
+
+
+def memory_estimate(gpt_cfg, cfg, par):
+    """{kind: bytes} one rank will hold: the whole model, gradient and AdamW, one micro-batch's activations."""
+    n = single.gpt_layout(gpt_cfg).size
+    return estimate(gpt_cfg, np.dtype(cfg.dtype).itemsize, params=n, grads=n, optimizer=n,
+                    rows=cfg.batch_size // (par.dp * par.grad_accum), blocks=gpt_cfg.n_layer)
 
 
 def train_step(p, g, params, grads, opt, x, y, gpt_cfg, cfg, par, dp, sync, lr):
@@ -55,6 +63,7 @@ def train_step(p, g, params, grads, opt, x, y, gpt_cfg, cfg, par, dp, sync, lr):
 def main(argv=None):
     dp = world()
     gpt_cfg, cfg, train, val, par = checked(dp, setup, argv, dp.size)
+    budget = checked(dp, check_fits, memory_estimate(gpt_cfg, cfg, par), dp.host.comm)
     reuse_freed_memory()
     layout, params, grads, opt = single.build(gpt_cfg, cfg)      # the whole model on every rank
     p, g = layout.views(params), layout.views(grads)
@@ -64,7 +73,8 @@ def main(argv=None):
     if dp.rank == 0:
         print(f"{layout.size:,} parameters on each of {dp.size} ranks, {cfg.dtype}, global batch {cfg.batch_size} "
               f"x {gpt_cfg.block_size} tokens in {par.grad_accum} micro-batch(es) per rank, {par.dp_mode} "
-              f"all-reduce in {len(sync.buckets)} buckets" + (f", resuming at step {start}" if start else ""))
+              f"all-reduce in {len(sync.buckets)} buckets" + (f", resuming at step {start}" if start else "") +
+              f"\nruntime: {dp.host.threads}\n{budget.banner()}")
     val_batches = eval_batches(val, cfg, gpt_cfg.block_size)
 
     def step_fn(step, lr):
@@ -84,6 +94,8 @@ def main(argv=None):
                                                             lambda x, y: gpt_forward(p, x, y, gpt_cfg)[1]),
                  save=save,
                  metrics_path=Path(cfg.out_dir) / "metrics.jsonl" if dp.rank == 0 else None, verbose=dp.rank == 0)
+    if dp.rank == 0:
+        print(budget.summary())
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from common.comm import checked, world
 from common.config import ConfigError
 from common.data import batch_offsets, eval_batches, get_batch
 from common.loop import run_training
-from common.memory import reuse_freed_memory
+from common.memory import check_fits, estimate, reuse_freed_memory
 from common.model import gpt_backward, gpt_forward, gpt_layout, init_params, modules
 from common.optim import AdamW, decays
 
@@ -31,15 +31,27 @@ zero_lib = import_chapter("04_zero.zero")
 
 
 def setup(argv, world_size):
-    gpt_cfg, cfg, train, val, par = dp_train.setup(argv, world_size, description=__doc__,
+    gpt_cfg, cfg, train, val, par = dp_train.setup(argv, world_size, chapter=Path(__file__).parent.name,
+                                                   description=__doc__,
                                                    defaults={"out_dir": "out/zero", "zero_stage": 1, "bucket_mb": 0.25})
     if par.zero_stage not in zero_lib.STAGES:
         raise ConfigError(f"--zero-stage {par.zero_stage} is plain data parallelism: run 03_data_parallel/train.py, "
                           f"or choose stage 1, 2 or 3")
-    if par.tp != 1 or par.sequence_parallel:
-        raise ConfigError("04_zero shards the model state over data-parallel ranks only; --tp and "
-                          "--sequence-parallel combine with ZeRO-1 in 06_3d")
     return gpt_cfg, cfg, train, val, par
+
+
+def memory_estimate(gpt_cfg, cfg, par):
+    """{kind: bytes} one rank will hold: what its stage keeps of the model state (stage 3: its shard and the
+    part of the model being gathered; stages 2-3: a gradient bucket besides the shard), one micro-batch's
+    activations."""
+    layout = gpt_layout(gpt_cfg)
+    psi, stage = layout.size, par.zero_stage
+    shard = -(-psi // par.dp)
+    part = max(sum(int(np.prod(layout.shapes[n])) for n in names) for names in modules(gpt_cfg).values())
+    bucket = int(par.bucket_mb * 2 ** 20) // np.dtype(cfg.dtype).itemsize
+    return estimate(gpt_cfg, np.dtype(cfg.dtype).itemsize, params=shard + part if stage == 3 else psi,
+                    grads=psi if stage == 1 else shard + bucket, optimizer=shard,
+                    rows=cfg.batch_size // (par.dp * par.grad_accum), blocks=gpt_cfg.n_layer)
 
 
 def build(gpt_cfg, cfg, par, dp, params=None):
@@ -99,6 +111,8 @@ def memory_table(ledger):
 def main(argv=None):
     dp = world()
     gpt_cfg, cfg, train, val, par = checked(dp, setup, argv, dp.size)
+    budget = checked(dp, check_fits, memory_estimate(gpt_cfg, cfg, par), dp.host.comm, "--n-layer or --n-embd, or "
+                     "raise --zero-stage or the number of ranks")
     reuse_freed_memory()
     layout, zero, opt = build(gpt_cfg, cfg, par, dp)
     ckpt = Path(cfg.out_dir) / "ckpt.npz"
@@ -111,7 +125,7 @@ def main(argv=None):
         print(f"{layout.size:,} parameters, ZeRO stage {zero.stage} on {dp.size} ranks ({zero.hi - zero.lo:,} per "
               f"shard), {cfg.dtype}, global batch {cfg.batch_size} x {gpt_cfg.block_size} tokens in "
               f"{par.grad_accum} micro-batch(es) per rank, {len(zero.buckets)} gradient buckets"
-              + (f", resuming at step {start}" if start else ""))
+              + (f", resuming at step {start}" if start else "") + f"\nruntime: {dp.host.threads}\n{budget.banner()}")
     val_batches = eval_batches(val, cfg, gpt_cfg.block_size)
 
     def step_fn(step, lr):
@@ -135,6 +149,8 @@ def main(argv=None):
     run_training(cfg, start, cfg.batch_size * gpt_cfg.block_size, step_fn,
                  evaluate=lambda: evaluate(zero, val_batches, gpt_cfg, dp), save=save,
                  metrics_path=Path(cfg.out_dir) / "metrics.jsonl" if dp.rank == 0 else None, verbose=dp.rank == 0)
+    if dp.rank == 0:
+        print(budget.summary())
 
 
 if __name__ == "__main__":

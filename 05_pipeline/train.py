@@ -17,10 +17,10 @@ import numpy as np
 from common.chapters import import_chapter
 from common.checkpoint import read_training_state, save_training_state
 from common.comm import checked, world
-from common.config import ConfigError, ParallelConfig
+from common.config import ConfigError
 from common.data import batch_offsets, eval_batches, get_batch
 from common.loop import run_training
-from common.memory import reuse_freed_memory
+from common.memory import check_fits, estimate, reuse_freed_memory
 from common.model import gpt_layout, init_params
 from common.optim import AdamW, clip_grad_norm, decays
 
@@ -29,8 +29,8 @@ pipe = import_chapter("05_pipeline.pipeline")
 
 
 def setup(argv, world_size):
-    gpt_cfg, cfg, train, val, par = single.setup(argv, ParallelConfig, description=__doc__,
-                                                 defaults={"out_dir": "out/pipeline"})
+    gpt_cfg, cfg, train, val, par = single.setup(argv, chapter=Path(__file__).parent.name, description=__doc__,
+                                                 defaults={"out_dir": "out/pipeline"}, shown={"pp": "every rank"})
     par.use_every_rank("pp", world_size)
     if gpt_cfg.n_layer < par.pp:
         raise ConfigError(f"--n-layer {gpt_cfg.n_layer} is fewer than --pp {par.pp} stages, and every stage needs "
@@ -39,6 +39,17 @@ def setup(argv, world_size):
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --microbatches {par.microbatches}; "
                           f"choose a multiple of {par.microbatches}")
     return gpt_cfg, cfg, train, val, par
+
+
+def memory_estimate(gpt_cfg, cfg, par, stage):
+    """{kind: bytes} stage `stage` will hold: its tensors, their gradient and AdamW, and the activations of
+    the micro-batches its schedule keeps alive at once (afab: all M; 1f1b: at most P - stage)."""
+    n = pipe.stage_layout(gpt_cfg, stage, par.pp).size
+    M = par.microbatches
+    alive = M if par.schedule == "afab" else min(par.pp - stage, M)
+    return estimate(gpt_cfg, np.dtype(cfg.dtype).itemsize, params=n, grads=n, optimizer=n, rows=cfg.batch_size // M,
+                    blocks=len(pipe.split_layers(gpt_cfg.n_layer, par.pp)[stage]), first=stage == 0,
+                    last=stage == par.pp - 1, alive=alive)
 
 
 def build(gpt_cfg, cfg, stage, pp, full=None):
@@ -90,6 +101,8 @@ def timeline(st, pp, cfg, gpt_cfg, par, itemsize):
 def main(argv=None):
     pp = world()
     gpt_cfg, cfg, train, val, par = checked(pp, setup, argv, pp.size)
+    budget = checked(pp, check_fits, memory_estimate(gpt_cfg, cfg, par, pp.rank), pp.host.comm,
+                     "--n-layer or --n-embd, or raise --pp")
     reuse_freed_memory()
     stage = pp.rank
     layout, params, grads, opt = build(gpt_cfg, cfg, stage, pp.size)
@@ -107,7 +120,8 @@ def main(argv=None):
         stages = ", ".join(f"{len(r)} block(s)" for r in pipe.split_layers(gpt_cfg.n_layer, pp.size))
         print(f"{gpt_layout(gpt_cfg).size:,} parameters in {pp.size} stage(s) of {stages}, {cfg.dtype}, batch "
               f"{cfg.batch_size} x {gpt_cfg.block_size} tokens in {par.microbatches} micro-batches, {par.schedule} "
-              f"schedule" + (f", resuming at step {start}" if start else ""))
+              f"schedule" + (f", resuming at step {start}" if start else "") +
+              f"\nruntime: {pp.host.threads}\n{budget.banner('on stage 0')}")
     val_batches = eval_batches(val, cfg, gpt_cfg.block_size)
 
     def step_fn(step, lr):
@@ -132,6 +146,8 @@ def main(argv=None):
     run_training(cfg, start, cfg.batch_size * gpt_cfg.block_size, step_fn,
                  evaluate=lambda: evaluate(st, val_batches, par, pp), save=save,
                  metrics_path=Path(cfg.out_dir) / "metrics.jsonl" if pp.rank == 0 else None, verbose=pp.rank == 0)
+    if pp.rank == 0:
+        print(budget.summary())
 
 
 if __name__ == "__main__":

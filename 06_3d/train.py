@@ -21,10 +21,9 @@ import numpy as np
 from common.chapters import import_chapter
 from common.checkpoint import read_training_state, save_training_state
 from common.comm import checked, world
-from common.config import ParallelConfig
 from common.data import batch_offsets, eval_batches, get_batch
 from common.loop import run_training
-from common.memory import reuse_freed_memory
+from common.memory import check_fits, estimate, reuse_freed_memory
 from common.model import gpt_layout, init_params
 from common.optim import clip_grad_norm
 
@@ -37,10 +36,24 @@ zero_lib = import_chapter("04_zero.zero")
 
 
 def setup(argv, world_size):
-    gpt_cfg, cfg, train, val, par = single.setup(argv, ParallelConfig, description=__doc__,
-                                                 defaults={"out_dir": "out/3d", "batch_size": 32})
+    gpt_cfg, cfg, train, val, par = single.setup(argv, chapter=Path(__file__).parent.name, description=__doc__,
+                                                 defaults={"out_dir": "out/3d", "batch_size": 32},
+                                                 shown={"dp": "the ranks left by tp x pp"})
     grid_lib.check(gpt_cfg, cfg, par, world_size)
     return gpt_cfg, cfg, train, val, par
+
+
+def memory_estimate(gpt_cfg, cfg, par, rank):
+    """{kind: bytes} world rank `rank` will hold: its shards of its stage, their gradient and AdamW (ZeRO-1:
+    1/dp of it), the activations its schedule keeps alive (chapter 05) of its rows, split over tp (chapter 02)."""
+    _, stage, _ = grid_lib.coords(rank, par.tp, par.pp)
+    n = grid_lib.local_layout(gpt_cfg, stage, par.pp, par.tp).size
+    M = par.microbatches
+    return estimate(gpt_cfg, np.dtype(cfg.dtype).itemsize, params=n, grads=n,
+                    optimizer=-(-n // par.dp) if par.zero_stage else n, rows=cfg.batch_size // (par.dp * M),
+                    blocks=len(pipe.split_layers(gpt_cfg.n_layer, par.pp)[stage]), first=stage == 0,
+                    last=stage == par.pp - 1, alive=M if par.schedule == "afab" else min(par.pp - stage, M),
+                    tp_size=par.tp, sp=par.sequence_parallel)
 
 
 def train_step(part, x, y, cfg, par, lr):
@@ -108,6 +121,8 @@ def rank_map(par):
 def main(argv=None):
     comm = world()
     gpt_cfg, cfg, train, val, par = checked(comm, setup, argv, comm.size)
+    budget = checked(comm, check_fits, memory_estimate(gpt_cfg, cfg, par, comm.rank), comm.host.comm,
+                     "--n-layer or --n-embd, or raise --tp, --pp or --zero-stage")
     reuse_freed_memory()
     grid = grid_lib.Grid.build(comm, par.tp, par.pp, par.dp)
     part = grid_lib.Part(gpt_cfg, cfg, par, grid, init_params(gpt_cfg, cfg.seed, np.dtype(cfg.dtype)))
@@ -121,7 +136,8 @@ def main(argv=None):
         print(f"{gpt_layout(gpt_cfg).size:,} parameters on a grid of tp {par.tp} x pp {par.pp} x dp {par.dp}"
               f"{' (sequence parallel)' if par.sequence_parallel else ''}{', ZeRO-1' if par.zero_stage else ''}, "
               f"{cfg.dtype}, batch {cfg.batch_size} x {gpt_cfg.block_size} tokens, {par.microbatches} micro-batches "
-              f"per replica, {par.schedule}" + (f", resuming at step {start}" if start else "") + "\n" + rank_map(par))
+              f"per replica, {par.schedule}" + (f", resuming at step {start}" if start else "") +
+              f"\nruntime: {comm.host.threads}\n{budget.banner('on world rank 0')}\n" + rank_map(par))
     val_batches = eval_batches(val, cfg, gpt_cfg.block_size)
 
     def step_fn(step, lr):
@@ -148,6 +164,8 @@ def main(argv=None):
                  evaluate=lambda: evaluate(part, val_batches, par), save=save,
                  metrics_path=Path(cfg.out_dir) / "metrics.jsonl" if comm.rank == 0 else None,
                  verbose=comm.rank == 0)
+    if comm.rank == 0:
+        print(budget.summary())
 
 
 if __name__ == "__main__":

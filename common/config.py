@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -27,13 +27,19 @@ def exit_with(error):
     sys.exit(2)
 
 
+def option(default, help, chapters=(), choices=None):
+    """A config field with its --help text (units) and choices, and, for a parallel setting, the chapters whose
+    scripts implement it."""
+    return field(default=default, metadata={"help": help, "chapters": chapters, "choices": choices})
+
+
 @dataclass
 class GPTConfig:
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64
-    vocab_size: int = 0  # 0: take it from the dataset's meta.json
+    n_layer: int = option(4, "transformer blocks")
+    n_head: int = option(4, "attention heads per block")
+    n_embd: int = option(128, "width of the residual stream, a multiple of --n-head")
+    block_size: int = option(64, "context length in tokens")
+    vocab_size: int = option(0, "symbols in the vocabulary; 0 takes it from the dataset's meta.json")
 
     def validate(self):
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
@@ -52,24 +58,24 @@ class GPTConfig:
 
 @dataclass
 class TrainConfig:
-    data_dir: str = "data/shakespeare_char"
-    out_dir: str = "out/single_core"
-    batch_size: int = 12
-    max_iters: int = 2000
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    lr_decay_iters: int = 2000
-    beta1: float = 0.9
-    beta2: float = 0.99
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # 0 disables clipping
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 10
-    dtype: str = "float32"
-    seed: int = 1337
-    resume: bool = False  # continue from out_dir/ckpt.npz
+    data_dir: str = option("data/shakespeare_char", "folder made by data/prepare.py (train.bin, val.bin, meta.json)")
+    out_dir: str = option("out/single_core", "folder for ckpt.npz and metrics.jsonl")
+    batch_size: int = option(12, "sequences per optimizer step, the whole (global) batch")
+    max_iters: int = option(2000, "optimizer steps to train for")
+    learning_rate: float = option(1e-3, "peak learning rate, reached after the warm-up")
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = option(100, "steps of linear warm-up")
+    lr_decay_iters: int = option(2000, "step at which the cosine decay reaches --min-lr")
+    beta1: float = option(0.9, "AdamW's decay of the gradient's running mean, in [0, 1)")
+    beta2: float = option(0.99, "AdamW's decay of the squared gradient's running mean, in [0, 1)")
+    weight_decay: float = option(0.1, "AdamW's decoupled weight decay of matrices and embeddings")
+    grad_clip: float = option(1.0, "largest global gradient L2 norm, larger ones are scaled down (0: never)")
+    eval_interval: int = option(250, "steps between val evaluations; each one also saves the checkpoint")
+    eval_iters: int = option(20, "val batches per evaluation")
+    log_interval: int = option(10, "steps between progress lines")
+    dtype: str = option("float32", "float32 to train, float64 to check exactness", choices=("float32", "float64"))
+    seed: int = option(1337, "seed of the initial weights and of the batch sampler")
+    resume: bool = option(False, "continue from <out-dir>/ckpt.npz where it stopped")
 
     def validate(self):
         for name in ("batch_size", "eval_interval", "eval_iters", "log_interval"):
@@ -91,20 +97,32 @@ class TrainConfig:
             raise ConfigError(f"--warmup-iters {self.warmup_iters} exceeds --lr-decay-iters {self.lr_decay_iters}")
 
 
+TP, DP, ZERO, PP, GRID = "02_tensor_parallel", "03_data_parallel", "04_zero", "05_pipeline", "06_3d"
+
+
 @dataclass
 class ParallelConfig:
-    """How the model is split across MPI ranks; each chapter reads the fields it implements."""
-    tp: int = 1  # tensor-parallel ranks (02_tensor_parallel)
-    sequence_parallel: bool = False  # with tp: split LayerNorm and residual activations along the sequence
-    dp: int = 1  # data-parallel ranks (03_data_parallel)
-    grad_accum: int = 1  # micro-batches per rank and step, communicating after the last
-    dp_mode: str = "overlapped"  # naive | bucketed | overlapped gradient all-reduce
-    bucket_mb: float = 1.0  # bucket size of the bucketed and overlapped modes
-    check_replicas: int = 1  # assert identical parameters on all data-parallel ranks every N steps (0: never)
-    zero_stage: int = 0  # ZeRO (04_zero): 1 shards optimizer state, 2 also gradients, 3 also parameters
-    pp: int = 1  # pipeline stages (05_pipeline)
-    microbatches: int = 4  # micro-batches that flow through the pipeline each step
-    schedule: str = "1f1b"  # afab (GPipe: all forwards, then all backwards) | 1f1b
+    """How the model is split across MPI ranks; each chapter offers the flags of the fields it implements."""
+    tp: int = option(1, "tensor-parallel ranks, each holding 1/tp of every weight matrix; must divide --n-head",
+                     (TP, GRID))
+    sequence_parallel: bool = option(False, "with --tp: also split LayerNorm and residual activations along the "
+                                     "sequence", (TP, GRID))
+    dp: int = option(1, "data-parallel replicas, each taking its rows of the batch", (DP, ZERO, GRID))
+    grad_accum: int = option(1, "micro-batches per replica and step; gradients are reduced after the last",
+                             (DP, ZERO))
+    dp_mode: str = option("overlapped", "the gradient all-reduce: per tensor, in buckets, or in buckets started "
+                          "during the backward", (DP, GRID), ("naive", "bucketed", "overlapped"))
+    bucket_mb: float = option(1.0, "gradient bucket size in MiB (bucketed and overlapped modes, ZeRO)",
+                              (DP, ZERO, GRID))
+    check_replicas: int = option(1, "steps between checks that every replica holds identical parameters "
+                                 "(0: never)", (DP, ZERO, GRID))
+    zero_stage: int = option(0, "ZeRO shards the optimizer state (1), also the gradients (2), also the "
+                             "parameters (3)", (ZERO, GRID), (0, 1, 2, 3))
+    pp: int = option(1, "pipeline stages, each holding consecutive blocks", (PP, GRID))
+    microbatches: int = option(4, "micro-batches that flow through the pipeline each step (per replica)",
+                               (PP, GRID))
+    schedule: str = option("1f1b", "all forwards then all backwards (GPipe), or one forward one backward",
+                           (PP, GRID), ("afab", "1f1b"))
 
     def use_every_rank(self, axis, world_size):
         """A chapter with one parallel axis: that axis defaults to every rank mpirun started, and must equal it."""
@@ -134,27 +152,62 @@ def flag(name):
     return name.replace("_", "-")
 
 
-def add_config_args(parser, *classes, defaults=None):
-    """Add `--config` and one dashed flag per dataclass field; defaults stay None so set flags are known
-    (`defaults` only changes the help: config_from_args applies them)."""
+GROUPS = {"GPTConfig": "model", "TrainConfig": "training", "ParallelConfig": "parallelism of this chapter"}
+
+
+def offered(cls, chapter):
+    """The fields of `cls` a script of `chapter` takes: all, except parallel settings it does not implement."""
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("chapters") or chapter in f.metadata["chapters"]]
+
+
+def elsewhere(f, chapter):
+    """The one-line refusal of a flag that belongs to other chapters."""
+    *some, last = f.metadata["chapters"]
+    where = f"{', '.join(some)} and {last}" if some else last
+    return ConfigError(f"--{flag(f.name)} is not a setting of {chapter or 'this script'}: it belongs to {where}; "
+                       f"run {f.metadata['chapters'][0]}/train.py for it")
+
+
+def add_config_args(parser, *classes, defaults=None, chapter=None, shown=None):
+    """Add `--config` and one dashed flag per field a script of `chapter` implements, grouped and explained;
+    a parallel flag of another chapter is refused by name. Defaults stay None so set flags are known
+    (`defaults`, and `shown` for what only the help says, e.g. "every rank", change the help alone)."""
     parser.add_argument("--config", help="JSON file of field values (flags given here override it)")
-    defaults = defaults or {}
+    shown = {**(defaults or {}), **(shown or {})}
     for cls in classes:
-        group = parser.add_argument_group(cls.__name__)
-        for f in dataclasses.fields(cls):
-            shown = f"default: {defaults.get(f.name, f.default)}"
+        fields = offered(cls, chapter)
+        group = parser.add_argument_group(GROUPS.get(cls.__name__, cls.__name__))
+        for f in fields:
+            text = f"{f.metadata.get('help', '')} (default: {shown.get(f.name, f.default)})"
             if f.type in (bool, "bool"):
                 group.add_argument(f"--{flag(f.name)}", dest=f.name, action=argparse.BooleanOptionalAction,
-                                   default=None, help=shown)
+                                   default=None, help=text)
             else:
                 kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-                group.add_argument(f"--{flag(f.name)}", dest=f.name, type=kind, default=None,
-                                   metavar=f.name.upper(), help=shown)
+                choices = f.metadata.get("choices")
+                shape = "{" + ",".join(map(str, choices)) + "}" if choices else {int: "N", float: "X"}.get(kind, "S")
+                group.add_argument(f"--{flag(f.name)}", dest=f.name, type=kind, default=None, metavar=shape,
+                                   help=text)
+        for f in dataclasses.fields(cls):
+            if f not in fields:
+                names = [f"--{flag(f.name)}"] + ([f"--no-{flag(f.name)}"] if f.type in (bool, "bool") else [])
+                parser.add_argument(*names, action=_Refuse, nargs="?", help=argparse.SUPPRESS,
+                                    refusal=elsewhere(f, chapter))
 
 
-def config_from_args(args, *classes, defaults=None):
+class _Refuse(argparse.Action):
+    def __init__(self, *args, refusal, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.refusal = refusal
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise self.refusal
+
+
+def config_from_args(args, *classes, defaults=None, chapter=None):
     """Build one instance per dataclass from its defaults, a script's own `defaults` ({field: value}), the JSON
-    file and the flags, in that order of precedence; validate each."""
+    file and the flags, in that order of precedence; validate each. A JSON key the chapter does not implement
+    is refused like its flag."""
     values = dict(defaults or {})
     if args.config:
         path = Path(args.config)
@@ -166,7 +219,11 @@ def config_from_args(args, *classes, defaults=None):
             raise ConfigError(f"--config {path} is not valid JSON ({e})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {path} must hold one JSON object of field names and values")
-        fields = {f.name: f for cls in classes for f in dataclasses.fields(cls)}
+        every = {f.name: f for cls in classes for f in dataclasses.fields(cls)}
+        fields = {f.name: f for cls in classes for f in offered(cls, chapter)}
+        for name in loaded:
+            if name in every and name not in fields:
+                raise ConfigError(f"--config {path}: {elsewhere(every[name], chapter)}")
         unknown = sorted(set(loaded) - set(fields))
         if unknown:
             raise ConfigError(f"--config {path} has unknown keys {unknown}; known keys are {sorted(fields)}")
