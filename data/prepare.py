@@ -33,8 +33,8 @@ def download(url):
         # URLError hides the useful part in .reason; HTTPError's str already has code and reason.
         reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
         raise PrepareError(
-            f"could not download tiny Shakespeare from {url} ({reason}); download it yourself "
-            "and run: python data/prepare.py --source path/to/input.txt"
+            f"could not download tiny Shakespeare from {url} ({reason}); download it yourself and run "
+            "make demo CORPUS=path/to/input.txt (or: python data/prepare.py --source path/to/input.txt)"
         ) from None
 
 

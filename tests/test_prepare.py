@@ -101,7 +101,7 @@ def test_rerun_reuses_existing_input_txt_without_downloading(corpus, tmp_path, c
     assert {name: (out / name).read_bytes() for name in first} == first
 
 
-def test_download_failure_exits_2_and_suggests_source(tmp_path, capsys, monkeypatch):
+def test_download_failure_exits_2_and_names_both_ways_to_use_a_local_copy(tmp_path, capsys, monkeypatch):
     def urlopen(*args, **kwargs):
         raise urllib.error.URLError("no network in tests")
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
@@ -109,7 +109,8 @@ def test_download_failure_exits_2_and_suggests_source(tmp_path, capsys, monkeypa
     assert prepare.main(["--out-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: could not download") and err.count("\n") == 1
-    assert prepare.URL in err and "no network in tests" in err and "--source" in err
+    assert prepare.URL in err and "no network in tests" in err
+    assert "make demo CORPUS=path/to/input.txt" in err and "python data/prepare.py --source" in err
     assert not (tmp_path / "out").exists()
 
 
