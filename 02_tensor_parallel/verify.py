@@ -1,6 +1,6 @@
 """Prove that the tensor-parallel model computes exactly what the single-core model computes.
 
-    mpirun -n 2 python 02_tensor_parallel/verify.py          # also -n 1 and -n 4; float64, a tiny model
+    mpirun -n 2 python 02_tensor_parallel/verify.py          # -n 1, 2 or 4 (divisors of n_head); float64, a tiny model
     mpirun -n 2 python 02_tensor_parallel/verify.py --sequence-parallel
 
 Both models start from the same weights and take the same AdamW steps on the same batches, in this one job.
@@ -12,7 +12,7 @@ import numpy as np
 from common.checks import Report
 from common.chapters import import_chapter
 from common.comm import checked, world
-from common.config import GPTConfig, Parser
+from common.config import ConfigError, GPTConfig, Parser
 from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
 from common.optim import AdamW, clip_grad_norm, decays
 
@@ -30,7 +30,14 @@ def setup(argv, tp):
     args = parser.parse_args(argv)
     cfg = GPTConfig(n_layer=2, n_head=args.n_head, n_embd=4 * args.n_head, block_size=8, vocab_size=args.vocab_size)
     cfg.validate()
-    tp_lib.check_layout(cfg, tp, args.sequence_parallel)
+    # this script's ranks are all tensor-parallel: name the -n that fit, not train.py's --tp
+    sp = args.sequence_parallel
+    sizes = [n for n in range(1, cfg.n_head + 1) if cfg.n_head % n == 0 and (not sp or cfg.block_size % n == 0)]
+    if tp not in sizes:
+        split = (f"n_head={cfg.n_head}" if cfg.n_head % tp else
+                 f"block_size={cfg.block_size}, which --sequence-parallel splits")
+        other = f", or give --n-head a multiple of {tp}" if not sp or cfg.block_size % tp == 0 else ""
+        raise ConfigError(f"{tp} ranks do not divide {split}; run mpirun -n with one of {sizes}{other}")
     return args, cfg
 
 

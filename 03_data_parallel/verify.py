@@ -1,12 +1,14 @@
 """Prove that data parallelism, in every mode and with gradient accumulation, computes what single core computes.
 
-    mpirun -n 2 python 03_data_parallel/verify.py            # also -n 1 and -n 4; float64, a tiny model
+    mpirun -n 2 python 03_data_parallel/verify.py            # any -n: the batch grows with it; float64, a tiny model
 
 For each --dp-mode (naive, bucketed, overlapped) and --grad-accum (1, 2, 4), the real train_step of
 03_data_parallel/train.py and the single-core train_step of chapter 01 take the same AdamW steps on the same
 global batches from the same weights. Rows: the losses, all parameters after the steps, the replicas'
 agreement, and the all-reduce ledger of one step against the formula.
 """
+import math
+
 from common.checks import Report
 from common.chapters import import_chapter
 from common.comm import checked, world
@@ -18,6 +20,7 @@ dp_train = import_chapter("03_data_parallel.train")
 dp_lib = import_chapter("03_data_parallel.data_parallel")
 TOL = 1e-10
 MODES, ACCUMS = ("naive", "bucketed", "overlapped"), (1, 2, 4)
+ROWS = 2   # per rank and micro-batch at the deepest accumulation
 
 
 def setup(argv):
@@ -39,7 +42,8 @@ def main(argv=None):
     dp = world()
     args = checked(dp, setup, argv)
     gpt_cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
-    cfg = TrainConfig(batch_size=16, dtype="float64", learning_rate=1e-2, seed=0)
+    # every accumulation must split the batch evenly over the ranks, or the check itself would be wrong
+    cfg = TrainConfig(batch_size=dp.size * math.lcm(*ACCUMS) * ROWS, dtype="float64", learning_rate=1e-2, seed=0)
     batches, start, ref_losses, ref_params, _ = reference(gpt_cfg, cfg, args.steps)
 
     def fresh():

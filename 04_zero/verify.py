@@ -1,6 +1,6 @@
 """Prove that ZeRO stages 1, 2 and 3, with gradient accumulation, compute what single core computes.
 
-    mpirun -n 2 python 04_zero/verify.py            # also -n 1, 3 (uneven shards) and 4; float64, a tiny model
+    mpirun -n 2 python 04_zero/verify.py            # any -n (3: uneven shards): the batch grows with it; float64
 
 For each stage and --grad-accum 1 and 2, the real train_step of 04_zero/train.py and the single-core
 train_step of chapter 01 take the same AdamW steps on the same global batches from the same weights. Rows:
@@ -9,6 +9,8 @@ step against zero.comm_formula; this rank's model-state bytes, measured from its
 paper's formula; the peak of gathered weights against the largest part of the model (a weight that some
 reference keeps alive after its release would raise it); and no transient buffer alive after a step.
 """
+import math
+
 import numpy as np
 
 from common.checks import Report
@@ -21,6 +23,7 @@ zero_train = import_chapter("04_zero.train")
 zero_lib = import_chapter("04_zero.zero")
 TOL = 1e-10
 ACCUMS = (1, 2)
+ROWS = 2   # per rank and micro-batch at the deepest accumulation
 
 
 def setup(argv):
@@ -38,7 +41,8 @@ def main(argv=None):
     dp = world()
     args = checked(dp, setup, argv)
     gpt_cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
-    cfg = TrainConfig(batch_size=4 * dp.size, dtype="float64", learning_rate=1e-2, seed=0)   # 2 rows per micro-batch
+    # every accumulation must split the batch evenly over the ranks, or the check itself would be wrong
+    cfg = TrainConfig(batch_size=dp.size * math.lcm(*ACCUMS) * ROWS, dtype="float64", learning_rate=1e-2, seed=0)
     batches, start, ref_losses, ref_params, ref_opt = reference(gpt_cfg, cfg, args.steps)
     layout = zero_train.gpt_layout(gpt_cfg)
     itemsize = ref_params.itemsize

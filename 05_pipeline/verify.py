@@ -1,7 +1,7 @@
 """Prove that pipeline parallelism, with both schedules and any number of micro-batches, computes what single
 core computes.
 
-    mpirun -n 2 python 05_pipeline/verify.py            # also -n 1, 3 (uneven stages) and 4; float64, a tiny model
+    mpirun -n 2 python 05_pipeline/verify.py            # -n 1 to 4, one per layer (3: uneven stages); float64
 
 For each --schedule (afab, 1f1b) and --microbatches (1, 4, 8), the real train_step of 05_pipeline/train.py
 and the single-core train_step of chapter 01 take the same AdamW steps on the same batches from the same
@@ -15,7 +15,7 @@ import numpy as np
 from common.checks import Report
 from common.chapters import import_chapter
 from common.comm import checked, world
-from common.config import GPTConfig, Parser, ParallelConfig, TrainConfig
+from common.config import ConfigError, GPTConfig, Parser, ParallelConfig, TrainConfig
 
 reference = import_chapter("01_single_core.verify").reference
 pipe_train = import_chapter("05_pipeline.train")
@@ -24,10 +24,15 @@ TOL = 1e-10
 SCHEDULES, MICROBATCHES = ("afab", "1f1b"), (1, 4, 8)
 
 
-def setup(argv):
+def setup(argv, world_size):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    gpt_cfg = GPTConfig(n_layer=4, n_head=2, n_embd=16, block_size=8, vocab_size=11)
+    if world_size > gpt_cfg.n_layer:
+        raise ConfigError(f"{world_size} stages > {gpt_cfg.n_layer} layers: every stage needs a block; run mpirun "
+                          f"-n 1 to {gpt_cfg.n_layer}")
+    return args, gpt_cfg
 
 
 def every_rank(comm, values):
@@ -38,8 +43,7 @@ def every_rank(comm, values):
 
 def main(argv=None):
     pp = world()
-    args = checked(pp, setup, argv)
-    gpt_cfg = GPTConfig(n_layer=4, n_head=2, n_embd=16, block_size=8, vocab_size=11)
+    args, gpt_cfg = checked(pp, setup, argv, pp.size)
     cfg = TrainConfig(batch_size=8, dtype="float64", learning_rate=1e-2, seed=0)
     batches, start, ref_losses, ref_params, ref_opt = reference(gpt_cfg, cfg, args.steps)
     layout = pipe_train.gpt_layout(gpt_cfg)

@@ -1,7 +1,7 @@
 """Prove that every 3D layout of the job's ranks, with and without sequence parallelism and ZeRO-1, computes
 what single core computes.
 
-    mpirun -n 8 python 06_3d/verify.py            # every (tp, pp, dp) of 8 ranks; also -n 4, -n 2, -n 1
+    mpirun -n 8 python 06_3d/verify.py            # every (tp, pp, dp) of 8 ranks; any -n has at least (1, 1, n)
     mpirun -n 8 python 06_3d/verify.py --tp 2 --pp 2 --dp 2
 
 For each layout (tp x pp x dp = the number of ranks, tp dividing the 4 heads, pp at most the 4 layers), and
@@ -18,13 +18,21 @@ import numpy as np
 from common.checks import Report
 from common.chapters import import_chapter
 from common.comm import checked, world
-from common.config import GPTConfig, Parser, ParallelConfig, TrainConfig
+from common.config import ConfigError, GPTConfig, Parser, ParallelConfig, TrainConfig
 
 reference = import_chapter("01_single_core.verify").reference
 train3d = import_chapter("06_3d.train")
 grid_lib = import_chapter("06_3d.grid")
+tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
 TOL = 1e-10
 GPT = GPTConfig(n_layer=4, n_head=4, n_embd=16, block_size=8, vocab_size=11)
+
+
+def grids(tp=None, pp=None):
+    """(tp, pp) pairs the model can take, tp dividing its heads and every stage holding a block, that agree with
+    the sizes asked for (None: any)."""
+    return [(t, p) for t, p in itertools.product(range(1, GPT.n_head + 1), range(1, GPT.n_layer + 1))
+            if GPT.n_head % t == 0 and tp in (None, t) and pp in (None, p)]
 
 
 def setup(argv, world_size):
@@ -33,12 +41,24 @@ def setup(argv, world_size):
     for axis in ("tp", "pp", "dp"):
         parser.add_argument(f"--{axis}", type=int, help="only layouts with this size (default: all)")
     args = parser.parse_args(argv)
-    layouts = [(t, p, world_size // (t * p)) for t, p in itertools.product(range(1, world_size + 1), repeat=2)
-               if world_size % (t * p) == 0 and GPT.n_head % t == 0 and p <= GPT.n_layer]
-    args.layouts = [lay for lay in layouts if all(want in (None, got) for want, got
-                                                  in zip((args.tp, args.pp, args.dp), lay))]
+    given = {axis: getattr(args, axis) for axis in ("tp", "pp", "dp") if getattr(args, axis) is not None}
+    for axis, size in given.items():
+        if size < 1:
+            raise ConfigError(f"--{axis} must be a positive integer, got {size}")
+    if args.tp is not None:
+        tp_lib.check_layout(GPT, args.tp)
+    if args.pp is not None and args.pp > GPT.n_layer:
+        raise ConfigError(f"--pp {args.pp} stages > {GPT.n_layer} layers: every stage needs a block; choose --pp of "
+                          f"at most {GPT.n_layer}")
+    pairs = grids(args.tp, args.pp)
+    args.layouts = [(t, p, world_size // (t * p)) for t, p in pairs
+                    if world_size % (t * p) == 0 and args.dp in (None, world_size // (t * p))]
     if not args.layouts:
-        raise ValueError("no layout of the ranks matches --tp/--pp/--dp")
+        sizes = sorted({t * p * args.dp for t, p in pairs}) if args.dp else []
+        fits = (f"with a multiple of {min(t * p for t, p in pairs)}" if not sizes else
+                f"{sizes[0]}" if len(sizes) == 1 else f"with one of {sizes}")
+        raise ConfigError(f"{' '.join(f'--{axis} {size}' for axis, size in given.items())} fits no tp x pp x dp of "
+                          f"{world_size} ranks (pp at most {GPT.n_layer}); run mpirun -n {fits}")
     return args
 
 
