@@ -9,8 +9,8 @@ Each data-parallel replica takes its rows of the batch, in --microbatches pieces
 pipeline stages; inside a stage, the tensor-parallel ranks split every weight matrix. See grid.py.
 The default batch is 32 rows (chapter 01: 12), so that it splits over 1, 2, 4 or 8 replicas x 4 micro-batches.
 Checkpoints hold whole tensors: they resume under any other layout, or on one core. After the first step,
-rank 0 writes <out_dir>/ledger.json: every rank's grid coordinates, model-state bytes, peak resident memory
-and bytes per axis (measured and formula).
+rank 0 writes <out_dir>/ledger.json: every rank's grid coordinates, host and BLAS threads, model-state bytes,
+peak resident memory and bytes per axis (measured and formula).
 """
 import json
 import resource
@@ -100,11 +100,14 @@ def evaluate(part, batches, par):
 
 
 def ledger(part, batch_size):
-    """Every rank's coordinates, model-state bytes, peak resident memory and the bytes its first step passed
-    to each axis's communicator beside grid.ledger_formula: on rank 0 (None elsewhere)."""
+    """Every rank's coordinates, host (as MPI groups ranks) and BLAS threads, model-state bytes, peak resident
+    memory and the bytes its first step passed to each axis's communicator beside grid.ledger_formula: on rank 0
+    (None elsewhere)."""
     grid, opt = part.grid, part.opt
     comms = {"tp": grid.tp, "pp": grid.pp, "dp": grid.dp, "ends": grid.ends}
+    host = grid.world.host
     mine = {"rank": grid.world.rank, "tp": grid.tp.rank, "pp": grid.pp.rank, "dp": grid.dp.rank,
+            "host": host.index, "host_ranks": host.comm.size, "blas_threads": host.threads.blas,
             "parameters": zero_lib.owned_bytes(part.params), "gradients": zero_lib.owned_bytes(part.grads),
             "optimizer": zero_lib.owned_bytes(opt.m) + zero_lib.owned_bytes(opt.v),
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
