@@ -13,7 +13,6 @@ rank 0 writes <out_dir>/ledger.json: every rank's grid coordinates, host and BLA
 peak resident memory and bytes per axis (measured and formula).
 """
 import json
-import resource
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from common.checkpoint import read_training_state, save_training_state
 from common.comm import checked, world
 from common.data import batch_offsets, eval_batches, get_batch
 from common.loop import run_training
-from common.memory import check_fits, estimate, reuse_freed_memory
+from common.memory import check_fits, estimate, peak_rss, reuse_freed_memory
 from common.model import gpt_layout, init_params
 from common.optim import clip_grad_norm
 
@@ -110,7 +109,7 @@ def ledger(part, batch_size):
             "host": host.index, "host_ranks": host.comm.size, "blas_threads": host.threads.blas,
             "parameters": zero_lib.owned_bytes(part.params), "gradients": zero_lib.owned_bytes(part.grads),
             "optimizer": zero_lib.owned_bytes(opt.m) + zero_lib.owned_bytes(opt.v),
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss": peak_rss(),
             "comm": {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()} for axis, c in comms.items()},
             "comm_formula": grid_lib.ledger_formula(part, batch_size)}
     return grid.world.gather_object(mine)

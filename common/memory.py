@@ -98,9 +98,14 @@ def available_bytes():
 
 
 def peak_rss():
-    """This process's peak resident memory in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    """This process's peak resident memory in bytes: the kernel's high-water mark of its pages (Linux), else
+    getrusage's ru_maxrss, which Linux carries over from a parent that forked (KiB there, bytes on macOS)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 def size(nbytes):
