@@ -30,7 +30,10 @@ def save_checkpoint(path, tensors, meta):
     arrays = dict(tensors)
     arrays["meta"] = np.frombuffer(json.dumps({"format": FORMAT, **meta}).encode(), dtype=np.uint8)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)           # mkstemp's file is private; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()

@@ -1,5 +1,6 @@
 """Checkpoints: exact round trips, atomic writes, and a CheckpointError naming the file for every bad one."""
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -130,3 +131,13 @@ def test_a_checkpoint_of_a_bigger_model_names_the_unexpected_tensors(tmp_path):
     layout2, params2, opt2 = random_state(CFG, np.float32)
     with pytest.raises(CheckpointError, match=r"unexpected tensors \['h\.1\."):
         load_training_state(path, layout2, params2, opt2, 10**9)
+
+
+def test_a_checkpoint_gets_the_permissions_of_any_file_the_user_writes(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "ckpt.npz", {"x": np.zeros(3)}, {})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "ckpt.npz").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.npz"]            # no temporary file left behind
