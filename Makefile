@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 CORPUS ?=
 DEMO_ITERS ?= 1000
 
-.PHONY: install data demo test clean
+.PHONY: install data demo test bench-defaults clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ demo: data
 # the real-corpus check of data preparation runs on the copy prepare.py keeps
 test: data
 	CORPUS="$(or $(CORPUS),data/shakespeare_char/input.txt)" $(PY) -m pytest
+
+# the README's parallel commands with no thread variables beside one BLAS thread per rank, side by side
+bench-defaults: data
+	$(PY) bench/thread_defaults.py --old-default
 
 clean:
 	rm -rf $(VENV) out data/shakespeare_char
