@@ -18,11 +18,12 @@ def main(argv=None):
     parser.add_argument("--out-dir", default="out/single_core", help="folder holding ckpt.npz")
     parser.add_argument("--data-dir", help="dataset folder with meta.json (default: the one the run trained on)")
     parser.add_argument("--start", default="\n", help="text to continue")
-    parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=500)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--num-samples", type=int, default=1, help="samples to print (default: 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=500, help="characters to generate (default: 500)")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="softmax temperature: below 1 sharper, above 1 more random (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest characters (default: 200)")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampler (default: 1337)")
     try:
         args = parser.parse_args(argv)
         for name in ("temperature", "top_k", "num_samples"):

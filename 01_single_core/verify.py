@@ -60,12 +60,12 @@ def reference(gpt_cfg, cfg, steps, seed=0):
 
 def main(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-layer", type=int, default=2)
-    parser.add_argument("--n-head", type=int, default=2)
-    parser.add_argument("--n-embd", type=int, default=8)
-    parser.add_argument("--block-size", type=int, default=5)
-    parser.add_argument("--vocab-size", type=int, default=11)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-layer", type=int, default=2, help="transformer blocks (default: 2)")
+    parser.add_argument("--n-head", type=int, default=2, help="attention heads per block (default: 2)")
+    parser.add_argument("--n-embd", type=int, default=8, help="width of the residual stream (default: 8)")
+    parser.add_argument("--block-size", type=int, default=5, help="context length in tokens (default: 5)")
+    parser.add_argument("--vocab-size", type=int, default=11, help="symbols in the vocabulary (default: 11)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch (default: 0)")
     try:
         args = parser.parse_args(argv)
         cfg = GPTConfig(args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab_size)

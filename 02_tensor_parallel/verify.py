@@ -23,7 +23,7 @@ LR, BETA1, BETA2, WD, CLIP = 1e-2, 0.9, 0.99, 0.1, 1.0
 
 def setup(argv, tp):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="AdamW steps both models take (default: 3)")
     parser.add_argument("--n-head", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=11, help="odd by default, so the padding is exercised")
     parser.add_argument("--sequence-parallel", action="store_true")

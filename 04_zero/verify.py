@@ -28,7 +28,7 @@ ROWS = 2   # per rank and micro-batch at the deepest accumulation
 
 def setup(argv):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="AdamW steps both models take (default: 3)")
     return parser.parse_args(argv)
 
 

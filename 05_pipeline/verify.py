@@ -26,7 +26,7 @@ SCHEDULES, MICROBATCHES = ("afab", "1f1b"), (1, 4, 8)
 
 def setup(argv, world_size):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="AdamW steps both models take (default: 3)")
     args = parser.parse_args(argv)
     gpt_cfg = GPTConfig(n_layer=4, n_head=2, n_embd=16, block_size=8, vocab_size=11)
     if world_size > gpt_cfg.n_layer:

@@ -37,7 +37,7 @@ def grids(tp=None, pp=None):
 
 def setup(argv, world_size):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="AdamW steps both models take (default: 3)")
     for axis in ("tp", "pp", "dp"):
         parser.add_argument(f"--{axis}", type=int, help="only layouts with this size (default: all)")
     args = parser.parse_args(argv)
