@@ -27,7 +27,8 @@ tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
 
 def setup(argv, world_size):
     gpt_cfg, cfg, train, val, par = single.setup(argv, chapter=Path(__file__).parent.name, description=__doc__,
-                                                 defaults={"out_dir": "out/tensor_parallel"}, shown={"tp": "every rank"})
+                                                 defaults={"out_dir": "out/tensor_parallel"},
+                                                 shown={"tp": "every rank"})
     par.use_every_rank("tp", world_size)
     tp_lib.check_layout(gpt_cfg, par.tp, par.sequence_parallel)
     return gpt_cfg, cfg, train, val, par
@@ -71,7 +72,8 @@ def main(argv=None):
             flat[...] = tp_lib.shard(state[part], local, gpt_cfg, tp.size, tp.rank, dtype)
     if tp.rank == 0:
         print(f"{layout.size:,} parameters, {local.size:,} on each of {tp.size} ranks, {cfg.dtype}, "
-              f"batch {cfg.batch_size} x {gpt_cfg.block_size} tokens" + (f", resuming at step {start}" if start else "") +
+              f"batch {cfg.batch_size} x {gpt_cfg.block_size} tokens" +
+              (f", resuming at step {start}" if start else "") +
               f"\nruntime: {tp.host.threads}\n{budget.banner()}")
 
     val_batches = eval_batches(val, cfg, gpt_cfg.block_size)

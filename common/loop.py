@@ -23,7 +23,8 @@ def stop_diverged(cfg, step, what, saved, log, verbose):
         log.log(step=step, diverged=what)
         log.close()
     if verbose:
-        kept = f"{cfg.out_dir}/ckpt.npz of step {saved} is left as it was" if saved is not None else "this run wrote no checkpoint"
+        kept = (f"{cfg.out_dir}/ckpt.npz of step {saved} is left as it was" if saved is not None else
+                "this run wrote no checkpoint")
         tries = f"lower --learning-rate (it is {cfg.learning_rate:g})" + (
             " or clip with --grad-clip 1.0" if cfg.grad_clip == 0 else "")
         print(f"error: training diverged at step {step}: {what}; stopped, {kept}; {tries}", file=sys.stderr,

@@ -2,10 +2,11 @@
 
 The estimate counts what model.py's layers and AdamW allocate (see `estimate`); each chapter says what its
 ranks hold. The allocator: every `a * b` of a training step allocates a fresh array. glibc serves blocks
-above its mmap threshold (128 KiB at first, 32 MiB at most) with new pages from the kernel and unmaps them on free, so the next
-temporary pays one page fault per 4 KiB all over again: measured here, ~40 % of a single-core step of the
-CPU config and ~10 % of the baby GPT's. Serving every block from the heap and never trimming it keeps
-those pages mapped, so a step reuses the memory the previous step freed; the heap settles at the step's peak.
+above its mmap threshold (128 KiB at first, 32 MiB at most) with new pages from the kernel and unmaps them
+on free, so the next temporary pays one page fault per 4 KiB all over again: measured here, ~40 % of a
+single-core step of the CPU config and ~10 % of the baby GPT's. Serving every block from the heap and never
+trimming it keeps those pages mapped, so a step reuses the memory the previous step freed; the heap settles at
+the step's peak.
 """
 import ctypes
 import ctypes.util
