@@ -31,9 +31,10 @@ gradients, which now see only a part of the sequence each.
 import numpy as np
 
 from common.config import ConfigError
-from common.model import (attention_backward, attention_forward, colsum, gelu_backward, gelu_forward,
-                          layernorm_backward, layernorm_forward, linear_backward, linear_forward, lm_head_backward,
-                          lm_head_forward, param_shapes, rowsum, scatter_add_rows)
+from common.layers import (attention_backward, attention_forward, colsum, gelu_backward, gelu_forward,
+                           layernorm_backward, layernorm_forward, linear_backward, linear_forward, lm_head_backward,
+                           lm_head_forward, rowsum, scatter_add_rows)
+from common.model import param_shapes
 from common.params import Layout, sub
 
 

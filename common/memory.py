@@ -1,7 +1,7 @@
 """Memory: what a run will need, checked before it is spent, and the allocator tuned for NumPy's temporaries.
 
-The estimate counts what model.py's layers and AdamW allocate (see `estimate`); each chapter says what its
-ranks hold. The allocator: every `a * b` of a training step allocates a fresh array. glibc serves blocks
+The estimate counts what the layers (common/layers.py) and AdamW allocate (see `estimate`); each chapter says
+what its ranks hold. The allocator: every `a * b` of a training step allocates a fresh array. glibc serves blocks
 above its mmap threshold (128 KiB at first, 32 MiB at most) with new pages from the kernel and unmaps them
 on free, so the next temporary pays one page fault per 4 KiB all over again: measured here, ~40 % of a
 single-core step of the CPU config and ~10 % of the baby GPT's. Serving every block from the heap and never
@@ -42,7 +42,7 @@ MiB, GiB = 2 ** 20, 2 ** 30
 
 def activation_bytes(gpt_cfg, rows, blocks, first=True, last=True, tp_size=1, sp=False, itemsize=4):
     """Bytes the forward of one micro-batch of `rows` keeps for its backward: the caches of `blocks` blocks
-    (and of the head if `last`), as model.py's layers build them, on one of `tp_size` tensor-parallel ranks.
+    (and of the head if `last`), as common/model.py builds them, on one of `tp_size` tensor-parallel ranks.
     Per block: LayerNorm xhat and the inputs of c_attn and c_fc (replicated; split by sp), and the split parts
     qkv (3C), the attention output (C), the MLP's c_fc output, GELU's tanh and output (3 x 4C), and the
     (heads x T x T) attention probabilities."""
@@ -61,7 +61,7 @@ def temporary_bytes(gpt_cfg, rows, tp_size=1, itemsize=4):
     T, C, nh, V = gpt_cfg.block_size, gpt_cfg.n_embd, gpt_cfg.n_head, gpt_cfg.vocab_size
     t, e = tp_size, itemsize
     scores_row = nh / t * T * T * e                                          # one row's (heads, T, T)
-    chunk = min(rows, max(1, MiB // max(1, int(scores_row))))                # model.chunks' rows
+    chunk = min(rows, max(1, MiB // max(1, int(scores_row))))                # layers.chunks' rows
     largest = max(2 * rows * T * V / t * e, 2 * chunk * scores_row + 3 * rows * T * C / t * e,
                   2 * rows * T * 4 * C / t * e)
     return int(largest + 4 * rows * T * C * e)
