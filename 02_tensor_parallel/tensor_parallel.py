@@ -34,8 +34,8 @@ from common.config import ConfigError
 from common.layers import (attention_backward, attention_forward, colsum, gelu_backward, gelu_forward,
                            layernorm_backward, layernorm_forward, linear_backward, linear_forward, lm_head_backward,
                            lm_head_forward, rowsum, scatter_add_rows)
-from common.model import param_shapes
-from common.params import Layout, sub
+from common.model import Parts, gpt_backward, gpt_forward, param_shapes
+from common.params import Layout
 
 
 # ----------------------------------------------------------------------------- shard
@@ -260,55 +260,42 @@ def vocab_cross_entropy_backward(dloss, cache, wte, dwte):
     return lm_head_backward(dz.reshape(*c_head.shape[:-1], -1), c_head, wte, dwte)  # a partial sum over V
 
 
-def tp_stage_forward(p, inp, targets, cfg, layers, first, last, tp, sp=False):
-    """common.model.stage_forward with this rank's shards: the vocab-parallel embedding if `first`, blocks
-    `layers`, the vocab-parallel head and loss if `last` (then `out` is this rank's logits (B,T,V_padded/N))."""
-    x, c_emb = inp, None
-    if first:
-        x, c_emb = vocab_embedding_forward(inp, p["wte"], p["wpe"], tp, sp)
-    c_blocks = []
-    for i in layers:
-        x, c = block_forward(x, sub(p, f"h.{i}."), cfg.n_head // tp.size, tp, sp)
-        c_blocks.append(c)
-    if not last:
-        return x, None, (first, last, layers, c_emb, c_blocks)
+def head_forward(x, p, targets, cfg, tp, sp):
     x, c_lnf = layernorm_forward(x, p["ln_f.w"], p["ln_f.b"])
     x = enter(x, tp, sp)
     logits, loss, c_ce = vocab_cross_entropy_forward(x, p["wte"], targets, cfg.vocab_size, tp)
-    return logits, loss, (first, last, layers, c_emb, c_blocks, c_lnf, c_ce)
+    return logits, loss, (c_lnf, c_ce)
 
 
-def tp_stage_backward(cache, p, g, dout, grads_ready=None, *, tp, sp=False):
-    """common.model.stage_backward (with its grads_ready hook) on this rank's shards. With sp the replicated
-    tensors' gradients are left as partial sums (sync_replicated_grads once all micro-batches are done), so
-    they are not final when the hook is called: pass no hook then."""
-    ready = grads_ready or (lambda name: None)
-    first, last, layers, c_emb, c_blocks, *c_head = cache
-    dx = dout
-    if last:
-        c_lnf, c_ce = c_head
-        dx = vocab_cross_entropy_backward(dout, c_ce, p["wte"], g["wte"])
-        dx = enter_backward(dx, tp, sp)
-        dx = layernorm_backward(dx, c_lnf, p["ln_f.w"], g["ln_f.w"], g["ln_f.b"])
-        ready("ln_f.w")
-    for i, c in zip(reversed(layers), reversed(c_blocks)):
-        dx = block_backward(dx, c, sub(p, f"h.{i}."), sub(g, f"h.{i}."), tp, sp)
-        ready(f"h.{i}.ln_1.w")
-    if not first:
-        return dx
-    vocab_embedding_backward(dx, c_emb, g["wte"], g["wpe"], tp, sp)
-    ready("wte")
-    return None
+def head_backward(dloss, cache, p, g, tp, sp):
+    c_lnf, c_ce = cache
+    dx = vocab_cross_entropy_backward(dloss, c_ce, p["wte"], g["wte"])
+    dx = enter_backward(dx, tp, sp)
+    return layernorm_backward(dx, c_lnf, p["ln_f.w"], g["ln_f.w"], g["ln_f.b"])
+
+
+def tp_parts(tp, sp=False):
+    """What common.model's driver runs on this rank's shards: the vocab-parallel embedding, the blocks with f
+    and g written in, the vocab-parallel head and loss (its logits are this rank's (B,T,V_padded/N)). With sp,
+    a part's replicated gradients are partial sums until settled over tp (the driver does so before its
+    grads_ready hook; without a hook, call sync_replicated_grads once the backward is done)."""
+    return Parts(embedding_forward=lambda idx, p: vocab_embedding_forward(idx, p["wte"], p["wpe"], tp, sp),
+                 embedding_backward=lambda dx, c, p, g: vocab_embedding_backward(dx, c, g["wte"], g["wpe"], tp, sp),
+                 block_forward=lambda x, p, cfg: block_forward(x, p, cfg.n_head // tp.size, tp, sp),
+                 block_backward=lambda dx, c, p, g: block_backward(dx, c, p, g, tp, sp),
+                 head_forward=lambda x, p, targets, cfg: head_forward(x, p, targets, cfg, tp, sp),
+                 head_backward=lambda dloss, c, p, g: head_backward(dloss, c, p, g, tp, sp),
+                 settle=(lambda part, g: sync_replicated_grads(g, tp, part)) if sp else None)
 
 
 def tp_forward(p, idx, targets, cfg, tp, sp=False):
     """This rank's logits (B,T,V_padded/N) and the loss, equal to the single-core model's on every rank."""
-    return tp_stage_forward(p, idx, targets, cfg, range(cfg.n_layer), True, True, tp, sp)
+    return gpt_forward(p, idx, targets, cfg, parts=tp_parts(tp, sp))
 
 
 def tp_backward(cache, p, g, tp, sp=False, dloss=1.0):
     """Accumulate this rank's gradients; replicated tensors end with the same gradient on every rank."""
-    tp_stage_backward(cache, p, g, dloss, tp=tp, sp=sp)
+    gpt_backward(cache, p, g, dloss)
     if sp:
         sync_replicated_grads(g, tp)
 
@@ -319,13 +306,24 @@ def tp_backward(cache, p, g, tp, sp=False, dloss=1.0):
 # everywhere (verify.py checks that it is). With it, those tensors act on this rank's part of the sequence
 # only, so their gradients are partial sums: one all-reduce of all of them, packed into one buffer.
 
-def sync_replicated_grads(g, tp):
-    names = [name for name in g if kind(name) == "replicated"]
+def sync_replicated_grads(g, tp, part=None):
+    """Sum the replicated tensors' gradients over tp in one all-reduce: all of them, or those of one `part`
+    of the model (see common.model.modules)."""
+    names = [name for name in g if kind(name) == "replicated" and (part is None or part_of(name) == part)]
+    if not names:
+        return
     packed = tp.allreduce(np.concatenate([g[name].ravel() for name in names]))
     start = 0
     for name in names:
         g[name][...] = packed[start:start + g[name].size].reshape(g[name].shape)
         start += g[name].size
+
+
+def part_of(name):
+    """The part of the model (common.model.modules) a tensor belongs to; wte to the embedding."""
+    if name.startswith("h."):
+        return name[:name.index(".", 2)]
+    return "head" if name.startswith("ln_f.") else "embedding"
 
 
 def grad_norm(grads, layout, tp):

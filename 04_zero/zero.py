@@ -270,9 +270,9 @@ def memory_formula(stage, psi, shard, itemsize):
 def comm_formula(stage, layout, cfg, grad_accum, itemsize):
     """{kind: bytes} each rank passes to collectives in one training step (see the module docstring)."""
     psi, e, M = layout.size, itemsize, grad_accum
-    vc, tc = cfg.vocab_size * cfg.n_embd, cfg.block_size * cfg.n_embd
     if stage == 1:
         return {"reduce_scatter": e * psi, "allgather": e * psi}
     if stage == 2:
         return {"reduce_scatter": M * e * psi, "allgather": e * psi}
+    vc, tc = (int(np.prod(layout.shapes[name])) for name in ("wte", "wpe"))   # this rank's shapes (TP: a shard)
     return {"reduce_scatter": M * e * psi, "allgather": M * e * (2 * psi + vc - tc)}

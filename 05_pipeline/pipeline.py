@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from common.comm import wait_all
-from common.model import param_shapes, stage_backward, stage_forward
+from common.model import SINGLE, _no_hook, param_shapes, stage_backward, stage_forward
 from common.params import Layout
 
 
@@ -82,22 +82,24 @@ class Stage:
     """One rank's stage: its parameters and gradients (views `p`, `g`), the point-to-point engine that runs
     a schedule, and the record of what ran when (`trace`) and how many micro-batches were alive (`peak`)."""
 
-    def __init__(self, cfg, stage, pp, p, g, forward=None, backward=None, seq_len=None):
+    def __init__(self, cfg, stage, pp, p, g, parts=SINGLE, using=None, seq_len=None, dtype=None):
         self.cfg, self.stage, self.pp, self.p, self.g = cfg, stage, pp, p, g
         self.layers = split_layers(cfg.n_layer, pp.size)[stage]
         self.first, self.last = stage == 0, stage == pp.size - 1
-        self.forward = forward or stage_forward               # 06_3d passes tensor-parallel ones
-        self.backward = backward or stage_backward
+        self.parts = parts                                    # 06_3d passes tensor-parallel ones
+        self.using = using or (_no_hook, _no_hook)            # (forward, backward) hooks: 06_3d's ZeRO-3
         self.seq_len = seq_len or cfg.block_size              # positions of the activations sent between stages
+        self.dtype = dtype or next(iter(p.values())).dtype    # ZeRO-3's `p` is empty between parts
         self.trace, self.peak = [], 0
 
-    def run(self, ops, x, y, scale=1.0, grads_ready=None):
+    def run(self, ops, x, y, scale=1.0, grads_ready=None, finish_each=None):
         """Execute `ops` on the M micro-batches x[m], y[m] (token ids; every stage has them, only the ends read
         them), the loss's gradient scaled by `scale` / M. The step's last backward gets the `grads_ready` hook
-        (see common.model.stage_backward): data parallelism can start reducing while it runs. Returns the mean
-        loss on the last stage, else None."""
+        (see common.model.stage_backward): data parallelism can start reducing while it runs. With
+        `finish_each` (ZeRO-2/3's finish: no full gradient to accumulate in), every backward gets the hook and
+        is followed by finish_each(). Returns the mean loss on the last stage, else None."""
         M, b, T, C = len(x), x[0].shape[0], self.seq_len, self.cfg.n_embd
-        dtype = next(iter(self.p.values())).dtype
+        dtype = self.dtype
         inp, out, caches, grad_out, grad_in, losses, sends = {}, {}, {}, {}, {}, [], []
         backwards = [m for op, m in ops if op == "backward"]             # none: no cache is kept
         self.trace, self.peak, t0 = [], 0, time.perf_counter()
@@ -106,9 +108,9 @@ class Stage:
             if op == "recv_fwd":
                 inp[m] = self.pp.recv(np.empty((b, T, C), dtype), self.stage - 1, tag=m)
             elif op == "forward":
-                act, loss, cache = self.forward(self.p, x[m] if self.first else inp.pop(m),
-                                                y[m] if self.last else None, self.cfg, self.layers,
-                                                self.first, self.last)
+                act, loss, cache = stage_forward(self.p, x[m] if self.first else inp.pop(m),
+                                                 y[m] if self.last else None, self.cfg, self.layers,
+                                                 self.first, self.last, self.using[0], self.parts)
                 if backwards:
                     caches[m] = cache
                 if not self.last:                                        # the logits are not needed again
@@ -122,8 +124,10 @@ class Stage:
                 grad_out[m] = self.pp.recv(np.empty((b, T, C), dtype), self.stage + 1, tag=m)
             elif op == "backward":
                 dout = scale / M if self.last else grad_out.pop(m)       # the batch loss is the mean over M
-                hook = grads_ready if m == backwards[-1] else None       # all micro-batches are then summed
-                grad_in[m] = self.backward(caches.pop(m), self.p, self.g, dout, hook)
+                hook = grads_ready if finish_each or m == backwards[-1] else None   # all summed by then
+                grad_in[m] = stage_backward(caches.pop(m), self.p, self.g, dout, hook, self.using[1])
+                if finish_each:
+                    finish_each()
             elif op == "send_bwd":
                 buf = grad_in.pop(m)
                 sends.append((self.pp.isend(buf, self.stage - 1, tag=m), buf))

@@ -1,4 +1,4 @@
-"""3D parallelism: tensor, pipeline and data parallelism (optionally ZeRO-1) on one grid of tp x pp x dp ranks.
+"""3D parallelism: tensor, pipeline and data parallelism (optionally ZeRO) on one grid of tp x pp x dp ranks.
 
 The grid. World rank r sits at tp = r % tp, pp = (r // tp) % pp, dp = r // (tp pp): the tp ranks of one
 pipeline stage are neighbours, so on real machines they share a node and its fast links, which tensor
@@ -7,13 +7,16 @@ activation per micro-batch and stage boundary; data parallelism reduces gradient
 gets its own communicator (MPI Split): ranks that differ only along that axis.
 
 Composed, without copies, from the chapters before:
-    02  inside each stage, every weight matrix split over the tp ranks (tp_stage_forward/backward), with
-        optional sequence parallelism (activations between stages are then (b, T/tp, C) per rank)
+    02  inside each stage, every weight matrix split over the tp ranks (tp_parts: the model driver's parts
+        with f and g written in), with optional sequence parallelism (activations between stages are then
+        (b, T/tp, C) per rank; a part's replicated gradients are summed over tp before they are announced)
     05  stages run a 1F1B or AFAB schedule over M micro-batches; wte's gradient is summed between the
         first and last stage (each holding the same vocabulary shard)
     03  each (tp, pp) position's gradient summed over the dp replicas, in buckets started during the last
-        micro-batch's backward (not with sp, whose replicated gradients are final only after their tp sum)
-    04  or, with --zero-stage 1, reduce-scattered, each dp rank updating its shard, then all-gathered
+        micro-batch's backward
+    04  or, with --zero-stage 1, reduce-scattered, each dp rank updating its shard, then all-gathered; with
+        --pp 1 also ZeRO-2 (gradient buckets reduce-scattered every micro-batch) and ZeRO-3 (each part's
+        weights gathered over dp just in time): the "FSDP + TP" layout
 
 The loss is the mean over dp x M micro-batches of b = B/(dp M) rows, so the last stage seeds each backward
 with 1/(dp M). The grad norm is one world all-reduce of squares, each element counted once: a replicated
@@ -21,11 +24,11 @@ tensor on tp rank 0 only, wte on the first stage only, and without ZeRO on dp ra
 
 Communication per step, as chapters 02, 05 and 03/04 derive it, on each axis's communicator:
     tp  per micro-batch: (4 L_s + first + last) all-reduces of b T C e (with sp: as many all-gathers and
-        reduce-scatters), plus 3 of b T e on the last stage; with sp one all-reduce of replicated gradients
+        reduce-scatters), plus 3 of b T e on the last stage; with sp the replicated gradients once (ZeRO-2/3:
+        once per micro-batch)
     pp  per micro-batch and boundary b (T/tp with sp) C e each way; the loss broadcast; wte's all-reduce
-    dp  the stage's local gradient once: an all-reduce (or reduce-scatter + all-gather with ZeRO-1)
+    dp  the stage's local gradient once: an all-reduce (or ZeRO's collectives, chapter 04's comm_formula)
 """
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +36,7 @@ import numpy as np
 from common.chapters import import_chapter
 from common.comm import Comm
 from common.config import ConfigError
-from common.model import gpt_layout
+from common.model import gpt_layout, modules
 from common.optim import AdamW, decays
 from common.params import Layout
 
@@ -82,9 +85,10 @@ def check(gpt_cfg, cfg, par, world_size):
     if cfg.batch_size % (par.dp * par.microbatches):
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --dp {par.dp} x --microbatches "
                           f"{par.microbatches}; choose a multiple of {par.dp * par.microbatches}")
-    if par.zero_stage > 1:
-        raise ConfigError(f"--zero-stage {par.zero_stage} is not combined with pipeline and tensor parallelism "
-                          f"here; use --zero-stage 1 (Megatron's distributed optimizer) or 04_zero for stages 2-3")
+    if par.zero_stage > 1 and par.pp > 1:
+        raise ConfigError(f"--zero-stage {par.zero_stage} is not combined with --pp {par.pp} here: it would "
+                          f"reduce-scatter{' and re-gather' if par.zero_stage == 3 else ''} a stage's gradients for "
+                          f"every micro-batch between pipeline sends; use --zero-stage 1 with pipelines, or --pp 1")
 
 
 def local_layout(cfg, stage, pp, tp):
@@ -105,20 +109,22 @@ class Part:
         self.layout = local_layout(gpt_cfg, self.stage, P, tp.size)
         params = tp_lib.shard(gpt_layout(gpt_cfg).views(full), self.layout, gpt_cfg, tp.size, tp.rank, full.dtype)
         decay = self.layout.mask(decays)
-        if par.zero_stage == 1:
-            self.zero = zero_lib.Zero(1, self.layout, {}, params, grid.dp, par.bucket_mb)
-            self.params, self.grads, p, g = params, self.zero.grads, self.zero.p, self.zero.g
+        using = None
+        if par.zero_stage:
+            self.zero = zero_lib.Zero(par.zero_stage, self.layout, modules(gpt_cfg), params, grid.dp, par.bucket_mb)
+            self.sync, p, g = self.zero, self.zero.p, self.zero.g
+            self.params = params if par.zero_stage < 3 else self.zero.pshard
+            self.grads = self.zero.grads if par.zero_stage == 1 else self.zero.gshard
             decay = decay[self.zero.lo:self.zero.hi]
+            using = self.zero.forward_hook, self.zero.backward_hook
         else:
             self.zero, self.params, self.grads = None, params, np.zeros_like(params)
             p, g = self.layout.views(params), self.layout.views(self.grads)
             self.sync = dp_lib.GradSync(par.dp_mode, self.layout, self.grads, grid.dp, par.bucket_mb)
         self.opt = AdamW(decay, cfg.beta1, cfg.beta2, cfg.weight_decay, dtype=full.dtype)
         sp = par.sequence_parallel
-        self.st = pipe.Stage(gpt_cfg, self.stage, grid.pp, p, g,
-                             forward=functools.partial(tp_lib.tp_stage_forward, tp=tp, sp=sp),
-                             backward=functools.partial(tp_lib.tp_stage_backward, tp=tp, sp=sp),
-                             seq_len=gpt_cfg.block_size // tp.size if sp else None)
+        self.st = pipe.Stage(gpt_cfg, self.stage, grid.pp, p, g, parts=tp_lib.tp_parts(tp, sp), using=using,
+                             seq_len=gpt_cfg.block_size // tp.size if sp else None, dtype=full.dtype)
         self.counted = self._counted()
 
     def _counted(self):
@@ -146,11 +152,12 @@ class Part:
 
     def whole_state(self):
         """{"params" | "adam_m" | "adam_v": {name: whole single-core tensor}} on world rank 0, None elsewhere:
-        gathered over dp (ZeRO-1's shards), then tp (02's unshard), then pp (05's stages)."""
+        gathered over dp (ZeRO's shards), then tp (02's unshard), then pp (05's stages)."""
         grid, opt = self.grid, self.opt
         flats = [self.params, opt.m, opt.v]
         if self.zero:
-            flats[1:] = [self.zero.gather_flat(opt.m), self.zero.gather_flat(opt.v)]
+            flats = [self.zero.gather_flat(shard) if sharded else shard for shard, sharded in
+                     ((self.params, self.zero.stage == 3), (opt.m, True), (opt.v, True))]
         if grid.dp.rank != 0:
             return None
         stage_layout = pipe.stage_layout(self.cfg, self.stage, grid.pp.size)
@@ -167,7 +174,7 @@ class Part:
         grid, opt, dtype = self.grid, self.opt, self.params.dtype
         for part, dest in (("params", self.params), ("adam_m", opt.m), ("adam_v", opt.v)):
             flat = tp_lib.shard(state[part], self.layout, self.cfg, grid.tp.size, grid.tp.rank, dtype)
-            dest[...] = flat[self.zero.lo:self.zero.hi] if self.zero and part != "params" else flat
+            dest[...] = flat[self.zero.lo:self.zero.hi] if dest.size < flat.size else flat
 
 
 # ----------------------------------------------------------------------------- the ledgers
@@ -184,10 +191,11 @@ def ledger_formula(part, batch_size):
         out["tp"] = {"allgather": big, "reduce_scatter": big} if sp else {"allreduce": big}
         if last:
             out["tp"]["allreduce"] = out["tp"].get("allreduce", 0) + M * 3 * b * T * e
-        if sp:
+        if sp:                      # settled once, or per micro-batch when ZeRO-2/3 reduce every one
             replicated = sum(stop - start for name, (start, stop) in part.layout.offsets.items()
                              if tp_lib.kind(name) == "replicated")
-            out["tp"]["allreduce"] = out["tp"].get("allreduce", 0) + replicated * e
+            times = M if par.zero_stage > 1 else 1
+            out["tp"]["allreduce"] = out["tp"].get("allreduce", 0) + times * replicated * e
     if grid.pp.size > 1:
         out["pp"] = pipe.p2p_formula(cfg, batch_size // grid.dp.size, part.stage, grid.pp.size, e, part.st.seq_len)
         out["pp"]["bcast"] = 8
@@ -195,7 +203,7 @@ def ledger_formula(part, batch_size):
             out["ends"] = {"allreduce": int(np.prod(part.layout.shapes["wte"])) * e}
     if grid.dp.size > 1:
         grad = part.layout.size * e
-        out["dp"] = ({"reduce_scatter": grad, "allgather": grad} if part.zero else
+        out["dp"] = (zero_lib.comm_formula(par.zero_stage, part.layout, cfg, M, e) if part.zero else
                      {"iallreduce" if par.dp_mode == "overlapped" else "allreduce": grad})
         out["dp"]["allreduce"] = out["dp"].get("allreduce", 0) + 8                # the loss
     return out

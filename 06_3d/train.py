@@ -23,11 +23,10 @@ from common.comm import checked, world
 from common.data import batch_offsets, eval_batches, get_batch
 from common.loop import run_training
 from common.memory import check_fits, estimate, peak_rss, reuse_freed_memory
-from common.model import gpt_layout, init_params
+from common.model import gpt_layout, init_params, modules
 from common.optim import clip_grad_norm
 
 single = import_chapter("01_single_core.train")
-tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
 dp_lib = import_chapter("03_data_parallel.data_parallel")
 pipe = import_chapter("05_pipeline.pipeline")
 grid_lib = import_chapter("06_3d.grid")
@@ -43,45 +42,50 @@ def setup(argv, world_size):
 
 
 def memory_estimate(gpt_cfg, cfg, par, rank):
-    """{kind: bytes} world rank `rank` will hold: its shards of its stage, their gradient and AdamW (ZeRO-1:
-    1/dp of it), the activations its schedule keeps alive (chapter 05) of its rows, split over tp (chapter 02)."""
+    """{kind: bytes} world rank `rank` will hold: its shards of its stage, their gradient and AdamW (ZeRO: what
+    its stage keeps, chapter 04), the activations its schedule keeps alive (chapter 05) of its rows, split over
+    tp (chapter 02)."""
     _, stage, _ = grid_lib.coords(rank, par.tp, par.pp)
-    n = grid_lib.local_layout(gpt_cfg, stage, par.pp, par.tp).size
-    M = par.microbatches
-    return estimate(gpt_cfg, np.dtype(cfg.dtype).itemsize, params=n, grads=n,
-                    optimizer=-(-n // par.dp) if par.zero_stage else n, rows=cfg.batch_size // (par.dp * M),
-                    blocks=len(pipe.split_layers(gpt_cfg.n_layer, par.pp)[stage]), first=stage == 0,
-                    last=stage == par.pp - 1, alive=M if par.schedule == "afab" else min(par.pp - stage, M),
-                    tp_size=par.tp, sp=par.sequence_parallel)
+    layout = grid_lib.local_layout(gpt_cfg, stage, par.pp, par.tp)
+    n, shard, M, e = layout.size, -(-layout.size // par.dp), par.microbatches, np.dtype(cfg.dtype).itemsize
+    part = max(sum(int(np.prod(layout.shapes[name])) for name in names) for names in modules(gpt_cfg).values()
+               if all(name in layout.shapes for name in names))
+    bucket = int(par.bucket_mb * 2 ** 20) // e
+    return estimate(gpt_cfg, e, params=shard + part if par.zero_stage == 3 else n,
+                    grads=shard + bucket if par.zero_stage > 1 else n, optimizer=shard if par.zero_stage else n,
+                    rows=cfg.batch_size // (par.dp * M), blocks=len(pipe.split_layers(gpt_cfg.n_layer, par.pp)[stage]),
+                    first=stage == 0, last=stage == par.pp - 1,
+                    alive=M if par.schedule == "afab" else min(par.pp - stage, M), tp_size=par.tp,
+                    sp=par.sequence_parallel)
 
 
 def train_step(part, x, y, cfg, par, lr):
-    """One optimizer step: this replica's rows through the pipeline, the tensor-parallel and tied-embedding
-    gradient sums, the data-parallel sum (or ZeRO-1's reduce-scatter), the global norm, AdamW."""
-    grid, st = part.grid, part.st
-    part.grads.fill(0)
+    """One optimizer step: this replica's rows through the pipeline (the tensor-parallel sums inside it), the
+    tied-embedding sum, the data-parallel sum (or ZeRO's reduce-scatter), the global norm, AdamW."""
+    grid, st, sync = part.grid, part.st, part.sync
+    if part.zero:
+        part.zero.zero_grad()
+    else:
+        part.grads.fill(0)
     rows = np.split(x, grid.dp.size)[grid.dp.rank], np.split(y, grid.dp.size)[grid.dp.rank]
-    M = par.microbatches
+    M, every = par.microbatches, par.zero_stage > 1             # ZeRO-2/3 reduce every micro-batch (chapter 04)
     grid.pp.barrier()
-    sync = part.zero or part.sync
 
     def ready(name):
-        # the dp reduction starts inside the last backward, except for wte's bucket: it must first receive
+        # the dp reduction starts inside the last backward, except for wte's bucket when it must first receive
         # the other end's half (sync_tied_embedding below); finish() reduces it
-        if name != "wte":
+        if name != "wte" or grid.pp.size == 1:
             sync.ready(name)
 
     loss = st.run(pipe.schedule(par.schedule, M, st.stage, grid.pp.size), np.split(rows[0], M),
-                  np.split(rows[1], M), scale=1.0 / grid.dp.size,
-                  grads_ready=None if par.sequence_parallel else ready)      # SP: replicated grads not final yet
-    if par.sequence_parallel:
-        tp_lib.sync_replicated_grads(st.g, grid.tp)
+                  np.split(rows[1], M), scale=1.0 / grid.dp.size, grads_ready=ready,
+                  finish_each=sync.finish if every else None)
     pipe.sync_tied_embedding(st.g, grid.ends, st.stage, grid.pp.size)
+    if not every:
+        sync.finish()
     if part.zero:
-        part.zero.finish()
         part.zero.step(part.opt, lr, cfg.grad_clip, norm=part.grad_norm(part.zero.gshard))
     else:
-        part.sync.finish()
         clip_grad_norm(part.grads, cfg.grad_clip, norm=part.grad_norm(part.grads))
         part.opt.step(part.params, part.grads, lr)
     loss = grid.dp.allreduce(np.array([(loss or 0.0) / grid.dp.size]))
@@ -135,8 +139,9 @@ def main(argv=None):
         part.load_state(state)
         del state
     if comm.rank == 0:
+        zero = f", ZeRO-{par.zero_stage}" if par.zero_stage else ""
         print(f"{gpt_layout(gpt_cfg).size:,} parameters on a grid of tp {par.tp} x pp {par.pp} x dp {par.dp}"
-              f"{' (sequence parallel)' if par.sequence_parallel else ''}{', ZeRO-1' if par.zero_stage else ''}, "
+              f"{' (sequence parallel)' if par.sequence_parallel else ''}{zero}, "
               f"{cfg.dtype}, batch {cfg.batch_size} x {gpt_cfg.block_size} tokens, {par.microbatches} micro-batches "
               f"per replica, {par.schedule}" + (f", resuming at step {start}" if start else "") +
               f"\nruntime: {comm.host.threads}\n{budget.banner('on world rank 0')}\n" + rank_map(par))
@@ -153,7 +158,7 @@ def main(argv=None):
             if comm.rank == 0:
                 (Path(cfg.out_dir) / "ledger.json").write_text(json.dumps({"layout": [par.tp, par.pp, par.dp],
                                                                            "ranks": ranks}, indent=1))
-        if par.check_replicas and (step + 1) % par.check_replicas == 0:
+        if par.zero_stage < 3 and par.check_replicas and (step + 1) % par.check_replicas == 0:
             dp_lib.check_replicas(part.params, part.grid.dp, step)   # each (tp, pp) shard, over its replicas
         return loss
 

@@ -3,6 +3,8 @@ parameters and their initialisation, and the driver that runs any slice of the m
 """
 import contextlib
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -94,64 +96,105 @@ def _no_hook(module):
     return contextlib.nullcontext()
 
 
-def stage_forward(p, inp, targets, cfg, layers, first=True, last=True, using=_no_hook):
+def head_forward(x, p, targets, cfg):
+    """The final LayerNorm, the tied LM head's logits (B,T,V) and, given targets, their mean cross-entropy."""
+    x, c_lnf = layernorm_forward(x, p["ln_f.w"], p["ln_f.b"])
+    logits, c_head = lm_head_forward(x, p["wte"])
+    if targets is None:
+        return logits, None, None
+    loss, c_loss = cross_entropy_forward(logits, targets)
+    return logits, loss, (c_lnf, c_head, c_loss)
+
+
+def head_backward(dloss, cache, p, g):
+    c_lnf, c_head, c_loss = cache
+    dlogits = cross_entropy_backward(dloss, c_loss)
+    dx = lm_head_backward(dlogits, c_head, p["wte"], g["wte"])
+    return layernorm_backward(dx, c_lnf, p["ln_f.w"], g["ln_f.w"], g["ln_f.b"])
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The functions the driver runs for each part of the model; tensor parallelism supplies its own.
+    settle(part, g), if given, makes a part's gradients final (e.g. sums partial sums over ranks) before the
+    driver announces them through its grads_ready hook."""
+    embedding_forward: Callable     # (idx, p) -> (x, cache)
+    embedding_backward: Callable    # (dx, cache, p, g) -> None
+    block_forward: Callable         # (x, p of the block, cfg) -> (x, cache)
+    block_backward: Callable        # (dx, cache, p, g of the block) -> dx
+    head_forward: Callable          # (x, p, targets, cfg) -> (logits, loss, cache)
+    head_backward: Callable         # (dloss, cache, p, g) -> dx
+    settle: Callable = None         # (part, g) -> None
+
+
+# module-level names are looked up at call time, so a test that patches one of them reaches the driver
+SINGLE = Parts(embedding_forward=lambda idx, p: embedding_forward(idx, p["wte"], p["wpe"]),
+               embedding_backward=lambda dx, cache, p, g: embedding_backward(dx, cache, g["wte"], g["wpe"]),
+               block_forward=lambda x, p, cfg: block_forward(x, p, cfg.n_head),
+               block_backward=lambda dx, cache, p, g: block_backward(dx, cache, p, g),
+               head_forward=lambda x, p, targets, cfg: head_forward(x, p, targets, cfg),
+               head_backward=lambda dloss, cache, p, g: head_backward(dloss, cache, p, g))
+
+
+def stage_forward(p, inp, targets, cfg, layers, first=True, last=True, using=_no_hook, parts=SINGLE):
     """Run the part of the model a pipeline stage holds: the embedding if `first` (inp: token ids (B,T)),
     blocks `layers` (else inp: activations (B,T,C)), and the head if `last`. Returns (out, loss, cache):
     the logits and, given targets, the mean cross-entropy on the last stage; activations elsewhere.
     Each part runs inside `with using(part)` (see `modules`): a hook for ZeRO-3 to gather that part's weights
-    into `p` just before it runs and free them right after."""
+    into `p` just before it runs and free them right after. `parts` says how each part computes."""
     x, c_emb = inp, None
     if first:
         with using("embedding"):
-            x, c_emb = embedding_forward(inp, p["wte"], p["wpe"])
+            x, c_emb = parts.embedding_forward(inp, p)
     c_blocks = []
     for i in layers:
         with using(f"h.{i}"):
-            x, c = block_forward(x, sub(p, f"h.{i}."), cfg.n_head)
+            x, c = parts.block_forward(x, sub(p, f"h.{i}."), cfg)
         c_blocks.append(c)
     if not last:
-        return x, None, (first, last, layers, c_emb, c_blocks)
+        return x, None, (parts, first, last, layers, c_emb, c_blocks, None)
     with using("head"):
-        x, c_lnf = layernorm_forward(x, p["ln_f.w"], p["ln_f.b"])
-        logits, c_head = lm_head_forward(x, p["wte"])
+        logits, loss, c_head = parts.head_forward(x, p, targets, cfg)
     if targets is None:
         return logits, None, None
-    loss, c_loss = cross_entropy_forward(logits, targets)
-    return logits, loss, (first, last, layers, c_emb, c_blocks, c_lnf, c_head, c_loss)
+    return logits, loss, (parts, first, last, layers, c_emb, c_blocks, c_head)
 
 
 def stage_backward(cache, p, g, dout, grads_ready=None, using=_no_hook):
     """Accumulate the parameter gradients of a stage_forward into the views `g`; dout is d(loss)'s scale (a
     number) on the last stage, the gradient of the stage's output elsewhere. Returns the gradient of the
     stage's input activations (None on the first stage). grads_ready(name), if given, is called as soon as
-    the gradients of `name` and of every tensor after it in the layout are final: a hook for starting their
-    communication while the backward goes on. `using` is stage_forward's, here also the moment ZeRO-2/3
-    can put a part's gradient buffers into `g`."""
-    ready = grads_ready or (lambda name: None)
-    first, last, layers, c_emb, c_blocks, *c_head = cache
+    the gradients of `name` and of every tensor after it in the layout are final (the driver settles them
+    first): a hook for starting their communication while the backward goes on. `using` is stage_forward's,
+    here also the moment ZeRO-2/3 can put a part's gradient buffers into `g`."""
+    parts, first, last, layers, c_emb, c_blocks, c_head = cache
+
+    def ready(part, name):
+        if grads_ready:
+            if parts.settle:
+                parts.settle(part, g)
+            grads_ready(name)
+
     dx = dout
     if last:
-        c_lnf, c_head, c_loss = c_head
-        dlogits = cross_entropy_backward(dout, c_loss)
         with using("head"):
-            dx = lm_head_backward(dlogits, c_head, p["wte"], g["wte"])
-            dx = layernorm_backward(dx, c_lnf, p["ln_f.w"], g["ln_f.w"], g["ln_f.b"])
-        ready("ln_f.w")
+            dx = parts.head_backward(dout, c_head, p, g)
+        ready("head", "ln_f.w")
     for i, c in zip(reversed(layers), reversed(c_blocks)):
         with using(f"h.{i}"):
-            dx = block_backward(dx, c, sub(p, f"h.{i}."), sub(g, f"h.{i}."))
-        ready(f"h.{i}.ln_1.w")
+            dx = parts.block_backward(dx, c, sub(p, f"h.{i}."), sub(g, f"h.{i}."))
+        ready(f"h.{i}", f"h.{i}.ln_1.w")
     if not first:
         return dx
     with using("embedding"):
-        embedding_backward(dx, c_emb, g["wte"], g["wpe"])        # wte's gradient also has the LM head's part
-    ready("wte")
+        parts.embedding_backward(dx, c_emb, p, g)               # wte's gradient also has the LM head's part
+    ready("embedding", "wte")
     return None
 
 
-def gpt_forward(p, idx, targets, cfg, using=_no_hook):
+def gpt_forward(p, idx, targets, cfg, using=_no_hook, parts=SINGLE):
     """Logits (B,T,V) and, when targets are given, the mean cross-entropy loss; plus the cache for backward."""
-    return stage_forward(p, idx, targets, cfg, range(cfg.n_layer), using=using)
+    return stage_forward(p, idx, targets, cfg, range(cfg.n_layer), using=using, parts=parts)
 
 
 def gpt_backward(cache, p, g, dloss=1.0, grads_ready=None, using=_no_hook):

@@ -2,7 +2,6 @@
 before it is saved, memory checked before it is spent."""
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
