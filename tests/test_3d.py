@@ -45,7 +45,7 @@ def test_verify_fails_when_one_axis_forgets_its_sum(tmp_path, patch, args):
     (3, ["--tp", 3], ["--tp 3", "n_head=4"]),
     (4, ["--pp", 4, "--n-layer", 2], ["--n-layer 2", "--pp 4"]),
     (4, ["--dp", 4, "--batch-size", 4], ["--batch-size 4", "--dp 4", "multiple of 8"]),
-    (2, ["--dp", 2, "--zero-stage", 2], ["--zero-stage 2", "04_zero"]),
+    (4, ["--pp", 2, "--dp", 2, "--zero-stage", 2], ["--zero-stage 2", "--pp 2", "--zero-stage 1 with pipelines"]),
 ])
 def test_bad_input_exits_2_on_every_rank_with_one_message(tiny_data, tmp_path, n, flags, words):
     result = run_mpi(n, [TRAIN, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, *flags], timeout=60)
@@ -81,3 +81,20 @@ def test_the_replica_check_stops_a_grid_whose_data_parallel_sum_is_missing(tiny_
     result = run_mpi(4, [sabotaged(tmp_path, patch, "06_3d.train", args)], timeout=120)
     assert result.returncode != 0
     assert "replicas differ after step 0" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_tp_with_zero_2_or_3_over_dp_trains_exactly_as_one_core_and_its_ledger_is_the_formula(tiny_data, tmp_path,
+                                                                                                zero):
+    """The FSDP + TP layout (pp = 1), with sequence parallelism: every step, val loss and saved tensor equal
+    single core's, and every rank's bytes per axis equal grid.ledger_formula."""
+    common = ["--data-dir", tiny_data, *TINY]                    # TINY ends with --microbatches 2: not chapter 01's
+    straight, grid = tmp_path / "straight", tmp_path / "grid"
+    assert run(["01_single_core/train.py", *common[:-2], "--max-iters", 10, "--out-dir", straight]).returncode == 0
+    result = run_mpi(4, [TRAIN, *common, "--tp", 2, "--dp", 2, "--sequence-parallel", "--zero-stage", zero,
+                         "--max-iters", 10, "--out-dir", grid], timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"ZeRO-{zero}" in result.stdout
+    ranks = json.loads((grid / "ledger.json").read_text())["ranks"]
+    assert all(r["comm"] == r["comm_formula"] for r in ranks), ranks
+    assert_same_run(grid, straight, 10)
