@@ -35,6 +35,7 @@ from common.layers import (attention_backward, attention_forward, colsum, gelu_b
                            layernorm_backward, layernorm_forward, linear_backward, linear_forward, lm_head_backward,
                            lm_head_forward, rowsum, scatter_add_rows)
 from common.model import Parts, gpt_backward, gpt_forward, param_shapes
+from common.optim import global_norm
 from common.params import Layout
 
 
@@ -326,15 +327,12 @@ def part_of(name):
     return "head" if name.startswith("ln_f.") else "embedding"
 
 
+def counts_once(name, rank):
+    """Whether tp rank `rank` counts this tensor in a global sum over the model (e.g. the grad norm): its shard
+    of a split tensor, and a replicated tensor on rank 0 only."""
+    return rank == 0 or kind(name) != "replicated"
+
+
 def grad_norm(grads, layout, tp):
-    """The single-core model's gradient L2 norm from this rank's flat gradient: the sharded tensors' squares
-    summed over ranks, plus the replicated tensors' squares counted once."""
-    sharded = np.zeros(1, dtype=np.float64)
-    replicated = 0.0
-    for name, (a, b) in layout.offsets.items():
-        sq = float(np.dot(grads[a:b], grads[a:b]))
-        if kind(name) == "replicated":
-            replicated += sq
-        else:
-            sharded[0] += sq
-    return float(np.sqrt(tp.allreduce(sharded)[0] + replicated))
+    """The single-core model's gradient L2 norm from this rank's flat gradient."""
+    return global_norm(grads, layout.ranges(lambda name: counts_once(name, tp.rank)), tp)

@@ -31,14 +31,13 @@ all-reduce of Psi counts 2 Psi here:
                                                                                              = M (3 Psi + V C - T C)
 """
 import contextlib
-import math
 import weakref
 from collections import defaultdict
 
 import numpy as np
 
 from common.chapters import import_chapter
-from common.optim import clip_grad_norm
+from common.optim import clip_grad_norm, global_norm
 
 dp_lib = import_chapter("03_data_parallel.data_parallel")
 STAGES = (1, 2, 3)
@@ -218,8 +217,7 @@ class Zero:
 
     def grad_norm(self):
         """The L2 norm of the whole gradient, from every rank's shard."""
-        sq = np.array([np.dot(self.gshard, self.gshard)], dtype=np.float64)
-        return math.sqrt(float(self.dp.allreduce(sq)[0]))
+        return global_norm(self.gshard, [(0, self.gshard.size)], self.dp)
 
     def step(self, opt, lr, grad_clip, norm=None):
         """Clip (by the global `norm`, or this data-parallel group's), update this rank's shard with its slice

@@ -27,6 +27,7 @@ import numpy as np
 
 from common.comm import wait_all
 from common.model import SINGLE, _no_hook, param_shapes, stage_backward, stage_forward
+from common.optim import global_norm
 from common.params import Layout
 
 
@@ -151,13 +152,14 @@ def sync_tied_embedding(g, ends, stage, pp):
         ends.allreduce(g["wte"])
 
 
+def counts_once(name, stage, pp):
+    """Whether `stage` counts this tensor in a global sum over the model: wte on the first stage only."""
+    return not (name == "wte" and stage == pp - 1 and pp > 1)
+
+
 def grad_norm(grads, layout, stage, pp_comm):
-    """The global L2 norm over every stage, wte counted once (from the first stage)."""
-    sq = float(np.dot(grads, grads))
-    if stage == pp_comm.size - 1 and stage > 0:
-        a, b = layout.offsets["wte"]
-        sq -= float(np.dot(grads[a:b], grads[a:b]))
-    return float(np.sqrt(pp_comm.allreduce(np.array([sq]))[0]))
+    """The global L2 norm over every stage."""
+    return global_norm(grads, layout.ranges(lambda name: counts_once(name, stage, pp_comm.size)), pp_comm)
 
 
 # ----------------------------------------------------------------------------- what the runs show

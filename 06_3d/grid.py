@@ -37,7 +37,7 @@ from common.chapters import import_chapter
 from common.comm import Comm
 from common.config import ConfigError
 from common.model import gpt_layout, modules
-from common.optim import AdamW, decays
+from common.optim import AdamW, decays, global_norm
 from common.params import Layout
 
 tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
@@ -128,25 +128,18 @@ class Part:
         self.counted = self._counted()
 
     def _counted(self):
-        """[start, stop) ranges of the gradient this rank adds to the global norm (see the docstring)."""
+        """[start, stop) ranges of the gradient (ZeRO: of its shard) this rank adds to the global norm: what
+        chapters 02 and 05 count once, and without ZeRO on dp rank 0 only (the replicas are equal)."""
         grid, lo, hi = self.grid, 0, self.layout.size
         if self.zero:
             lo, hi = self.zero.lo, self.zero.hi
         elif grid.dp.rank != 0:
             return []
-        out = []
-        for name, (a, b) in self.layout.offsets.items():
-            if tp_lib.kind(name) == "replicated" and grid.tp.rank != 0:
-                continue
-            if name == "wte" and self.stage == grid.pp.size - 1 and grid.pp.size > 1:
-                continue
-            if max(a, lo) < min(b, hi):
-                out.append((max(a, lo) - lo, min(b, hi) - lo))
-        return out
+        return self.layout.ranges(lambda name: tp_lib.counts_once(name, grid.tp.rank) and
+                                  pipe.counts_once(name, self.stage, grid.pp.size), lo, hi)
 
     def grad_norm(self, g):
-        sq = np.array([sum(float(np.dot(g[a:b], g[a:b])) for a, b in self.counted)], dtype=np.float64)
-        return float(np.sqrt(self.grid.world.allreduce(sq)[0]))
+        return global_norm(g, self.counted, self.grid.world)
 
     # ------------------------------------------------------------------------- checkpoints
 

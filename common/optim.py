@@ -36,6 +36,13 @@ def clip_grad_norm(g, max_norm, norm=None):
     return norm
 
 
+def global_norm(g, ranges, comm=None):
+    """The L2 norm of a gradient spread over ranks: each rank sums the squares of its `ranges` of g (every
+    element of the whole gradient in exactly one rank's ranges), one all-reduce over `comm` adds them up."""
+    sq = np.array([sum(float(np.dot(g[a:b], g[a:b])) for a, b in ranges)], dtype=np.float64)
+    return math.sqrt(float(comm.allreduce(sq)[0] if comm is not None else sq[0]))
+
+
 class AdamW:
     """PyTorch's AdamW on flat arrays: m, v and the decay mask share the layout of the (slice of) parameters
     given to `step`, so ZeRO can hand each rank one slice of the whole."""

@@ -27,6 +27,13 @@ class Layout:
         assert flat.shape == (self.size,), f"buffer of {flat.shape} for a layout of {self.size} elements"
         return {name: flat[a:b].reshape(self.shapes[name]) for name, (a, b) in self.offsets.items()}
 
+    def ranges(self, keep, lo=0, hi=None):
+        """[start, stop) ranges, relative to `lo`, of the tensors where keep(name) holds, cut to [lo, hi): the
+        parts of a flat buffer (or of its shard [lo, hi)) that a rank counts, e.g. in the global grad norm."""
+        hi = self.size if hi is None else hi
+        return [(max(a, lo) - lo, min(b, hi) - lo) for name, (a, b) in self.offsets.items()
+                if keep(name) and max(a, lo) < min(b, hi)]
+
     def mask(self, predicate, dtype=bool):
         """A flat array that is 1 where predicate(name, shape) holds, e.g. which elements get weight decay."""
         out = np.zeros(self.size, dtype=dtype)

@@ -6,7 +6,7 @@ import pytest
 
 from common.config import GPTConfig, TrainConfig
 from common.model import gpt_layout
-from common.optim import AdamW, clip_grad_norm, decays, lr_at
+from common.optim import AdamW, clip_grad_norm, decays, global_norm, lr_at
 from common.params import Layout
 
 
@@ -143,3 +143,14 @@ def test_decay_mask_of_the_gpt_covers_embeddings_and_weights_but_no_bias_or_gain
     mask = layout.mask(decays)
     decayed = {name for name, (a, b) in layout.offsets.items() if mask[a:b].all()}
     assert decayed == {"wte", "wpe", "h.0.attn.c_attn.w", "h.0.attn.c_proj.w", "h.0.mlp.c_fc.w", "h.0.mlp.c_proj.w"}
+
+
+def test_the_global_norm_of_a_gradient_split_by_ranges_counts_each_element_once():
+    layout = Layout([("a", (3,)), ("b", (2, 2)), ("c", (5,))])
+    g = np.random.default_rng(0).normal(size=layout.size)
+    assert layout.ranges(lambda name: name != "b") == [(0, 3), (7, 12)]
+    # a shard [2, 9) of the buffer: "a" cut to its last element, "c" to its first two, relative to the shard
+    assert layout.ranges(lambda name: True, lo=2, hi=9) == [(0, 1), (1, 5), (5, 7)]
+    halves = [layout.ranges(lambda name: True, 0, 6), layout.ranges(lambda name: True, 6, 12)]
+    squares = [global_norm(g[lo:hi], ranges) ** 2 for (lo, hi), ranges in zip([(0, 6), (6, 12)], halves)]
+    np.testing.assert_allclose(np.sqrt(sum(squares)), np.linalg.norm(g), rtol=1e-14)
