@@ -21,6 +21,7 @@ all-reduce sends and receives 2 Psi e (N - 1)/N of them. Plus one 8-byte all-red
 import numpy as np
 
 from common.comm import wait_all
+from common.optim import clip_grad_norm
 
 
 # ----------------------------------------------------------------------------- shard (the batch, not the model)
@@ -49,13 +50,22 @@ def buckets(layout, bucket_bytes, itemsize):
 
 
 class GradSync:
-    """All-reduces the flat gradient `grads` over `dp` in one of the three modes; `ready` is the backward's
-    hook (see common.model.gpt_backward), `finish` completes the sum before the optimizer step."""
+    """All-reduces the flat gradient `grads` over `dp` in one of the three modes, then steps the replica.
 
-    def __init__(self, mode, layout, grads, dp, bucket_mb):
-        self.mode, self.layout, self.grads, self.dp = mode, layout, grads, dp
+    The protocol chapter 04's ZeRO implements too: zero_grad(); each backward that communicates gets `ready`
+    as its hook (see common.model.stage_backward) and is followed by finish(), which completes the sum (only
+    the last micro-batch's here: `every_microbatch` is False); step() clips by the global norm and updates.
+    `gshard` is the gradient this rank updates from: for a replica, all of it."""
+    every_microbatch = False
+
+    def __init__(self, mode, layout, grads, dp, bucket_mb, params=None):
+        self.mode, self.layout, self.grads, self.dp, self.params = mode, layout, grads, dp, params
+        self.gshard = grads
         self.buckets = buckets(layout, bucket_mb * 2 ** 20, grads.itemsize)
         self.requests, self.launched = [], 0
+
+    def zero_grad(self):
+        self.grads.fill(0)
 
     def ready(self, name):
         if self.mode == "overlapped":
@@ -78,6 +88,11 @@ class GradSync:
             self._launch_from(0)                          # what the backward's hook has not launched yet
             wait_all(self.requests)
         self.requests, self.launched = [], 0
+
+    def step(self, opt, lr, grad_clip, norm=None):
+        """Clip by the global `norm` (default: this replica's, the same on every rank) and update."""
+        clip_grad_norm(self.grads, grad_clip, norm)
+        opt.step(self.params, self.grads, lr)
 
 
 def mean_over_replicas(batches, dp, loss_of):

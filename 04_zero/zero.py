@@ -107,7 +107,9 @@ def owned_bytes(a):
 class Zero:
     """One rank's model state under ZeRO `stage`, and the hooks gpt_forward/gpt_backward call (see
     common.model): `forward_hook`/`backward_hook` gather weights (stage 3) and create gradient buckets
-    (stages 2-3) into the dicts `p` and `g`; `ready` reduce-scatters the buckets the backward has finished."""
+    (stages 2-3) into the dicts `p` and `g`; `ready` reduce-scatters the buckets the backward has finished.
+    The same zero_grad/ready/finish/step protocol as chapter 03's GradSync; stages 2-3 have no full gradient
+    to accumulate micro-batches in, so every micro-batch's backward communicates (`every_microbatch`)."""
 
     def __init__(self, stage, layout, modules, full_params, dp, bucket_mb):
         self.stage, self.layout, self.modules, self.dp = stage, layout, modules, dp
@@ -134,6 +136,7 @@ class Zero:
         self.bucket_names = [[n for n, b in self.bucket_of.items() if b == i] for i in range(len(self.buckets))]
         self.live, self.reduced = {}, 0                             # stages 2-3: bucket index -> its buffer
         self.transient = Transient()
+        self.every_microbatch = stage > 1
 
     def _own(self, start, stop):
         """This rank's part of the range [start, stop) as a slice of its shard (empty if it holds none)."""

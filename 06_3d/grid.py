@@ -120,7 +120,7 @@ class Part:
         else:
             self.zero, self.params, self.grads = None, params, np.zeros_like(params)
             p, g = self.layout.views(params), self.layout.views(self.grads)
-            self.sync = dp_lib.GradSync(par.dp_mode, self.layout, self.grads, grid.dp, par.bucket_mb)
+            self.sync = dp_lib.GradSync(par.dp_mode, self.layout, self.grads, grid.dp, par.bucket_mb, params)
         self.opt = AdamW(decay, cfg.beta1, cfg.beta2, cfg.weight_decay, dtype=full.dtype)
         sp = par.sequence_parallel
         self.st = pipe.Stage(gpt_cfg, self.stage, grid.pp, p, g, parts=tp_lib.tp_parts(tp, sp), using=using,

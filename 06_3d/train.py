@@ -24,7 +24,6 @@ from common.data import batch_offsets, eval_batches, get_batch
 from common.loop import run_training
 from common.memory import check_fits, estimate, peak_rss, reuse_freed_memory
 from common.model import gpt_layout, init_params, modules
-from common.optim import clip_grad_norm
 
 single = import_chapter("01_single_core.train")
 dp_lib = import_chapter("03_data_parallel.data_parallel")
@@ -63,12 +62,9 @@ def train_step(part, x, y, cfg, par, lr):
     """One optimizer step: this replica's rows through the pipeline (the tensor-parallel sums inside it), the
     tied-embedding sum, the data-parallel sum (or ZeRO's reduce-scatter), the global norm, AdamW."""
     grid, st, sync = part.grid, part.st, part.sync
-    if part.zero:
-        part.zero.zero_grad()
-    else:
-        part.grads.fill(0)
+    sync.zero_grad()
     rows = np.split(x, grid.dp.size)[grid.dp.rank], np.split(y, grid.dp.size)[grid.dp.rank]
-    M, every = par.microbatches, par.zero_stage > 1             # ZeRO-2/3 reduce every micro-batch (chapter 04)
+    M = par.microbatches
     grid.pp.barrier()
 
     def ready(name):
@@ -79,15 +75,11 @@ def train_step(part, x, y, cfg, par, lr):
 
     loss = st.run(pipe.schedule(par.schedule, M, st.stage, grid.pp.size), np.split(rows[0], M),
                   np.split(rows[1], M), scale=1.0 / grid.dp.size, grads_ready=ready,
-                  finish_each=sync.finish if every else None)
+                  finish_each=sync.finish if sync.every_microbatch else None)
     pipe.sync_tied_embedding(st.g, grid.ends, st.stage, grid.pp.size)
-    if not every:
+    if not sync.every_microbatch:
         sync.finish()
-    if part.zero:
-        part.zero.step(part.opt, lr, cfg.grad_clip, norm=part.grad_norm(part.zero.gshard))
-    else:
-        clip_grad_norm(part.grads, cfg.grad_clip, norm=part.grad_norm(part.grads))
-        part.opt.step(part.params, part.grads, lr)
+    sync.step(part.opt, lr, cfg.grad_clip, norm=part.grad_norm(sync.gshard))
     loss = grid.dp.allreduce(np.array([(loss or 0.0) / grid.dp.size]))
     return float(grid.pp.bcast(loss, root=grid.pp.size - 1)[0])
 
