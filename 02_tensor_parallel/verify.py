@@ -76,7 +76,7 @@ def main(argv=None):
     grads = np.zeros_like(params)
     opt = AdamW(local.mask(decays), BETA1, BETA2, WD, dtype=np.float64)
 
-    report = Report(TOL)
+    report = Report(TOL, width=40)
     show = tp.rank == 0
     for step, (x, y) in enumerate(batches):
         ref_g.fill(0)
@@ -95,9 +95,7 @@ def main(argv=None):
             full_logits = np.concatenate([g.reshape(logits.shape) for g in gathered], axis=-1)
             report.compare("logits", full_logits[..., :cfg.vocab_size], ref_logits, show)
             report.compare("loss", loss, ref_loss, show)
-            tp_grads = tp_lib.unshard(grads, local, cfg, tp)
-            for name, want in layout.views(ref_g).items():
-                report.compare(f"grad {name}", tp_grads[name], want, show)
+            report.compare_tensors("grad", tp_lib.unshard(grads, local, cfg, tp), layout.views(ref_g), show)
             pieces = tp.allgather(grads, np.empty((tp.size, grads.size)))
             spread = max((np.abs(pieces[:, a:b] - pieces[0, a:b]).max() for name, (a, b) in local.offsets.items()
                           if tp_lib.kind(name) == "replicated"), default=0.0)
@@ -116,9 +114,8 @@ def main(argv=None):
         ref_opt.step(ref_p, ref_g, LR)
         opt.step(params, grads, LR)
 
-    tp_params = tp_lib.unshard(params, local, cfg, tp)
-    for name, want in layout.views(ref_p).items():
-        report.compare(f"param {name} after {args.steps} steps", tp_params[name], want, show)
+    report.compare_tensors(f"after {args.steps} steps: param", tp_lib.unshard(params, local, cfg, tp),
+                           layout.views(ref_p), show)
     return report.finish(f"tp={tp.size}{' with sequence parallelism' if sp else ''}: ", show)
 
 

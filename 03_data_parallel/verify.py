@@ -4,8 +4,9 @@
 
 For each --dp-mode (naive, bucketed, overlapped) and --grad-accum (1, 2, 4), the real train_step of
 03_data_parallel/train.py and the single-core train_step of chapter 01 take the same AdamW steps on the same
-global batches from the same weights. Rows: the losses, all parameters after the steps, the replicas'
-agreement, and the all-reduce ledger of one step against the formula.
+global batches from the same weights. Rows: the losses; every parameter tensor after the steps (one row per
+run, naming the worst tensor); the replicas' agreement; and the all-reduce ledger of one step against the
+formula.
 """
 import math
 
@@ -51,7 +52,7 @@ def main(argv=None):
         params[...] = start
         return layout, params, grads, opt
 
-    report, show = Report(TOL), dp.rank == 0
+    report, show = Report(TOL, width=34, detail=24), dp.rank == 0
     for mode in MODES:
         for accum in ACCUMS:
             par = ParallelConfig(dp=dp.size, grad_accum=accum, dp_mode=mode, bucket_mb=0.01)
@@ -70,7 +71,8 @@ def main(argv=None):
                                    [got.get(k, {}).get("bytes", 0) for k in want] + [len(got)],
                                    [c for c, _ in want.values()] + [b for _, b in want.values()] + [len(want)], show)
             report.compare(f"{mode:>10} x{accum}: losses", losses, ref_losses, show)
-            report.compare(f"{mode:>10} x{accum}: all parameters", params, ref_params, show)
+            report.compare_tensors(f"{mode:>10} x{accum}:", layout.views(params), layout.views(ref_params), show,
+                                   group="all parameters")
             report.compare(f"{mode:>10} x{accum}: replicas identical", float(not dp.identical(params)), 0.0, show)
     return report.finish(f"dp={dp.size}: ", show)
 

@@ -4,16 +4,17 @@
 
 For each stage and --grad-accum 1 and 2, the real train_step of 04_zero/train.py and the single-core
 train_step of chapter 01 take the same AdamW steps on the same global batches from the same weights. Rows:
-the losses; all parameters and Adam's m and v after the steps (the shards gathered); the collectives of one
-step against zero.comm_formula; this rank's model-state bytes, measured from its arrays, against the
-paper's formula; the peak of gathered weights against the largest part of the model (a weight that some
-reference keeps alive after its release would raise it); and no transient buffer alive after a step.
+the losses; every parameter tensor, and Adam's m and v of each, after the steps (the shards gathered; one row
+for the parameters and one for m and v, naming the worst tensor); the collectives of one step against
+zero.comm_formula; this rank's model-state bytes, measured from its arrays, against the paper's formula; the
+peak of gathered weights against the largest part of the model (a weight that some reference keeps alive after
+its release would raise it); and no transient buffer alive after a step.
 """
 import math
 
 import numpy as np
 
-from common.checks import Report
+from common.checks import Report, named
 from common.chapters import import_chapter
 from common.comm import checked, world
 from common.config import GPTConfig, Parser, ParallelConfig, TrainConfig
@@ -49,7 +50,7 @@ def main(argv=None):
     largest_part = max(sum(np.prod(layout.shapes[n]) for n in names)
                        for names in zero_train.modules(gpt_cfg).values()) * itemsize
 
-    report, show = Report(TOL), dp.rank == 0
+    report, show = Report(TOL, detail=25), dp.rank == 0
     for stage in zero_lib.STAGES:
         for accum in ACCUMS:
             label = f"stage {stage} x{accum}:"
@@ -66,9 +67,12 @@ def main(argv=None):
                     report.compare(f"{label} collectives (bytes)", [got.get(k, {}).get("bytes", 0) for k in want] +
                                    [len(got)], list(want.values()) + [len(want)], show)
             report.compare(f"{label} losses", losses, ref_losses, show)
-            report.compare(f"{label} all parameters", gathered(zero, zero.pshard), ref_params, show)
-            report.compare(f"{label} Adam m and v", np.concatenate([gathered(zero, opt.m), gathered(zero, opt.v)]),
-                           np.concatenate([ref_opt.m, ref_opt.v]), show)
+            report.compare_tensors(label, layout.views(gathered(zero, zero.pshard)), layout.views(ref_params), show,
+                                   group="all parameters")
+            report.compare_tensors(label, named(m=layout.views(gathered(zero, opt.m)),
+                                                v=layout.views(gathered(zero, opt.v))),
+                                   named(m=layout.views(ref_opt.m), v=layout.views(ref_opt.v)), show,
+                                   group="Adam m and v")
             memory = zero.memory(opt)
             formula = zero_lib.memory_formula(stage, layout.size, zero.hi - zero.lo, itemsize)
             report.compare(f"{label} state bytes", [memory[k] for k in formula], list(formula.values()),

@@ -5,14 +5,14 @@ core computes.
 
 For each --schedule (afab, 1f1b) and --microbatches (1, 4, 8), the real train_step of 05_pipeline/train.py
 and the single-core train_step of chapter 01 take the same AdamW steps on the same batches from the same
-weights. Rows: the losses (as every rank logs them); all parameters and Adam's m and v after the steps,
-gathered from the stages; the two copies of wte; the peak number of micro-batches alive on each stage
-against the schedule's bound (afab: M, 1f1b: min(P - stage, M)); each stage's point-to-point bytes of one
-step against the formula.
+weights. Rows: the losses (as every rank logs them); every parameter tensor, and Adam's m and v of each, after
+the steps, gathered from the stages (one row for the parameters and one for m and v, naming the worst tensor);
+the two copies of wte; the peak number of micro-batches alive on each stage against the schedule's bound
+(afab: M, 1f1b: min(P - stage, M)); each stage's point-to-point bytes of one step against the formula.
 """
 import numpy as np
 
-from common.checks import Report
+from common.checks import Report, named
 from common.chapters import import_chapter
 from common.comm import checked, world
 from common.config import ConfigError, GPTConfig, Parser, ParallelConfig, TrainConfig
@@ -47,11 +47,10 @@ def main(argv=None):
     cfg = TrainConfig(batch_size=8, dtype="float64", learning_rate=1e-2, seed=0)
     batches, start, ref_losses, ref_params, ref_opt = reference(gpt_cfg, cfg, args.steps)
     layout = pipe_train.gpt_layout(gpt_cfg)
-    ref_state = {"params": ref_params, "adam_m": ref_opt.m, "adam_v": ref_opt.v}
 
     stage, P = pp.rank, pp.size
     ends = pipe.end_stages(pp, stage, P)
-    report, show = Report(TOL), pp.rank == 0
+    report, show = Report(TOL, detail=25), pp.rank == 0
     for kind in SCHEDULES:
         for M in MICROBATCHES:
             label = f"{kind} M={M}:"
@@ -73,9 +72,10 @@ def main(argv=None):
                                    every_rank(pp, [want[k] for k in ("isend", "recv")]), show)
             report.compare(f"{label} losses on every rank", every_rank(pp, losses), [ref_losses] * P, show)
             whole = pipe.whole_state(gpt_cfg, (params, opt.m, opt.v), pp)
-            for part, ref in ref_state.items():
-                got = np.concatenate([whole[part][name].ravel() for name in layout.shapes])
-                report.compare(f"{label} {part}", got, ref, show)
+            report.compare_tensors(label, whole["params"], layout.views(ref_params), show, group="all parameters")
+            report.compare_tensors(label, named(m=whole["adam_m"], v=whole["adam_v"]),
+                                   named(m=layout.views(ref_opt.m), v=layout.views(ref_opt.v)), show,
+                                   group="Adam m and v")
             wte = (slayout.views(params)["wte"] if "wte" in slayout.shapes else whole["params"]["wte"]).ravel()
             report.compare(f"{label} both copies of wte", every_rank(pp, wte), np.tile(whole["params"]["wte"].ravel(),
                                                                                        (P, 1)), show)

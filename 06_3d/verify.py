@@ -7,15 +7,15 @@ what single core computes.
 For each layout (tp x pp x dp = the number of ranks, tp dividing the 4 heads, pp at most the 4 layers), and
 each of plain, --sequence-parallel (tp > 1), --zero-stage 1 (dp > 1) and both, the real train_step of
 06_3d/train.py and the single-core train_step of chapter 01 take the same AdamW steps on the same batches
-from the same weights, in float64. Rows: the losses on every rank; all parameters and Adam's m and v after
-the steps, consolidated from the grid; and every rank's bytes per axis (tp, pp, ends, dp) in one step against
-grid.ledger_formula.
+from the same weights, in float64. Rows: the losses on every rank; every parameter tensor, and Adam's m and v
+of each, after the steps, consolidated from the grid (one row naming the worst tensor); and every rank's bytes
+per axis (tp, pp, ends, dp) in one step against grid.ledger_formula.
 """
 import itertools
 
 import numpy as np
 
-from common.checks import Report
+from common.checks import Report, named
 from common.chapters import import_chapter
 from common.comm import checked, world
 from common.config import ConfigError, GPTConfig, Parser, ParallelConfig, TrainConfig
@@ -67,6 +67,12 @@ def variants(tp, dp):
     return [(sp, z) for sp in ((False, True) if tp > 1 else (False,)) for z in ((0, 1) if dp > 1 else (0,))]
 
 
+def state_tensors(layout, flat):
+    """{name: tensor} of the parameters, then of Adam's m and v ("m name", "v name"), from their concatenation."""
+    params, m, v = flat.reshape(3, layout.size)
+    return {**layout.views(params), **named(m=layout.views(m), v=layout.views(v))}
+
+
 def main(argv=None):
     comm = world()
     args = checked(comm, setup, argv, comm.size)
@@ -75,7 +81,7 @@ def main(argv=None):
     layout = train3d.gpt_layout(GPT)
     ref = np.concatenate([ref_params, ref_opt.m, ref_opt.v])
 
-    report, show = Report(TOL), comm.rank == 0
+    report, show = Report(TOL, width=41, detail=25), comm.rank == 0
     for n, (tp, pp, dp) in enumerate(args.layouts):
         for sp, zero in variants(tp, dp):
             schedule = ("1f1b", "afab")[n % 2]
@@ -100,7 +106,8 @@ def main(argv=None):
             every = comm.allgather(np.array([losses[-1], float(ledger_ok)]), np.empty(2 * comm.size)).reshape(-1, 2)
             report.compare(f"{label} losses", losses, ref_losses, show)
             report.compare(f"{label} last loss, every rank", every[:, 0], np.full(comm.size, ref_losses[-1]), show)
-            report.compare(f"{label} params, m, v", flat, ref, show)
+            report.compare_tensors(label, state_tensors(layout, flat), state_tensors(layout, ref), show,
+                                   group="params, m, v")
             report.compare(f"{label} ledger, every rank", every[:, 1], np.ones(comm.size), show)
     return report.finish(f"{comm.size} ranks: ", show)
 

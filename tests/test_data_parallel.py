@@ -26,6 +26,23 @@ def test_verify_fails_when_one_bucket_is_not_all_reduced(tmp_path):
     assert "FAIL:" in verdict(result)
 
 
+def test_verify_names_the_tensor_whose_gradient_was_not_all_reduced(tmp_path):
+    patch = DP_LIB + ("f = dp_lib.GradSync.finish\n"
+                      "def finish(self):                     # bucketed: one tensor keeps this rank's own gradient\n"
+                      "    g = self.layout.views(self.grads)['h.0.mlp.c_fc.w']\n"
+                      "    mine = g.copy() if self.mode == 'bucketed' else None\n"
+                      "    f(self)\n"
+                      "    if mine is not None:\n"
+                      "        g[...] = mine\n"
+                      "dp_lib.GradSync.finish = finish")
+    result = run_mpi(2, [sabotaged(tmp_path, patch, "03_data_parallel.verify")], timeout=180)
+    assert result.returncode == 1, result.stdout + result.stderr
+    failed = [line for line in result.stdout.splitlines() if line.endswith("FAIL")]
+    assert failed and all(line.split()[0] == "bucketed" for line in failed), result.stdout
+    assert all("worst h.0.mlp.c_fc.w" in line for line in failed if "all parameters" in line), result.stdout
+    assert verdict(result).split("exceed 1e-10: ")[1].startswith("bucketed x1: h.0.mlp.c_fc.w,"), verdict(result)
+
+
 def test_the_replica_check_stops_training_whose_gradients_are_not_synchronised(tiny_data, tmp_path):
     patch = DP_LIB + "dp_lib.GradSync.finish = lambda self: None                  # no all-reduce at all"
     args = ["--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, "--max-iters", 3]

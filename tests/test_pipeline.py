@@ -77,19 +77,21 @@ def test_verify_passes_for_both_schedules_and_every_micro_batch_count_on_n_stage
     assert result.stdout.strip().splitlines()[-1].startswith(f"P={n}: PASS:")
 
 
-@pytest.mark.parametrize("patch, failing", [
+@pytest.mark.parametrize("patch, failing, worst", [
     ("pipe.sync_tied_embedding = lambda *args: None                  # wte's halves never summed",
-     "both copies of wte"),
+     "both copies of wte", "wte"),
     ("f = pipe.stage_backward\n"
      "pipe.stage_backward = lambda cache, p, g, dout, *a: f(cache, p, g, 1.0 if isinstance(dout, float) else dout)",
-     "M=4: params"),                                                 # dloss 1 instead of 1/M: M times the gradient
+     "M=4: all parameters", None),                                  # dloss 1 instead of 1/M: M times every gradient
 ])
-def test_verify_fails_when_the_gradients_are_wrong(tmp_path, patch, failing):
+def test_verify_fails_when_the_gradients_are_wrong(tmp_path, patch, failing, worst):
     patch = "pipe = import_chapter('05_pipeline.pipeline')\n" + patch
     result = run_mpi(2, [sabotaged(tmp_path, patch, "05_pipeline.verify")], timeout=180)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAIL:" in verdict(result)
     assert any(failing in line and line.endswith("FAIL") for line in result.stdout.splitlines()), result.stdout
+    if worst:                                                       # the verdict names the broken tensor first
+        assert verdict(result).split("exceed 1e-10: ")[1].split(", ")[0].split()[-1] == worst, verdict(result)
 
 
 @pytest.mark.parametrize("n, flags, words", [
