@@ -1,7 +1,8 @@
-"""Train the GPT on a grid of tensor x pipeline x data parallel ranks (3D parallelism), optionally with ZeRO-1.
+"""Train the GPT on a grid of tensor x pipeline x data parallel ranks (3D parallelism), optionally with ZeRO.
 
     mpirun -n 8 python 06_3d/train.py --tp 2 --pp 2 --dp 2
     mpirun -n 8 python 06_3d/train.py --tp 2 --pp 2 --sequence-parallel --zero-stage 1   # --dp: the ranks left
+    mpirun -n 4 python 06_3d/train.py --tp 2 --zero-stage 3 --sequence-parallel           # FSDP + TP (pp = 1)
     mpirun -n 4 python 06_3d/train.py --pp 4 --schedule afab --microbatches 8
     mpirun --hostfile hosts -n 16 python 06_3d/train.py --tp 2 --pp 2 --dp 4             # across machines
 

@@ -1,11 +1,12 @@
-"""Prove that every 3D layout of the job's ranks, with and without sequence parallelism and ZeRO-1, computes
-what single core computes.
+"""Prove that every 3D layout of the job's ranks, with and without sequence parallelism and ZeRO, computes what
+single core computes.
 
     mpirun -n 8 python 06_3d/verify.py            # every (tp, pp, dp) of 8 ranks; any -n has at least (1, 1, n)
     mpirun -n 8 python 06_3d/verify.py --tp 2 --pp 2 --dp 2
 
 For each layout (tp x pp x dp = the number of ranks, tp dividing the 4 heads, pp at most the 4 layers), and
-each of plain, --sequence-parallel (tp > 1), --zero-stage 1 (dp > 1) and both, the real train_step of
+each of plain, --sequence-parallel (tp > 1), --zero-stage 1 (dp > 1; with pp = 1 also 2 and 3) and SP with each
+stage, the real train_step of
 06_3d/train.py and the single-core train_step of chapter 01 take the same AdamW steps on the same batches
 from the same weights, in float64. Rows: the losses on every rank; every parameter tensor, and Adam's m and v
 of each, after the steps, consolidated from the grid (one row naming the worst tensor); and every rank's bytes
@@ -62,9 +63,11 @@ def setup(argv, world_size):
     return args
 
 
-def variants(tp, dp):
-    """(sequence_parallel, zero_stage) pairs that differ on this layout."""
-    return [(sp, z) for sp in ((False, True) if tp > 1 else (False,)) for z in ((0, 1) if dp > 1 else (0,))]
+def variants(tp, pp, dp):
+    """(sequence_parallel, zero_stage) pairs that differ on this layout: ZeRO needs dp > 1, and stages 2-3
+    come without pipeline stages (pp = 1), where they meet tp as FSDP + TP."""
+    stages = (0,) if dp == 1 else (0, 1) if pp > 1 else (0, 1, 2, 3)
+    return [(sp, z) for sp in ((False, True) if tp > 1 else (False,)) for z in stages]
 
 
 def state_tensors(layout, flat):
@@ -83,9 +86,9 @@ def main(argv=None):
 
     report, show = Report(TOL, width=41, detail=25), comm.rank == 0
     for n, (tp, pp, dp) in enumerate(args.layouts):
-        for sp, zero in variants(tp, dp):
+        for sp, zero in variants(tp, pp, dp):
             schedule = ("1f1b", "afab")[n % 2]
-            label = f"({tp},{pp},{dp}){' sp' if sp else ''}{' z1' if zero else ''} {schedule}:"
+            label = f"({tp},{pp},{dp}){' sp' if sp else ''}{f' z{zero}' if zero else ''} {schedule}:"
             par = ParallelConfig(tp=tp, pp=pp, dp=dp, sequence_parallel=sp, zero_stage=zero, microbatches=2,
                                  schedule=schedule, bucket_mb=0.005)
             grid = grid_lib.Grid.build(comm, tp, pp, dp)

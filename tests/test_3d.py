@@ -19,13 +19,19 @@ def test_tp_is_innermost_in_the_rank_map():
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
-def test_verify_passes_for_every_layout_of_n_ranks(n):
+def test_verify_passes_for_every_layout_of_n_ranks_and_each_zero_stage_that_fits(n):
     result = run_mpi(n, [VERIFY], timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().splitlines()[-1].startswith(f"{n} ranks: PASS:")
+    cases = {line.split(":")[0].rsplit(" ", 1)[0] for line in result.stdout.splitlines() if line.startswith("(")}
     if n == 8:
-        labels = {line.split(":")[0].split()[0] for line in result.stdout.splitlines() if line.startswith("(")}
-        assert {"(2,2,2)", "(1,2,4)", "(2,1,4)", "(4,2,1)", "(2,4,1)"} <= labels
+        layouts = {case.split()[0] for case in cases}
+        assert {"(2,2,2)", "(1,2,4)", "(2,1,4)", "(4,2,1)", "(2,4,1)"} <= layouts
+        # FSDP + TP: ZeRO-2/3 over dp with tensor parallelism (and SP), on the layouts without a pipeline
+        assert {"(2,1,4) sp z2", "(2,1,4) sp z3", "(4,1,2) z3", "(4,1,2) sp z3"} <= cases
+        assert not any(case.split()[0].split(",")[1] != "1" and case.endswith(("z2", "z3")) for case in cases)
+    if n == 4:
+        assert {"(2,1,2) z2", "(2,1,2) sp z3", "(1,1,4) z3"} <= cases
 
 
 @pytest.mark.parametrize("patch, args, worst", [
