@@ -30,99 +30,21 @@ gradients, which now see only a part of the sequence each.
 """
 import numpy as np
 
-from common.config import ConfigError
+from common.chapters import import_chapter
 from common.layers import (attention_backward, attention_forward, colsum, gelu_backward, gelu_forward,
                            layernorm_backward, layernorm_forward, linear_backward, linear_forward, lm_head_backward,
                            lm_head_forward, rowsum, scatter_add_rows)
-from common.model import Parts, gpt_backward, gpt_forward, param_shapes
+from common.model import Parts, gpt_backward, gpt_forward
 from common.optim import global_norm
-from common.params import Layout
+
+sharding = import_chapter("02_tensor_parallel.sharding")     # the shard section, in a file of its own
+check_layout, kind, padded_vocab, tp_layout = sharding.check_layout, sharding.kind, sharding.padded_vocab, \
+    sharding.tp_layout
+shard, shard_tensor, unshard, unshard_tensor = sharding.shard, sharding.shard_tensor, sharding.unshard, \
+    sharding.unshard_tensor
 
 
-# ----------------------------------------------------------------------------- shard
-
-def check_layout(cfg, tp, sp=False):
-    """Raise ConfigError unless the model (and, with sequence parallelism, the sequence) splits evenly."""
-    if cfg.n_head % tp:
-        divisors = [d for d in range(1, cfg.n_head + 1) if cfg.n_head % d == 0]
-        raise ConfigError(f"--tp {tp} does not divide n_head={cfg.n_head}; choose one of {divisors}")
-    if sp and cfg.block_size % tp:
-        raise ConfigError(f"--sequence-parallel needs --tp {tp} to divide --block-size {cfg.block_size}; "
-                          f"choose a block size that is a multiple of {tp}")
-
-
-def padded_vocab(V, tp):
-    return -(-V // tp) * tp
-
-
-def kind(name):
-    """How a single-core tensor is split: by vocabulary rows, by heads (packed q|k|v), by columns, by rows, or not."""
-    if name == "wte":
-        return "vocab"
-    if name.endswith("c_attn.w") or name.endswith("c_attn.b"):
-        return "heads"
-    if name.endswith("c_fc.w") or name.endswith("c_fc.b"):
-        return "columns"
-    if name.endswith("c_proj.w"):
-        return "rows"
-    return "replicated"
-
-
-def shard_tensor(name, full, cfg, tp, rank):
-    """This rank's piece of the single-core tensor `full`."""
-    k = kind(name)
-    if k == "vocab":
-        Vl = padded_vocab(cfg.vocab_size, tp) // tp
-        padded = np.zeros((Vl * tp, full.shape[1]), dtype=full.dtype)
-        padded[:cfg.vocab_size] = full
-        return padded[rank * Vl:(rank + 1) * Vl]
-    if k == "heads":                                    # (..., 3C) -> (..., 3, nh, hs) -> this rank's heads
-        nhl = cfg.n_head // tp
-        heads = full.reshape(*full.shape[:-1], 3, cfg.n_head, cfg.head_size)
-        return heads[..., rank * nhl:(rank + 1) * nhl, :].reshape(*full.shape[:-1], -1)
-    if k == "columns":
-        return np.split(full, tp, axis=-1)[rank]
-    if k == "rows":
-        return np.split(full, tp, axis=0)[rank]
-    return full
-
-
-def unshard_tensor(name, pieces, cfg):
-    """The single-core tensor from every rank's piece, in rank order (the inverse of shard_tensor)."""
-    k = kind(name)
-    if k == "vocab":
-        return np.concatenate(pieces, axis=0)[:cfg.vocab_size]
-    if k == "heads":
-        lead = pieces[0].shape[:-1]
-        heads = [p.reshape(*lead, 3, -1, cfg.head_size) for p in pieces]
-        return np.concatenate(heads, axis=-2).reshape(*lead, -1)
-    if k == "columns":
-        return np.concatenate(pieces, axis=-1)
-    if k == "rows":
-        return np.concatenate(pieces, axis=0)
-    return pieces[0]
-
-
-def tp_layout(cfg, tp):
-    """The layout of one rank's flat buffer: the single-core names with their per-rank shapes."""
-    dummy = {name: np.empty(shape, dtype=np.uint8) for name, shape in param_shapes(cfg)}
-    return Layout([(name, shard_tensor(name, a, cfg, tp, 0).shape) for name, a in dummy.items()])
-
-
-def shard(full_views, layout, cfg, tp, rank, dtype):
-    """A flat per-rank buffer holding this rank's pieces of the single-core tensors `full_views`."""
-    flat = np.zeros(layout.size, dtype=dtype)
-    for name, view in layout.views(flat).items():
-        view[...] = shard_tensor(name, full_views[name], cfg, tp, rank)
-    return flat
-
-
-def unshard(flat, layout, cfg, comm):
-    """Every single-core tensor, whole, on every rank: one all-gather of the flat per-rank buffers."""
-    gathered = comm.allgather(flat, np.empty((comm.size, flat.size), dtype=flat.dtype))
-    views = [layout.views(row) for row in gathered]
-    return {name: unshard_tensor(name, [v[name] for v in views], cfg) for name in layout.shapes}
-
+# ----------------------------------------------------------------------------- shard: see sharding.py
 
 # ----------------------------------------------------------------------------- forward and backward
 # The conjugate operators. Without sequence parallelism a block enters the tensor-parallel region through f
@@ -336,3 +258,24 @@ def counts_once(name, rank):
 def grad_norm(grads, layout, tp):
     """The single-core model's gradient L2 norm from this rank's flat gradient."""
     return global_norm(grads, layout.ranges(lambda name: counts_once(name, tp.rank)), tp)
+
+
+# ----------------------------------------------------------------------------- the ledger
+
+def comm_formula(cfg, rows, itemsize, sp=False, blocks=None, first=True, last=True, microbatches=1,
+                 replicated=0, settles=1):
+    """{kind: (calls, bytes)} one rank passes to tp collectives in a step of `microbatches` micro-batches of
+    `rows` rows through `blocks` blocks (default all), the embedding if `first`, the head if `last` (see the
+    module docstring). With sp, the `replicated` elements' gradients are all-reduced `settles` times, packed in
+    one call each time."""
+    e, T, C, M = itemsize, cfg.block_size, cfg.n_embd, microbatches
+    blocks = cfg.n_layer if blocks is None else blocks
+    n = M * (4 * blocks + first + last)                   # f and g: two each way per block, g after the
+    big = rows * T * C * e                                # embedding, f before the head
+    loss = (3 * M, 3 * M * rows * T * e) if last else (0, 0)
+    if not sp:
+        return {"allreduce": (n + loss[0], n * big + loss[1])}
+    out = {"allgather": (n, n * big), "reduce_scatter": (n, n * big)}
+    calls, nbytes = loss[0] + (settles if replicated else 0), loss[1] + settles * replicated * e
+    return {**out, "allreduce": (calls, nbytes)} if calls else out
+

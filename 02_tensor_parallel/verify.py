@@ -42,15 +42,11 @@ def setup(argv, tp):
 
 
 def ledger_formula(cfg, B, itemsize, replicated, sp):
-    """{kind: (calls, bytes)} of one training step, from the module docstring; the last all-reduce is the
-    gradient norm's (one float64)."""
-    big = B * cfg.block_size * cfg.n_embd * itemsize
-    small = 3 * B * cfg.block_size * itemsize
-    n = 2 * (2 * cfg.n_layer + 1)
-    if not sp:
-        return {"allreduce": (n + 3 + 1, n * big + small + 8)}
-    return {"allgather": (n, n * big), "reduce_scatter": (n, n * big),
-            "allreduce": (3 + 1 + 1, small + replicated * itemsize + 8)}
+    """{kind: (calls, bytes)} of one training step: tensor_parallel.comm_formula's, and the gradient norm's
+    all-reduce of one float64."""
+    want = tp_lib.comm_formula(cfg, B, itemsize, sp, replicated=replicated)
+    calls, nbytes = want.get("allreduce", (0, 0))
+    return {**want, "allreduce": (calls + 1, nbytes + 8)}
 
 
 def main(argv=None):

@@ -95,6 +95,16 @@ class GradSync:
         opt.step(self.params, self.grads, lr)
 
 
+def comm_formula(mode, layout, n_buckets, itemsize):
+    """{kind: (calls, bytes)} of one step on each rank: the whole gradient once, in the mode's pieces, plus the
+    8-byte all-reduce of the loss for the log."""
+    grad = layout.size * itemsize
+    pieces = {"naive": len(layout.offsets), "bucketed": n_buckets, "overlapped": n_buckets}[mode]
+    if mode == "overlapped":
+        return {"iallreduce": (pieces, grad), "allreduce": (1, 8)}
+    return {"allreduce": (pieces + 1, grad + 8)}
+
+
 def mean_over_replicas(batches, dp, loss_of):
     """The mean of loss_of(x, y) over `batches`, each replica taking its 1/N of every batch's rows, as in
     training (every rank runs as many forwards, which ZeRO-3's gathers need). loss_of may give None where no

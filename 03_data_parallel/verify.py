@@ -30,15 +30,6 @@ def setup(argv):
     return parser.parse_args(argv)
 
 
-def ledger_formula(mode, layout, n_buckets, itemsize):
-    """{kind: (calls, bytes)} of one step: the whole gradient once, in the mode's pieces, plus the loss."""
-    grad = layout.size * itemsize
-    pieces = {"naive": len(layout.offsets), "bucketed": n_buckets, "overlapped": n_buckets}[mode]
-    if mode == "overlapped":
-        return {"iallreduce": (pieces, grad), "allreduce": (1, 8)}
-    return {"allreduce": (pieces + 1, grad + 8)}
-
-
 def main(argv=None):
     dp = world()
     args = checked(dp, setup, argv)
@@ -65,7 +56,7 @@ def main(argv=None):
                                                   x, y, gpt_cfg, cfg, par, dp, sync, cfg.learning_rate))
                 if step == 0 and dp.size > 1:
                     got = dp.ledger.as_dict()
-                    want = ledger_formula(mode, layout, len(sync.buckets), params.itemsize)
+                    want = dp_lib.comm_formula(mode, layout, len(sync.buckets), params.itemsize)
                     report.compare(f"{mode:>10} x{accum}: ledger calls, bytes",
                                    [got.get(k, {}).get("calls", 0) for k in want] +
                                    [got.get(k, {}).get("bytes", 0) for k in want] + [len(got)],

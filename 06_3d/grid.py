@@ -176,27 +176,24 @@ def ledger_formula(part, batch_size):
     """{axis: {kind: bytes}} of one training step on this rank, from chapters 02, 05 and 03/04."""
     cfg, par, grid = part.cfg, part.par, part.grid
     e, M, sp = part.params.itemsize, par.microbatches, par.sequence_parallel
-    b, T, C = batch_size // (grid.dp.size * M), cfg.block_size, cfg.n_embd
+    b = batch_size // (grid.dp.size * M)                      # rows of one micro-batch
     first, last = part.st.first, part.st.last
     out = {"tp": {}, "pp": {}, "dp": {}, "ends": {}}
     if grid.tp.size > 1:
-        big = M * (4 * len(part.st.layers) + first + last) * b * T * C * e
-        out["tp"] = {"allgather": big, "reduce_scatter": big} if sp else {"allreduce": big}
-        if last:
-            out["tp"]["allreduce"] = out["tp"].get("allreduce", 0) + M * 3 * b * T * e
-        if sp:                      # settled once, or per micro-batch when ZeRO-2/3 reduce every one
-            replicated = sum(stop - start for name, (start, stop) in part.layout.offsets.items()
-                             if tp_lib.kind(name) == "replicated")
-            times = M if par.zero_stage > 1 else 1
-            out["tp"]["allreduce"] = out["tp"].get("allreduce", 0) + times * replicated * e
+        replicated = sum(stop - start for name, (start, stop) in part.layout.offsets.items()
+                         if tp_lib.kind(name) == "replicated") if sp else 0
+        want = tp_lib.comm_formula(cfg, b, e, sp, len(part.st.layers), first, last, M, replicated,
+                                   settles=M if par.zero_stage > 1 else 1)   # ZeRO-2/3 settle every micro-batch
+        out["tp"] = {kind: nbytes for kind, (_, nbytes) in want.items()}
     if grid.pp.size > 1:
         out["pp"] = pipe.p2p_formula(cfg, batch_size // grid.dp.size, part.stage, grid.pp.size, e, part.st.seq_len)
         out["pp"]["bcast"] = 8
         if first or last:
             out["ends"] = {"allreduce": int(np.prod(part.layout.shapes["wte"])) * e}
     if grid.dp.size > 1:
-        grad = part.layout.size * e
-        out["dp"] = (zero_lib.comm_formula(par.zero_stage, part.layout, cfg, M, e) if part.zero else
-                     {"iallreduce" if par.dp_mode == "overlapped" else "allreduce": grad})
-        out["dp"]["allreduce"] = out["dp"].get("allreduce", 0) + 8                # the loss
+        if part.zero:
+            out["dp"] = {**zero_lib.comm_formula(par.zero_stage, part.layout, cfg, M, e), "allreduce": 8}  # + loss
+        else:
+            want = dp_lib.comm_formula(par.dp_mode, part.layout, len(part.sync.buckets), e)
+            out["dp"] = {kind: nbytes for kind, (_, nbytes) in want.items()}
     return out
