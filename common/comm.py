@@ -12,8 +12,14 @@ import traceback
 from collections import defaultdict
 from dataclasses import dataclass
 
+import mpi4py
 import numpy as np
-from mpi4py import MPI
+
+# Importing MPI would start it; world() does instead, so importing this module (and any strategy module) in a
+# notebook or a test starts no MPI. Left to itself, mpi4py would then not finalise at exit the MPI that
+# world() started: finalize=True makes every script end MPI cleanly, as before.
+mpi4py.rc(initialize=False, finalize=True)
+from mpi4py import MPI  # noqa: E402
 
 from common.config import ConfigError
 from common.threads import Threads, size_blas_pool
@@ -171,9 +177,11 @@ class Host:
 
 
 def world():
-    """COMM_WORLD as a Comm, with `.host` filled in and this rank's BLAS pool sized to its share of the host's
-    cores. With more than one rank, an uncaught exception on any rank aborts the whole job instead of leaving
-    the others waiting forever in a collective."""
+    """COMM_WORLD as a Comm (MPI starts here), with `.host` filled in and this rank's BLAS pool sized to its
+    share of the host's cores. With more than one rank, an uncaught exception on any rank aborts the whole job
+    instead of leaving the others waiting forever in a collective."""
+    if not MPI.Is_initialized():
+        MPI.Init_thread()                   # the thread level mpi4py asks for at import
     if MPI.COMM_WORLD.Get_size() > 1:
         sys.excepthook = _abort_on_exception
     comm = Comm(MPI.COMM_WORLD)

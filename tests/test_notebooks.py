@@ -1,4 +1,5 @@
-"""Every chapter notebook runs top to bottom without an error, and is committed without outputs."""
+"""Every chapter notebook runs top to bottom without an error, takes its helpers from common/notebook.py, and is
+committed without outputs."""
 from pathlib import Path
 
 import nbformat
@@ -31,3 +32,17 @@ def test_committed_notebooks_have_no_outputs_or_execution_counts():
                 dirty.append(f"{path.relative_to(ROOT)} cell {i}")
     assert not dirty, ("notebooks saved with outputs (clear them with `jupyter nbconvert --clear-output "
                        f"--inplace <notebook>`): {', '.join(dirty)}")
+
+
+# what common/notebook.py provides, and the switch that importing common/comm.py no longer needs
+OWN_COPIES = ("def first_line(", "def show_diff(", "def launch(", "MPIEXEC", "ENV = ", "mpi4py.rc")
+
+
+def test_notebooks_use_the_shared_helpers_instead_of_their_own_copies():
+    copies = []
+    for path in NOTEBOOKS:
+        for i, cell in enumerate(nbformat.read(path, as_version=4).cells):
+            found = [text for text in OWN_COPIES if cell.cell_type == "code" and text in cell.source]
+            if found:
+                copies.append(f"{path.relative_to(ROOT)} cell {i}: {', '.join(found)}")
+    assert not copies, "import these from common.notebook instead: " + "; ".join(copies)
