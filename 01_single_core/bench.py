@@ -83,12 +83,11 @@ def bench_ours(gpt_cfg, cfg, batches, warmup):
     """The training step of 01_single_core/train.py on a model built exactly as its main() builds it."""
     train = import_chapter("01_single_core.train")
     malloc_tuned = reuse_freed_memory()          # as train.py's main() does; process-wide, so PyTorch gets it too
-    layout, params, grads, opt = train.build(gpt_cfg, cfg)
-    p, g = layout.views(params), layout.views(grads)
+    state = train.build(gpt_cfg, cfg)
     losses = []
 
     def step(x, y):
-        losses.append(train.train_step(p, g, params, grads, opt, x, y, gpt_cfg, cfg, LR))
+        losses.append(train.train_step(state, (x, y), LR))
 
     seconds, rss_warm = time_steps(step, batches, warmup)
     return seconds, losses[0], {"rss_after_warmup_mib": rss_warm, "rss_after_steps_mib": rss_mib(),

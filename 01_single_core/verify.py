@@ -50,12 +50,11 @@ def reference(gpt_cfg, cfg, steps, seed=0):
     rng = np.random.default_rng(seed)
     batches = [tuple(rng.integers(0, gpt_cfg.vocab_size, (2, cfg.batch_size, gpt_cfg.block_size)))
                for _ in range(steps)]
-    layout, params, grads, opt = train.build(gpt_cfg, cfg)
-    params += rng.normal(0.0, 0.1, params.shape)
-    start = params.copy()
-    losses = [train.train_step(layout.views(params), layout.views(grads), params, grads, opt, x, y, gpt_cfg, cfg,
-                               cfg.learning_rate) for x, y in batches]
-    return batches, start, losses, params, opt
+    state = train.build(gpt_cfg, cfg)
+    state.params += rng.normal(0.0, 0.1, state.params.shape)
+    start = state.params.copy()
+    losses = [train.train_step(state, batch, cfg.learning_rate) for batch in batches]
+    return batches, start, losses, state.params, state.opt
 
 
 def main(argv=None):

@@ -8,15 +8,15 @@
 Every rank reads the same batch: tensor parallelism splits the model, not the data. What differs from
 01_single_core/train.py is where the weights live and how a step computes: see tensor_parallel.py.
 """
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from common.chapters import import_chapter
-from common.checkpoint import read_training_state, save_training_state
-from common.comm import checked, world
-from common.data import batch_offsets, eval_batches, get_batch
-from common.loop import run_training
+from common.comm import Comm, checked, world
+from common.config import ParallelConfig
+from common.loop import train
 from common.memory import check_fits, estimate, reuse_freed_memory
 from common.model import gpt_layout, init_params
 from common.optim import AdamW, clip_grad_norm, decays
@@ -26,77 +26,73 @@ tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
 
 
 def setup(argv, world_size):
-    gpt_cfg, cfg, train, val, par = single.setup(argv, chapter=Path(__file__).parent.name, description=__doc__,
-                                                 defaults={"out_dir": "out/tensor_parallel"},
-                                                 shown={"tp": "every rank"})
+    gpt_cfg, train_cfg, tokens, val_tokens, par = single.setup(
+        argv, chapter=Path(__file__).parent.name, description=__doc__, defaults={"out_dir": "out/tensor_parallel"},
+        shown={"tp": "every rank"})
     par.use_every_rank("tp", world_size)
     tp_lib.check_layout(gpt_cfg, par.tp, par.sequence_parallel)
-    return gpt_cfg, cfg, train, val, par
+    return gpt_cfg, train_cfg, tokens, val_tokens, par
 
 
-def memory_estimate(gpt_cfg, cfg, par):
+def memory_estimate(gpt_cfg, train_cfg, par):
     """{kind: bytes} one rank will hold: its shards, their gradient and AdamW, its part of the activations."""
     n = tp_lib.tp_layout(gpt_cfg, par.tp).size
-    return estimate(gpt_cfg, np.dtype(cfg.dtype).itemsize, params=n, grads=n, optimizer=n, rows=cfg.batch_size,
-                    blocks=gpt_cfg.n_layer, tp_size=par.tp, sp=par.sequence_parallel)
+    return estimate(gpt_cfg, np.dtype(train_cfg.dtype).itemsize, params=n, grads=n, optimizer=n,
+                    rows=train_cfg.batch_size, blocks=gpt_cfg.n_layer, tp_size=par.tp, sp=par.sequence_parallel)
 
 
-def train_step(p, g, params, grads, opt, x, y, gpt_cfg, cfg, lr, layout, tp, sp):
+@dataclass
+class State(single.State):
+    """Chapter 01's state holding this rank's shards: `layout` gives their per-rank shapes."""
+    par: ParallelConfig = field(kw_only=True)
+    tp: Comm = field(kw_only=True)
+
+    def whole(self):
+        """Every tensor whole, on every rank (an all-gather over tp)."""
+        return {part: tp_lib.unshard(flat, self.layout, self.gpt_cfg, self.tp)
+                for part, flat in (("params", self.params), ("adam_m", self.opt.m), ("adam_v", self.opt.v))}
+
+    def load(self, whole):
+        for part, flat in (("params", self.params), ("adam_m", self.opt.m), ("adam_v", self.opt.v)):
+            flat[...] = tp_lib.shard(whole[part], self.layout, self.gpt_cfg, self.tp.size, self.tp.rank, flat.dtype)
+
+
+def build(gpt_cfg, train_cfg, par, tp, full=None):
+    """Every rank draws the whole single-core initialisation from the seed (or takes `full`) and keeps its
+    shards, so the two models start identical with no communication."""
+    dtype = np.dtype(train_cfg.dtype)
+    full = init_params(gpt_cfg, train_cfg.seed, dtype) if full is None else full
+    local = tp_lib.tp_layout(gpt_cfg, tp.size)
+    params = tp_lib.shard(gpt_layout(gpt_cfg).views(full), local, gpt_cfg, tp.size, tp.rank, dtype)
+    opt = AdamW(local.mask(decays), train_cfg.beta1, train_cfg.beta2, train_cfg.weight_decay, dtype=dtype)
+    return State(gpt_cfg, train_cfg, local, params, np.zeros_like(params), opt, par=par, tp=tp)
+
+
+def train_step(state, batch, lr):
     """One optimizer step; the same loss on every rank, each rank updating its own shards."""
-    grads.fill(0)
-    _, loss, cache = tp_lib.tp_forward(p, x, y, gpt_cfg, tp, sp)
-    tp_lib.tp_backward(cache, p, g, tp, sp)
-    clip_grad_norm(grads, cfg.grad_clip, tp_lib.grad_norm(grads, layout, tp))
-    opt.step(params, grads, lr)
+    s, (x, y), sp = state, batch, state.par.sequence_parallel
+    s.grads.fill(0)
+    _, loss, cache = tp_lib.tp_forward(s.p, x, y, s.gpt_cfg, s.tp, sp)
+    tp_lib.tp_backward(cache, s.p, s.g, s.tp, sp)
+    clip_grad_norm(s.grads, s.train_cfg.grad_clip, tp_lib.grad_norm(s.grads, s.layout, s.tp))
+    s.opt.step(s.params, s.grads, lr)
     return loss
+
+
+def evaluate(state, batches):
+    return float(np.mean([tp_lib.tp_forward(state.p, x, y, state.gpt_cfg, state.tp, state.par.sequence_parallel)[1]
+                          for x, y in batches]))
 
 
 def main(argv=None):
     tp = world()
-    gpt_cfg, cfg, train, val, par = checked(tp, setup, argv, tp.size)
-    budget = checked(tp, check_fits, memory_estimate(gpt_cfg, cfg, par), tp.host.comm)
+    gpt_cfg, train_cfg, tokens, val_tokens, par = checked(tp, setup, argv, tp.size)
+    budget = checked(tp, check_fits, memory_estimate(gpt_cfg, train_cfg, par), tp.host.comm)
     reuse_freed_memory()
-    dtype = np.dtype(cfg.dtype)
-    layout, local = gpt_layout(gpt_cfg), tp_lib.tp_layout(gpt_cfg, tp.size)
-    # every rank draws the whole single-core initialisation from the same seed and keeps its shards, so the
-    # two models start identical with no communication
-    params = tp_lib.shard(layout.views(init_params(gpt_cfg, cfg.seed, dtype)), local, gpt_cfg, tp.size, tp.rank, dtype)
-    grads = np.zeros_like(params)
-    p, g = local.views(params), local.views(grads)
-    opt = AdamW(local.mask(decays), cfg.beta1, cfg.beta2, cfg.weight_decay, dtype=dtype)
-    ckpt = Path(cfg.out_dir) / "ckpt.npz"
-    start = 0
-    if cfg.resume:
-        state, opt.t, start = checked(tp, read_training_state, ckpt, layout.shapes, cfg.max_iters)
-        for flat, part in ((params, "params"), (opt.m, "adam_m"), (opt.v, "adam_v")):
-            flat[...] = tp_lib.shard(state[part], local, gpt_cfg, tp.size, tp.rank, dtype)
-    if tp.rank == 0:
-        print(f"{layout.size:,} parameters, {local.size:,} on each of {tp.size} ranks, {cfg.dtype}, "
-              f"batch {cfg.batch_size} x {gpt_cfg.block_size} tokens" +
-              (f", resuming at step {start}" if start else "") +
-              f"\nruntime: {tp.host.threads}\n{budget.banner()}")
-
-    val_batches = eval_batches(val, cfg, gpt_cfg.block_size)
-
-    def step_fn(step, lr):
-        offsets = batch_offsets(len(train), gpt_cfg.block_size, cfg.batch_size, cfg.seed, step)
-        x, y = get_batch(train, offsets, gpt_cfg.block_size)
-        return train_step(p, g, params, grads, opt, x, y, gpt_cfg, cfg, lr, local, tp, par.sequence_parallel)
-
-    def evaluate():
-        return float(np.mean([tp_lib.tp_forward(p, x, y, gpt_cfg, tp, par.sequence_parallel)[1]
-                              for x, y in val_batches]))
-
-    def save(step):
-        state = {part: tp_lib.unshard(flat, local, gpt_cfg, tp)
-                 for part, flat in (("params", params), ("adam_m", opt.m), ("adam_v", opt.v))}
-        if tp.rank == 0:
-            save_training_state(ckpt, state, opt.t, step, gpt_cfg, cfg)
-
-    run_training(cfg, start, cfg.batch_size * gpt_cfg.block_size, step_fn, evaluate, save,
-                 metrics_path=Path(cfg.out_dir) / "metrics.jsonl" if tp.rank == 0 else None, verbose=tp.rank == 0)
-    if tp.rank == 0:
-        print(budget.summary())
+    state = build(gpt_cfg, train_cfg, par, tp)
+    train(state, tokens, val_tokens, train_step, evaluate, budget, threads=tp.host.threads, comm=tp,
+          banner=f"{gpt_layout(gpt_cfg).size:,} parameters, {state.layout.size:,} on each of {tp.size} ranks, "
+                 f"{train_cfg.dtype}, batch {train_cfg.batch_size} x {gpt_cfg.block_size} tokens")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ How the gradient is all-reduced (--dp-mode):
 Communication per step and rank: Psi elements of gradient (e bytes each), whatever the mode; a ring
 all-reduce sends and receives 2 Psi e (N - 1)/N of them. Plus one 8-byte all-reduce of the loss for the log.
 """
+import contextlib
 
 import numpy as np
 
@@ -52,10 +53,11 @@ def buckets(layout, bucket_bytes, itemsize):
 class GradSync:
     """All-reduces the flat gradient `grads` over `dp` in one of the three modes, then steps the replica.
 
-    The protocol chapter 04's ZeRO implements too: zero_grad(); each backward that communicates gets `ready`
-    as its hook (see common.model.stage_backward) and is followed by finish(), which completes the sum (only
-    the last micro-batch's here: `every_microbatch` is False); step() clips by the global norm and updates.
-    `gshard` is the gradient this rank updates from: for a replica, all of it."""
+    The protocol chapter 04's ZeRO implements too: zero_grad(); the model runs each part inside
+    forward_hook/backward_hook (no-ops here); each backward that communicates gets `ready` as its hook (see
+    common.model.stage_backward) and is followed by finish(), which completes the sum (only the last
+    micro-batch's here: `every_microbatch` is False); step() clips by the global norm and updates. `gshard` is
+    the gradient this rank updates from: for a replica, all of it."""
     every_microbatch = False
 
     def __init__(self, mode, layout, grads, dp, bucket_mb, params=None):
@@ -66,6 +68,11 @@ class GradSync:
 
     def zero_grad(self):
         self.grads.fill(0)
+
+    def forward_hook(self, part):
+        return contextlib.nullcontext()             # every replica holds every weight: nothing to gather
+
+    backward_hook = forward_hook
 
     def ready(self, name):
         if self.mode == "overlapped":

@@ -15,7 +15,6 @@ from common.chapters import import_chapter
 from common.comm import checked, world
 from common.config import GPTConfig, Parser, ParallelConfig, TrainConfig
 
-single = import_chapter("01_single_core.train")
 reference = import_chapter("01_single_core.verify").reference
 dp_train = import_chapter("03_data_parallel.train")
 dp_lib = import_chapter("03_data_parallel.data_parallel")
@@ -38,22 +37,17 @@ def main(argv=None):
     cfg = TrainConfig(batch_size=dp.size * math.lcm(*ACCUMS) * ROWS, dtype="float64", learning_rate=1e-2, seed=0)
     batches, start, ref_losses, ref_params, _ = reference(gpt_cfg, cfg, args.steps)
 
-    def fresh():
-        layout, params, grads, opt = single.build(gpt_cfg, cfg)
-        params[...] = start
-        return layout, params, grads, opt
-
     report, show = Report(TOL, width=34, detail=24), dp.rank == 0
     for mode in MODES:
         for accum in ACCUMS:
             par = ParallelConfig(dp=dp.size, grad_accum=accum, dp_mode=mode, bucket_mb=0.01)
-            layout, params, grads, opt = fresh()
-            sync = dp_lib.GradSync(mode, layout, grads, dp, par.bucket_mb)
+            state = dp_train.build(gpt_cfg, cfg, par, dp)
+            state.params[...] = start
+            layout, params, sync = state.layout, state.params, state.sync
             losses = []
             for step, (x, y) in enumerate(batches):
                 dp.ledger.reset()
-                losses.append(dp_train.train_step(layout.views(params), layout.views(grads), params, grads, opt,
-                                                  x, y, gpt_cfg, cfg, par, dp, sync, cfg.learning_rate))
+                losses.append(dp_train.train_step(state, (x, y), cfg.learning_rate))
                 if step == 0 and dp.size > 1:
                     got = dp.ledger.as_dict()
                     want = dp_lib.comm_formula(mode, layout, len(sync.buckets), params.itemsize)

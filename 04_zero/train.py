@@ -11,36 +11,34 @@ After its first step, rank 0 prints its model-state memory beside the paper's fo
 step's communication (measured and formula) to <out_dir>/ledger.json.
 """
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from common.chapters import import_chapter
-from common.checkpoint import read_training_state, save_training_state
 from common.comm import checked, world
 from common.config import ConfigError
-from common.data import batch_offsets, eval_batches, get_batch
-from common.loop import run_training
+from common.loop import train
 from common.memory import check_fits, estimate, reuse_freed_memory
-from common.model import gpt_backward, gpt_forward, gpt_layout, init_params, modules
+from common.model import gpt_layout, init_params, modules
 from common.optim import AdamW, decays
 
 dp_train = import_chapter("03_data_parallel.train")
-dp_lib = import_chapter("03_data_parallel.data_parallel")
 zero_lib = import_chapter("04_zero.zero")
 
 
 def setup(argv, world_size):
-    gpt_cfg, cfg, train, val, par = dp_train.setup(argv, world_size, chapter=Path(__file__).parent.name,
-                                                   description=__doc__,
-                                                   defaults={"out_dir": "out/zero", "zero_stage": 1, "bucket_mb": 0.25})
+    gpt_cfg, train_cfg, tokens, val_tokens, par = dp_train.setup(
+        argv, world_size, chapter=Path(__file__).parent.name, description=__doc__,
+        defaults={"out_dir": "out/zero", "zero_stage": 1, "bucket_mb": 0.25})
     if par.zero_stage not in zero_lib.STAGES:
         raise ConfigError(f"--zero-stage {par.zero_stage} is plain data parallelism: run 03_data_parallel/train.py, "
                           f"or choose stage 1, 2 or 3")
-    return gpt_cfg, cfg, train, val, par
+    return gpt_cfg, train_cfg, tokens, val_tokens, par
 
 
-def memory_estimate(gpt_cfg, cfg, par):
+def memory_estimate(gpt_cfg, train_cfg, par):
     """{kind: bytes} one rank will hold: what its stage keeps of the model state (stage 3: its shard and the
     part of the model being gathered; stages 2-3: a gradient bucket besides the shard), one micro-batch's
     activations."""
@@ -48,56 +46,51 @@ def memory_estimate(gpt_cfg, cfg, par):
     psi, stage = layout.size, par.zero_stage
     shard = -(-psi // par.dp)
     part = max(sum(int(np.prod(layout.shapes[n])) for n in names) for names in modules(gpt_cfg).values())
-    bucket = int(par.bucket_mb * 2 ** 20) // np.dtype(cfg.dtype).itemsize
-    return estimate(gpt_cfg, np.dtype(cfg.dtype).itemsize, params=shard + part if stage == 3 else psi,
+    bucket = int(par.bucket_mb * 2 ** 20) // np.dtype(train_cfg.dtype).itemsize
+    return estimate(gpt_cfg, np.dtype(train_cfg.dtype).itemsize, params=shard + part if stage == 3 else psi,
                     grads=psi if stage == 1 else shard + bucket, optimizer=shard,
-                    rows=cfg.batch_size // (par.dp * par.grad_accum), blocks=gpt_cfg.n_layer)
+                    rows=train_cfg.batch_size // (par.dp * par.grad_accum), blocks=gpt_cfg.n_layer)
 
 
-def build(gpt_cfg, cfg, par, dp, params=None):
+@dataclass
+class State(dp_train.State):
+    """Chapter 03's state with ZeRO as its gradient sync: `params` and `grads` are what this rank's stage keeps
+    (the whole model or its shard), `p` and `g` the views the model reads and writes, which stages 2-3 fill
+    part by part."""
+
+    def __post_init__(self):
+        self.p, self.g = self.sync.p, self.sync.g
+
+    def whole(self):
+        return self.sync.full_state(self.opt)                       # a collective: every rank takes part
+
+    def load(self, whole):
+        self.sync.load_state(whole, self.opt)
+
+
+def build(gpt_cfg, train_cfg, par, dp, params=None):
     """Every rank draws the whole init from the seed (or takes `params`) and keeps what its stage keeps; AdamW
     holds m and v for this rank's shard only."""
     layout = gpt_layout(gpt_cfg)
-    params = init_params(gpt_cfg, cfg.seed, np.dtype(cfg.dtype)) if params is None else params
+    params = init_params(gpt_cfg, train_cfg.seed, np.dtype(train_cfg.dtype)) if params is None else params
     zero = zero_lib.Zero(par.zero_stage, layout, modules(gpt_cfg), params, dp, par.bucket_mb)
-    opt = AdamW(layout.mask(decays)[zero.lo:zero.hi], cfg.beta1, cfg.beta2, cfg.weight_decay, dtype=params.dtype)
-    return layout, zero, opt
+    opt = AdamW(layout.mask(decays)[zero.lo:zero.hi], train_cfg.beta1, train_cfg.beta2, train_cfg.weight_decay,
+                dtype=params.dtype)
+    held = params if zero.stage < 3 else zero.pshard
+    return State(gpt_cfg, train_cfg, layout, held, zero.grads if zero.stage == 1 else zero.gshard, opt, par=par,
+                 dp=dp, sync=zero)
 
 
-def train_step(zero, opt, x, y, gpt_cfg, cfg, par, dp, lr):
-    """One optimizer step on the global batch (x, y): this rank's micro-batches, then its shard's AdamW step."""
-    zero.zero_grad()
-    loss = np.zeros(1)
-    for micro in range(par.grad_accum):
-        rows = dp_lib.micro_batch_rows(cfg.batch_size, dp.size, par.grad_accum, dp.rank, micro)
-        _, micro_loss, cache = gpt_forward(zero.p, x[rows], y[rows], gpt_cfg, using=zero.forward_hook)
-        # stage 1 sums the micro-batches in its full gradient and reduce-scatters once; stages 2-3 have no
-        # full gradient to sum into, so every micro-batch reduce-scatters into the shard
-        communicate = micro == par.grad_accum - 1 or zero.stage > 1
-        gpt_backward(cache, zero.p, zero.g, dloss=1.0 / (dp.size * par.grad_accum),
-                     grads_ready=zero.ready if communicate else None, using=zero.backward_hook)
-        if communicate:
-            zero.finish()
-        loss += micro_loss / (dp.size * par.grad_accum)
-    dp.allreduce(loss)
-    zero.step(opt, lr, cfg.grad_clip)
-    return float(loss[0])
-
-
-def evaluate(zero, batches, gpt_cfg, dp):
-    return dp_lib.mean_over_replicas(batches, dp,
-                                     lambda x, y: gpt_forward(zero.p, x, y, gpt_cfg, using=zero.forward_hook)[1])
-
-
-def ledgers(zero, opt, dp, gpt_cfg, par):
+def ledgers(state):
     """This rank's model-state bytes measured from its arrays and the bytes of one step's collectives, each
     beside its formula (zero.py)."""
+    zero, opt, dp = state.sync, state.opt, state.dp
     itemsize = opt.m.itemsize
     return {"stage": zero.stage, "ranks": dp.size, "parameters": zero.layout.size,
             "memory": zero.memory(opt),
             "memory_formula": zero_lib.memory_formula(zero.stage, zero.layout.size, zero.hi - zero.lo, itemsize),
             "comm": {kind: row["bytes"] for kind, row in dp.ledger.as_dict().items()},
-            "comm_formula": zero_lib.comm_formula(zero.stage, zero.layout, gpt_cfg, par.grad_accum, itemsize)}
+            "comm_formula": zero_lib.comm_formula(zero.stage, zero.layout, state.par.grad_accum, itemsize)}
 
 
 def memory_table(ledger):
@@ -108,49 +101,31 @@ def memory_table(ledger):
     return "\n".join(lines)
 
 
+def after_step(state, step, first):
+    """The first step's figures, once (rank 0); then chapter 03's check of the replicas (stage 3 has none)."""
+    if first and state.dp.rank == 0:
+        ledger = ledgers(state)
+        print(memory_table(ledger))
+        (Path(state.train_cfg.out_dir) / "ledger.json").write_text(json.dumps(ledger, indent=1))
+    if state.sync.stage < 3:
+        dp_train.check_replicas(state, step)
+
+
 def main(argv=None):
     dp = world()
-    gpt_cfg, cfg, train, val, par = checked(dp, setup, argv, dp.size)
-    budget = checked(dp, check_fits, memory_estimate(gpt_cfg, cfg, par), dp.host.comm, "--n-layer or --n-embd, or "
-                     "raise --zero-stage or the number of ranks")
+    gpt_cfg, train_cfg, tokens, val_tokens, par = checked(dp, setup, argv, dp.size)
+    budget = checked(dp, check_fits, memory_estimate(gpt_cfg, train_cfg, par), dp.host.comm,
+                     "--n-layer or --n-embd, or raise --zero-stage or the number of ranks")
     reuse_freed_memory()
-    layout, zero, opt = build(gpt_cfg, cfg, par, dp)
-    ckpt = Path(cfg.out_dir) / "ckpt.npz"
-    start = 0
-    if cfg.resume:
-        state, opt.t, start = checked(dp, read_training_state, ckpt, layout.shapes, cfg.max_iters)
-        zero.load_state(state, opt)
-        del state
-    if dp.rank == 0:
-        print(f"{layout.size:,} parameters, ZeRO stage {zero.stage} on {dp.size} ranks ({zero.hi - zero.lo:,} per "
-              f"shard), {cfg.dtype}, global batch {cfg.batch_size} x {gpt_cfg.block_size} tokens in "
-              f"{par.grad_accum} micro-batch(es) per rank, {len(zero.buckets)} gradient buckets"
-              + (f", resuming at step {start}" if start else "") + f"\nruntime: {dp.host.threads}\n{budget.banner()}")
-    val_batches = eval_batches(val, cfg, gpt_cfg.block_size)
-
-    def step_fn(step, lr):
-        offsets = batch_offsets(len(train), gpt_cfg.block_size, cfg.batch_size, cfg.seed, step)
-        x, y = get_batch(train, offsets, gpt_cfg.block_size)
-        dp.ledger.reset()
-        loss = train_step(zero, opt, x, y, gpt_cfg, cfg, par, dp, lr)
-        if step == start and dp.rank == 0:                          # the first step's figures, once
-            ledger = ledgers(zero, opt, dp, gpt_cfg, par)
-            print(memory_table(ledger))
-            (Path(cfg.out_dir) / "ledger.json").write_text(json.dumps(ledger, indent=1))
-        if zero.stage < 3 and par.check_replicas and (step + 1) % par.check_replicas == 0:
-            dp_lib.check_replicas(zero.params, dp, step)           # stage 3 has no replicas to compare
-        return loss
-
-    def save(step):
-        state = zero.full_state(opt)                                # a collective: every rank takes part
-        if dp.rank == 0:
-            save_training_state(ckpt, state, opt.t, step, gpt_cfg, cfg)
-
-    run_training(cfg, start, cfg.batch_size * gpt_cfg.block_size, step_fn,
-                 evaluate=lambda: evaluate(zero, val_batches, gpt_cfg, dp), save=save,
-                 metrics_path=Path(cfg.out_dir) / "metrics.jsonl" if dp.rank == 0 else None, verbose=dp.rank == 0)
-    if dp.rank == 0:
-        print(budget.summary())
+    state = build(gpt_cfg, train_cfg, par, dp)
+    zero = state.sync
+    train(state, tokens, val_tokens, dp_train.train_step, dp_train.evaluate, budget, threads=dp.host.threads,
+          comm=dp, before_step=lambda step: dp.ledger.reset(),
+          after_step=lambda step, first: after_step(state, step, first),
+          banner=f"{state.layout.size:,} parameters, ZeRO stage {zero.stage} on {dp.size} ranks "
+                 f"({zero.hi - zero.lo:,} per shard), {train_cfg.dtype}, global batch {train_cfg.batch_size} x "
+                 f"{gpt_cfg.block_size} tokens in {par.grad_accum} micro-batch(es) per rank, "
+                 f"{len(zero.buckets)} gradient buckets")
 
 
 if __name__ == "__main__":

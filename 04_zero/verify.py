@@ -2,8 +2,9 @@
 
     mpirun -n 2 python 04_zero/verify.py            # any -n (3: uneven shards): the batch grows with it; float64
 
-For each stage and --grad-accum 1 and 2, the real train_step of 04_zero/train.py and the single-core
-train_step of chapter 01 take the same AdamW steps on the same global batches from the same weights. Rows:
+For each stage and --grad-accum 1 and 2, the real training step of 04_zero/train.py (chapter 03's
+train_step with ZeRO as its gradient sync) and the single-core train_step of chapter 01 take the same AdamW
+steps on the same global batches from the same weights. Rows:
 the losses; every parameter tensor, and Adam's m and v of each, after the steps (the shards gathered; one row
 for the parameters and one for m and v, naming the worst tensor); the collectives of one step against
 zero.comm_formula; this rank's model-state bytes, measured from its arrays, against the paper's formula; the
@@ -55,15 +56,16 @@ def main(argv=None):
         for accum in ACCUMS:
             label = f"stage {stage} x{accum}:"
             par = ParallelConfig(dp=dp.size, grad_accum=accum, zero_stage=stage, bucket_mb=0.005)
-            layout, zero, opt = zero_train.build(gpt_cfg, cfg, par, dp, params=start.copy())
+            state = zero_train.build(gpt_cfg, cfg, par, dp, params=start.copy())
+            layout, zero, opt = state.layout, state.sync, state.opt
             losses, left = [], 0
             for step, (x, y) in enumerate(batches):
                 dp.ledger.reset()
-                losses.append(zero_train.train_step(zero, opt, x, y, gpt_cfg, cfg, par, dp, cfg.learning_rate))
+                losses.append(zero_train.dp_train.train_step(state, (x, y), cfg.learning_rate))
                 left += zero.transient.held()
                 if step == 0 and dp.size > 1:
                     got = dp.ledger.as_dict()
-                    want = {**zero_lib.comm_formula(stage, layout, gpt_cfg, accum, itemsize), "allreduce": 16}
+                    want = {**zero_lib.comm_formula(stage, layout, accum, itemsize), "allreduce": 16}
                     report.compare(f"{label} collectives (bytes)", [got.get(k, {}).get("bytes", 0) for k in want] +
                                    [len(got)], list(want.values()) + [len(want)], show)
             report.compare(f"{label} losses", losses, ref_losses, show)

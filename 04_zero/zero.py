@@ -268,7 +268,7 @@ def memory_formula(stage, psi, shard, itemsize):
             "optimizer": 2 * e * (shard if stage >= 1 else psi)}
 
 
-def comm_formula(stage, layout, cfg, grad_accum, itemsize):
+def comm_formula(stage, layout, grad_accum, itemsize):
     """{kind: bytes} each rank passes to collectives in one training step (see the module docstring)."""
     psi, e, M = layout.size, itemsize, grad_accum
     if stage == 1:

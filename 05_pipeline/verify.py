@@ -49,20 +49,17 @@ def main(argv=None):
     layout = pipe_train.gpt_layout(gpt_cfg)
 
     stage, P = pp.rank, pp.size
-    ends = pipe.end_stages(pp, stage, P)
     report, show = Report(TOL, detail=25), pp.rank == 0
     for kind in SCHEDULES:
         for M in MICROBATCHES:
             label = f"{kind} M={M}:"
             par = ParallelConfig(pp=P, microbatches=M, schedule=kind)
-            slayout, params, grads, opt = pipe_train.build(gpt_cfg, cfg, stage, P,
-                                                           full=start)
-            st = pipe.Stage(gpt_cfg, stage, pp, slayout.views(params), slayout.views(grads))
+            state = pipe_train.build(gpt_cfg, cfg, par, pp, full=start)
+            slayout, params, opt, st = state.layout, state.params, state.opt, state.st
             losses, peaks = [], []
-            for step, (x, y) in enumerate(batches):
+            for step, batch in enumerate(batches):
                 pp.ledger.reset()
-                losses.append(pipe_train.train_step(st, slayout, params, grads, opt, x, y, cfg, par, pp, ends,
-                                                    cfg.learning_rate))
+                losses.append(pipe_train.train_step(state, batch, cfg.learning_rate))
                 peaks.append(st.peak)
                 if step == 0 and P > 1:
                     got = pp.ledger.as_dict()

@@ -71,7 +71,7 @@ class Grid:
                    pipe.end_stages(pipeline, p, pp))
 
 
-def check(gpt_cfg, cfg, par, world_size):
+def check(gpt_cfg, train_cfg, par, world_size):
     """Every axis's constraint, as one ConfigError naming the flag; --dp defaults to the ranks left over."""
     if par.dp == 1 and world_size % (par.tp * par.pp) == 0:
         par.dp = world_size // (par.tp * par.pp)
@@ -82,8 +82,8 @@ def check(gpt_cfg, cfg, par, world_size):
     if gpt_cfg.n_layer < par.pp:
         raise ConfigError(f"--n-layer {gpt_cfg.n_layer} is fewer than --pp {par.pp} stages, and every stage needs "
                           f"a block; choose --pp of at most {gpt_cfg.n_layer}")
-    if cfg.batch_size % (par.dp * par.microbatches):
-        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --dp {par.dp} x --microbatches "
+    if train_cfg.batch_size % (par.dp * par.microbatches):
+        raise ConfigError(f"--batch-size {train_cfg.batch_size} is not divisible by --dp {par.dp} x --microbatches "
                           f"{par.microbatches}; choose a multiple of {par.dp * par.microbatches}")
     if par.zero_stage > 1 and par.pp > 1:
         raise ConfigError(f"--zero-stage {par.zero_stage} is not combined with --pp {par.pp} here: it would "
@@ -91,20 +91,20 @@ def check(gpt_cfg, cfg, par, world_size):
                           f"every micro-batch between pipeline sends; use --zero-stage 1 with pipelines, or --pp 1")
 
 
-def local_layout(cfg, stage, pp, tp):
+def local_layout(gpt_cfg, stage, pp, tp):
     """The tensors of pipeline stage `stage`, each with its shape on one of the tp ranks."""
-    shapes = tp_lib.tp_layout(cfg, tp).shapes
-    return Layout([(name, shapes[name]) for name in pipe.stage_layout(cfg, stage, pp).shapes])
+    shapes = tp_lib.tp_layout(gpt_cfg, tp).shapes
+    return Layout([(name, shapes[name]) for name in pipe.stage_layout(gpt_cfg, stage, pp).shapes])
 
 
 # ----------------------------------------------------------------------------- one rank's part of the model
 
 class Part:
-    """This rank's shards of its stage, their gradients and optimizer, the pipeline engine and the gradient
-    synchronisation over dp (buckets, or ZeRO-1)."""
+    """This rank's training state: the shards of its stage, their gradients and optimizer, the pipeline engine
+    and the gradient synchronisation over dp (buckets, or ZeRO); whole() and load() for checkpoints."""
 
-    def __init__(self, gpt_cfg, cfg, par, grid, full):
-        self.cfg, self.par, self.grid = gpt_cfg, par, grid
+    def __init__(self, gpt_cfg, train_cfg, par, grid, full):
+        self.gpt_cfg, self.train_cfg, self.par, self.grid = gpt_cfg, train_cfg, par, grid
         self.stage, P, tp = grid.pp.rank, grid.pp.size, grid.tp
         self.layout = local_layout(gpt_cfg, self.stage, P, tp.size)
         params = tp_lib.shard(gpt_layout(gpt_cfg).views(full), self.layout, gpt_cfg, tp.size, tp.rank, full.dtype)
@@ -121,7 +121,7 @@ class Part:
             self.zero, self.params, self.grads = None, params, np.zeros_like(params)
             p, g = self.layout.views(params), self.layout.views(self.grads)
             self.sync = dp_lib.GradSync(par.dp_mode, self.layout, self.grads, grid.dp, par.bucket_mb, params)
-        self.opt = AdamW(decay, cfg.beta1, cfg.beta2, cfg.weight_decay, dtype=full.dtype)
+        self.opt = AdamW(decay, train_cfg.beta1, train_cfg.beta2, train_cfg.weight_decay, dtype=full.dtype)
         sp = par.sequence_parallel
         self.st = pipe.Stage(gpt_cfg, self.stage, grid.pp, p, g, parts=tp_lib.tp_parts(tp, sp), using=using,
                              seq_len=gpt_cfg.block_size // tp.size if sp else None, dtype=full.dtype)
@@ -143,7 +143,7 @@ class Part:
 
     # ------------------------------------------------------------------------- checkpoints
 
-    def whole_state(self):
+    def whole(self):
         """{"params" | "adam_m" | "adam_v": {name: whole single-core tensor}} on world rank 0, None elsewhere:
         gathered over dp (ZeRO's shards), then tp (02's unshard), then pp (05's stages)."""
         grid, opt = self.grid, self.opt
@@ -153,20 +153,20 @@ class Part:
                      ((self.params, self.zero.stage == 3), (opt.m, True), (opt.v, True))]
         if grid.dp.rank != 0:
             return None
-        stage_layout = pipe.stage_layout(self.cfg, self.stage, grid.pp.size)
+        stage_layout = pipe.stage_layout(self.gpt_cfg, self.stage, grid.pp.size)
         whole = []
         for flat in flats:
-            tensors = tp_lib.unshard(flat, self.layout, self.cfg, grid.tp)
+            tensors = tp_lib.unshard(flat, self.layout, self.gpt_cfg, grid.tp)
             whole.append(np.empty(stage_layout.size, flat.dtype))
             for name, view in stage_layout.views(whole[-1]).items():
                 view[...] = tensors[name]
-        return pipe.whole_state(self.cfg, whole, grid.pp, root=0) if grid.tp.rank == 0 else None
+        return pipe.whole_state(self.gpt_cfg, whole, grid.pp, root=0) if grid.tp.rank == 0 else None
 
-    def load_state(self, state):
+    def load(self, state):
         """Take this rank's shards of a consolidated state, whatever layout wrote it."""
         grid, opt, dtype = self.grid, self.opt, self.params.dtype
         for part, dest in (("params", self.params), ("adam_m", opt.m), ("adam_v", opt.v)):
-            flat = tp_lib.shard(state[part], self.layout, self.cfg, grid.tp.size, grid.tp.rank, dtype)
+            flat = tp_lib.shard(state[part], self.layout, self.gpt_cfg, grid.tp.size, grid.tp.rank, dtype)
             dest[...] = flat[self.zero.lo:self.zero.hi] if dest.size < flat.size else flat
 
 
@@ -174,7 +174,7 @@ class Part:
 
 def ledger_formula(part, batch_size):
     """{axis: {kind: bytes}} of one training step on this rank, from chapters 02, 05 and 03/04."""
-    cfg, par, grid = part.cfg, part.par, part.grid
+    cfg, par, grid = part.gpt_cfg, part.par, part.grid
     e, M, sp = part.params.itemsize, par.microbatches, par.sequence_parallel
     b = batch_size // (grid.dp.size * M)                      # rows of one micro-batch
     first, last = part.st.first, part.st.last
@@ -192,7 +192,7 @@ def ledger_formula(part, batch_size):
             out["ends"] = {"allreduce": int(np.prod(part.layout.shapes["wte"])) * e}
     if grid.dp.size > 1:
         if part.zero:
-            out["dp"] = {**zero_lib.comm_formula(par.zero_stage, part.layout, cfg, M, e), "allreduce": 8}  # + loss
+            out["dp"] = {**zero_lib.comm_formula(par.zero_stage, part.layout, M, e), "allreduce": 8}  # + loss
         else:
             want = dp_lib.comm_formula(par.dp_mode, part.layout, len(part.sync.buckets), e)
             out["dp"] = {kind: nbytes for kind, (_, nbytes) in want.items()}

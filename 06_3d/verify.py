@@ -97,12 +97,12 @@ def main(argv=None):
             for step, (x, y) in enumerate(batches):
                 for c in (grid.tp, grid.pp, grid.dp, grid.ends):
                     c.ledger.reset()
-                losses.append(train3d.train_step(part, x, y, cfg, par, cfg.learning_rate))
+                losses.append(train3d.train_step(part, (x, y), cfg.learning_rate))
                 if step == 0:
                     got = {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()}
                            for axis, c in (("tp", grid.tp), ("pp", grid.pp), ("dp", grid.dp), ("ends", grid.ends))}
                     ledger_ok = got == grid_lib.ledger_formula(part, cfg.batch_size)
-            state = part.whole_state()
+            state = part.whole()
             flat = np.concatenate([state[k][name].ravel() for k in ("params", "adam_m", "adam_v")
                                    for name in layout.shapes]) if comm.rank == 0 else np.empty(ref.size)
             comm.bcast(flat)

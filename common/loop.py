@@ -1,17 +1,24 @@
-"""The training loop every chapter shares: evaluate and checkpoint at intervals, step, log, report progress.
+"""The training every chapter shares: its main() once the state is built (resume, banner, batches, checkpoints)
+and the loop inside it (evaluate and checkpoint at intervals, step, log, report progress).
 
-What differs between chapters, how one step computes and synchronises gradients, and how a checkpoint is
-gathered, comes in as functions; the loop itself never communicates. A loss, val loss or gradient norm that
-is not finite stops the run at once, before anything is saved, on every rank alike (each of those values is
-the same on every rank), with exit status 3.
+What differs between chapters comes in as the chapter's state and functions: how one step computes and
+synchronises gradients (train_step), how a checkpoint is gathered and taken (state.whole, state.load); the
+loop itself never communicates. A loss, val loss or gradient norm that is not finite stops the run at once,
+before anything is saved, on every rank alike (each of those values is the same on every rank), with exit
+status 3.
 """
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
+from common.checkpoint import read_training_state, save_training_state
+from common.config import ConfigError, exit_with
+from common.data import batch_offsets, eval_batches, get_batch
 from common.metrics import MetricsLog, format_duration, progress_line
+from common.model import gpt_layout
 from common.optim import Diverged, lr_at
 
 DIVERGED = 3
@@ -76,3 +83,60 @@ def _run(cfg, start_step, tokens_per_step, train_step, evaluate, save, metrics_p
         log.close()
     if verbose:
         print(f"done in {format_duration(time.perf_counter() - t_start)}", flush=True)
+
+
+def train(state, tokens, val_tokens, train_step, evaluate, budget, banner, threads, comm=None, before_step=None,
+          after_step=None):
+    """A chapter's main() once its `state` is built: resume from <out_dir>/ckpt.npz if asked, print the banner
+    (what the chapter built, the threads, the memory), run the loop on batch k = f(seed, k) of `tokens` with
+    train_step(state, (x, y), lr) and evaluate(state, val batches), save state.whole() (a collective) at every
+    evaluation, and print the measured memory. `state` has gpt_cfg, train_cfg and opt, whole() -> the
+    single-core {"params" | "adam_m" | "adam_v": {name: tensor}} on the rank that writes (None elsewhere),
+    and load(that). `comm`: every rank of the job (None: one process); before_step(step) and
+    after_step(step, first) run around each step (a ledger reset; a check of the replicas, the first step's
+    figures)."""
+    gpt_cfg, train_cfg = state.gpt_cfg, state.train_cfg
+    leader = comm is None or comm.rank == 0
+    ckpt = Path(train_cfg.out_dir) / "ckpt.npz"
+    start = 0
+    if train_cfg.resume:
+        whole, state.opt.t, start = _checked(comm, read_training_state, ckpt, gpt_layout(gpt_cfg).shapes,
+                                             train_cfg.max_iters)
+        state.load(whole)
+        del whole
+    if leader:
+        print(banner + (f", resuming at step {start}" if start else "") + f"\nruntime: {threads}\n"
+              f"{budget.banner('per rank' if comm is None or comm.size == 1 else 'on rank 0')}", flush=True)
+    T, B = gpt_cfg.block_size, train_cfg.batch_size
+    val_batches = eval_batches(val_tokens, train_cfg, T)
+
+    def step_fn(step, lr):
+        x, y = get_batch(tokens, batch_offsets(len(tokens), T, B, train_cfg.seed, step), T)
+        if before_step:
+            before_step(step)
+        loss = train_step(state, (x, y), lr)
+        if after_step:
+            after_step(step, first=step == start)
+        return loss
+
+    def save(step):
+        whole = state.whole()
+        if leader:
+            save_training_state(ckpt, whole, state.opt.t, step, gpt_cfg, train_cfg)
+
+    run_training(train_cfg, start, B * T, step_fn, evaluate=lambda: evaluate(state, val_batches), save=save,
+                 metrics_path=Path(train_cfg.out_dir) / "metrics.jsonl" if leader else None, verbose=leader)
+    if leader:
+        print(budget.summary())
+
+
+def _checked(comm, fn, *args):
+    """fn(*args), a ConfigError reported as one line on rank 0 with exit status 2 on every rank."""
+    if comm is not None:
+        from common.comm import checked        # here, not at the top: one process needs no MPI
+        return checked(comm, fn, *args)
+    try:
+        return fn(*args)
+    except ConfigError as e:
+        exit_with(e)
+
