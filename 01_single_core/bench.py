@@ -36,9 +36,9 @@ LR = 1e-3
 EMBEDDINGS = ("wte", "wpe")
 
 
-def flops_per_step(cfg, batch_size):
-    C, T, L = cfg.n_embd, cfg.block_size, cfg.n_layer
-    return (6 * (12 * L * C * C + cfg.vocab_size * C) + 12 * L * T * C) * batch_size * T
+def flops_per_step(gpt_cfg, batch_size):
+    C, T, L = gpt_cfg.n_embd, gpt_cfg.block_size, gpt_cfg.n_layer
+    return (6 * (12 * L * C * C + gpt_cfg.vocab_size * C) + 12 * L * T * C) * batch_size * T
 
 
 def timed(fn):
@@ -79,11 +79,11 @@ def summary(seconds, flops, tokens, peak):
             "tokens_per_s": tokens / median * 1e3, "gflops": gflops, "mfu": gflops / peak}
 
 
-def bench_ours(gpt_cfg, cfg, batches, warmup):
+def bench_ours(gpt_cfg, train_cfg, batches, warmup):
     """The training step of 01_single_core/train.py on a model built exactly as its main() builds it."""
     train = import_chapter("01_single_core.train")
     malloc_tuned = reuse_freed_memory()          # as train.py's main() does; process-wide, so PyTorch gets it too
-    state = train.build(gpt_cfg, cfg)
+    state = train.build(gpt_cfg, train_cfg)
     losses = []
 
     def step(x, y):
@@ -109,13 +109,13 @@ def transposed(name, ndim):
     return ndim == 2 and name not in EMBEDDINGS
 
 
-def torch_model_from(p, cfg):
+def torch_model_from(p, gpt_cfg):
     """nanoGPT's GPT as an nn.Module, with our names, holding copies of our named views `p` in their dtype.
     Attention is F.scaled_dot_product_attention(is_causal=True), as nanoGPT uses it: scale 1/sqrt(head size)."""
     import torch                    # here only: PyTorch is optional, and loading it would swell our memory figures
     from torch import nn
     from torch.nn import functional as F
-    C, nh = cfg.n_embd, cfg.n_head
+    C, nh = gpt_cfg.n_embd, gpt_cfg.n_head
 
     class Block(nn.Module):
         def __init__(self):
@@ -135,8 +135,8 @@ def torch_model_from(p, cfg):
     class GPT(nn.Module):
         def __init__(self):
             super().__init__()
-            self.wte, self.wpe = nn.Embedding(cfg.vocab_size, C), nn.Embedding(cfg.block_size, C)
-            self.h = nn.ModuleList(Block() for _ in range(cfg.n_layer))
+            self.wte, self.wpe = nn.Embedding(gpt_cfg.vocab_size, C), nn.Embedding(gpt_cfg.block_size, C)
+            self.h = nn.ModuleList(Block() for _ in range(gpt_cfg.n_layer))
             self.ln_f = nn.LayerNorm(C)
 
         def forward(self, idx, targets):
@@ -161,21 +161,22 @@ def from_torch(model, names, grad=False):
     return {name: a.T if transposed(name, a.ndim) else a for name, a in arrays.items()}
 
 
-def bench_torch(gpt_cfg, cfg, batches, warmup, threads):
+def bench_torch(gpt_cfg, train_cfg, batches, warmup, threads):
     """The same step in PyTorch eager: zero_grad, forward, backward, clip_grad_norm_, AdamW with our decay groups."""
     import torch
     torch.set_num_threads(threads)
-    model = torch_model_from(gpt_layout(gpt_cfg).views(init_params(gpt_cfg, cfg.seed, np.dtype(cfg.dtype))), gpt_cfg)
-    groups = [{"params": [q for q in model.parameters() if q.dim() == 2], "weight_decay": cfg.weight_decay},
+    init = init_params(gpt_cfg, train_cfg.seed, np.dtype(train_cfg.dtype))
+    model = torch_model_from(gpt_layout(gpt_cfg).views(init), gpt_cfg)
+    groups = [{"params": [q for q in model.parameters() if q.dim() == 2], "weight_decay": train_cfg.weight_decay},
               {"params": [q for q in model.parameters() if q.dim() != 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=LR, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    opt = torch.optim.AdamW(groups, lr=LR, betas=(train_cfg.beta1, train_cfg.beta2), eps=1e-8)
     losses = []
 
     def step(x, y):
         opt.zero_grad(set_to_none=True)
         _, loss = model(torch.from_numpy(x), torch.from_numpy(y))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
         opt.step()
         losses.append(loss.item())
 
@@ -216,7 +217,7 @@ def main(argv=None):
     threads = args.threads or int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count())
 
     gpt_cfg, batch_size = CONFIGS[args.config_name]
-    cfg = TrainConfig(batch_size=batch_size, learning_rate=LR, seed=args.seed)
+    train_cfg = TrainConfig(batch_size=batch_size, learning_rate=LR, seed=args.seed)
     rng = np.random.default_rng(args.seed)
     # random tokens: the cost of a step does not depend on them, and no dataset is needed
     batches = [tuple(rng.integers(0, gpt_cfg.vocab_size, (2, batch_size, gpt_cfg.block_size)))
@@ -224,9 +225,9 @@ def main(argv=None):
     flops, tokens = flops_per_step(gpt_cfg, batch_size), batch_size * gpt_cfg.block_size
 
     # our steps run first: ru_maxrss is a high-water mark, and the sgemm matrices and PyTorch would raise it
-    seconds, loss0, memory = bench_ours(gpt_cfg, cfg, batches, args.warmup)
+    seconds, loss0, memory = bench_ours(gpt_cfg, train_cfg, batches, args.warmup)
     peak = sgemm_peak(args.peak_size)
-    report = {"config": args.config_name, **vars(gpt_cfg), "batch_size": batch_size, "dtype": cfg.dtype,
+    report = {"config": args.config_name, **vars(gpt_cfg), "batch_size": batch_size, "dtype": train_cfg.dtype,
               "threads": threads, "steps": args.steps, "warmup": args.warmup, "peak_size": args.peak_size,
               "sgemm_peak_gflops": peak, "gflop_per_step": flops / 1e9,
               **summary(seconds, flops, tokens, peak), **memory, "first_loss": loss0, "torch": None}
@@ -234,7 +235,7 @@ def main(argv=None):
     if not no_torch and importlib.util.find_spec("torch") is None:
         no_torch = "not installed: no side-by-side"
     if not no_torch:
-        t_seconds, t_loss0, version = bench_torch(gpt_cfg, cfg, batches, args.warmup, threads)
+        t_seconds, t_loss0, version = bench_torch(gpt_cfg, train_cfg, batches, args.warmup, threads)
         t = report["torch"] = {"version": version, **summary(t_seconds, flops, tokens, peak), "first_loss": t_loss0}
         t["ours_over_torch"] = report["ms_per_step"] / t["ms_per_step"]
     print_report(report, no_torch)

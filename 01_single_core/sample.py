@@ -34,11 +34,11 @@ def main(argv=None):
         if not args.start:
             raise ConfigError("--start must hold at least one character to continue from")
         ckpt = Path(args.out_dir) / "ckpt.npz"
-        cfg, params, meta = load_model(ckpt)
+        gpt_cfg, params, meta = load_model(ckpt)
         data_dir = args.data_dir or meta["train"]["data_dir"]
         chars = load_meta(data_dir)["chars"]
-        if len(chars) != cfg.vocab_size:
-            raise ConfigError(f"{ckpt} has a vocabulary of {cfg.vocab_size} symbols but {data_dir} has "
+        if len(chars) != gpt_cfg.vocab_size:
+            raise ConfigError(f"{ckpt} has a vocabulary of {gpt_cfg.vocab_size} symbols but {data_dir} has "
                               f"{len(chars)}; pass the --data-dir the model was trained on")
         stoi = {c: i for i, c in enumerate(chars)}
         unknown = sorted(set(args.start) - set(stoi))
@@ -46,11 +46,11 @@ def main(argv=None):
             raise ConfigError(f"--start contains characters outside the vocabulary: {json.dumps(''.join(unknown))}")
     except ConfigError as e:
         exit_with(e)
-    p = gpt_layout(cfg).views(params)
+    p = gpt_layout(gpt_cfg).views(params)
     rng = np.random.default_rng(args.seed)
     for i in range(args.num_samples):
         idx = np.array([[stoi[c] for c in args.start]])
-        out = generate(p, cfg, idx, args.max_new_tokens, rng, args.temperature, args.top_k)
+        out = generate(p, gpt_cfg, idx, args.max_new_tokens, rng, args.temperature, args.top_k)
         print("".join(chars[t] for t in out[0]))
         if i < args.num_samples - 1:
             print("---------------")

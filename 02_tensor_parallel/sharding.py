@@ -13,13 +13,13 @@ from common.model import param_shapes
 from common.params import Layout
 
 
-def check_layout(cfg, tp, sp=False):
+def check_layout(gpt_cfg, tp, sp=False):
     """Raise ConfigError unless the model (and, with sequence parallelism, the sequence) splits evenly."""
-    if cfg.n_head % tp:
-        divisors = [d for d in range(1, cfg.n_head + 1) if cfg.n_head % d == 0]
-        raise ConfigError(f"--tp {tp} does not divide n_head={cfg.n_head}; choose one of {divisors}")
-    if sp and cfg.block_size % tp:
-        raise ConfigError(f"--sequence-parallel needs --tp {tp} to divide --block-size {cfg.block_size}; "
+    if gpt_cfg.n_head % tp:
+        divisors = [d for d in range(1, gpt_cfg.n_head + 1) if gpt_cfg.n_head % d == 0]
+        raise ConfigError(f"--tp {tp} does not divide n_head={gpt_cfg.n_head}; choose one of {divisors}")
+    if sp and gpt_cfg.block_size % tp:
+        raise ConfigError(f"--sequence-parallel needs --tp {tp} to divide --block-size {gpt_cfg.block_size}; "
                           f"choose a block size that is a multiple of {tp}")
 
 
@@ -40,17 +40,17 @@ def kind(name):
     return "replicated"
 
 
-def shard_tensor(name, full, cfg, tp, rank):
+def shard_tensor(name, full, gpt_cfg, tp, rank):
     """This rank's piece of the single-core tensor `full`."""
     k = kind(name)
     if k == "vocab":
-        Vl = padded_vocab(cfg.vocab_size, tp) // tp
+        Vl = padded_vocab(gpt_cfg.vocab_size, tp) // tp
         padded = np.zeros((Vl * tp, full.shape[1]), dtype=full.dtype)
-        padded[:cfg.vocab_size] = full
+        padded[:gpt_cfg.vocab_size] = full
         return padded[rank * Vl:(rank + 1) * Vl]
     if k == "heads":                                    # (..., 3C) -> (..., 3, nh, hs) -> this rank's heads
-        nhl = cfg.n_head // tp
-        heads = full.reshape(*full.shape[:-1], 3, cfg.n_head, cfg.head_size)
+        nhl = gpt_cfg.n_head // tp
+        heads = full.reshape(*full.shape[:-1], 3, gpt_cfg.n_head, gpt_cfg.head_size)
         return heads[..., rank * nhl:(rank + 1) * nhl, :].reshape(*full.shape[:-1], -1)
     if k == "columns":
         return np.split(full, tp, axis=-1)[rank]
@@ -59,14 +59,14 @@ def shard_tensor(name, full, cfg, tp, rank):
     return full
 
 
-def unshard_tensor(name, pieces, cfg):
+def unshard_tensor(name, pieces, gpt_cfg):
     """The single-core tensor from every rank's piece, in rank order (the inverse of shard_tensor)."""
     k = kind(name)
     if k == "vocab":
-        return np.concatenate(pieces, axis=0)[:cfg.vocab_size]
+        return np.concatenate(pieces, axis=0)[:gpt_cfg.vocab_size]
     if k == "heads":
         lead = pieces[0].shape[:-1]
-        heads = [p.reshape(*lead, 3, -1, cfg.head_size) for p in pieces]
+        heads = [p.reshape(*lead, 3, -1, gpt_cfg.head_size) for p in pieces]
         return np.concatenate(heads, axis=-2).reshape(*lead, -1)
     if k == "columns":
         return np.concatenate(pieces, axis=-1)
@@ -75,22 +75,22 @@ def unshard_tensor(name, pieces, cfg):
     return pieces[0]
 
 
-def tp_layout(cfg, tp):
+def tp_layout(gpt_cfg, tp):
     """The layout of one rank's flat buffer: the single-core names with their per-rank shapes."""
-    dummy = {name: np.empty(shape, dtype=np.uint8) for name, shape in param_shapes(cfg)}
-    return Layout([(name, shard_tensor(name, a, cfg, tp, 0).shape) for name, a in dummy.items()])
+    dummy = {name: np.empty(shape, dtype=np.uint8) for name, shape in param_shapes(gpt_cfg)}
+    return Layout([(name, shard_tensor(name, a, gpt_cfg, tp, 0).shape) for name, a in dummy.items()])
 
 
-def shard(full_views, layout, cfg, tp, rank, dtype):
+def shard(full_views, layout, gpt_cfg, tp, rank, dtype):
     """A flat per-rank buffer holding this rank's pieces of the single-core tensors `full_views`."""
     flat = np.zeros(layout.size, dtype=dtype)
     for name, view in layout.views(flat).items():
-        view[...] = shard_tensor(name, full_views[name], cfg, tp, rank)
+        view[...] = shard_tensor(name, full_views[name], gpt_cfg, tp, rank)
     return flat
 
 
-def unshard(flat, layout, cfg, comm):
+def unshard(flat, layout, gpt_cfg, comm):
     """Every single-core tensor, whole, on every rank: one all-gather of the flat per-rank buffers."""
     gathered = comm.allgather(flat, np.empty((comm.size, flat.size), dtype=flat.dtype))
     views = [layout.views(row) for row in gathered]
-    return {name: unshard_tensor(name, [v[name] for v in views], cfg) for name in layout.shapes}
+    return {name: unshard_tensor(name, [v[name] for v in views], gpt_cfg) for name in layout.shapes}

@@ -183,10 +183,10 @@ def vocab_cross_entropy_backward(dloss, cache, wte, dwte):
     return lm_head_backward(dz.reshape(*c_head.shape[:-1], -1), c_head, wte, dwte)  # a partial sum over V
 
 
-def head_forward(x, p, targets, cfg, tp, sp):
+def head_forward(x, p, targets, gpt_cfg, tp, sp):
     x, c_lnf = layernorm_forward(x, p["ln_f.w"], p["ln_f.b"])
     x = enter(x, tp, sp)
-    logits, loss, c_ce = vocab_cross_entropy_forward(x, p["wte"], targets, cfg.vocab_size, tp)
+    logits, loss, c_ce = vocab_cross_entropy_forward(x, p["wte"], targets, gpt_cfg.vocab_size, tp)
     return logits, loss, (c_lnf, c_ce)
 
 
@@ -204,16 +204,16 @@ def tp_parts(tp, sp=False):
     grads_ready hook; without a hook, call sync_replicated_grads once the backward is done)."""
     return Parts(embedding_forward=lambda idx, p: vocab_embedding_forward(idx, p["wte"], p["wpe"], tp, sp),
                  embedding_backward=lambda dx, c, p, g: vocab_embedding_backward(dx, c, g["wte"], g["wpe"], tp, sp),
-                 block_forward=lambda x, p, cfg: block_forward(x, p, cfg.n_head // tp.size, tp, sp),
+                 block_forward=lambda x, p, gpt_cfg: block_forward(x, p, gpt_cfg.n_head // tp.size, tp, sp),
                  block_backward=lambda dx, c, p, g: block_backward(dx, c, p, g, tp, sp),
-                 head_forward=lambda x, p, targets, cfg: head_forward(x, p, targets, cfg, tp, sp),
+                 head_forward=lambda x, p, targets, gpt_cfg: head_forward(x, p, targets, gpt_cfg, tp, sp),
                  head_backward=lambda dloss, c, p, g: head_backward(dloss, c, p, g, tp, sp),
                  settle=(lambda part, g: sync_replicated_grads(g, tp, part)) if sp else None)
 
 
-def tp_forward(p, idx, targets, cfg, tp, sp=False):
+def tp_forward(p, idx, targets, gpt_cfg, tp, sp=False):
     """This rank's logits (B,T,V_padded/N) and the loss, equal to the single-core model's on every rank."""
-    return gpt_forward(p, idx, targets, cfg, parts=tp_parts(tp, sp))
+    return gpt_forward(p, idx, targets, gpt_cfg, parts=tp_parts(tp, sp))
 
 
 def tp_backward(cache, p, g, tp, sp=False, dloss=1.0):
@@ -262,14 +262,14 @@ def grad_norm(grads, layout, tp):
 
 # ----------------------------------------------------------------------------- the ledger
 
-def comm_formula(cfg, rows, itemsize, sp=False, blocks=None, first=True, last=True, microbatches=1,
+def comm_formula(gpt_cfg, rows, itemsize, sp=False, blocks=None, first=True, last=True, microbatches=1,
                  replicated=0, settles=1):
     """{kind: (calls, bytes)} one rank passes to tp collectives in a step of `microbatches` micro-batches of
     `rows` rows through `blocks` blocks (default all), the embedding if `first`, the head if `last` (see the
     module docstring). With sp, the `replicated` elements' gradients are all-reduced `settles` times, packed in
     one call each time."""
-    e, T, C, M = itemsize, cfg.block_size, cfg.n_embd, microbatches
-    blocks = cfg.n_layer if blocks is None else blocks
+    e, T, C, M = itemsize, gpt_cfg.block_size, gpt_cfg.n_embd, microbatches
+    blocks = gpt_cfg.n_layer if blocks is None else blocks
     n = M * (4 * blocks + first + last)                   # f and g: two each way per block, g after the
     big = rows * T * C * e                                # embedding, f before the head
     loss = (3 * M, 3 * M * rows * T * e) if last else (0, 0)

@@ -28,47 +28,48 @@ def setup(argv, tp):
     parser.add_argument("--vocab-size", type=int, default=11, help="odd by default, so the padding is exercised")
     parser.add_argument("--sequence-parallel", action="store_true")
     args = parser.parse_args(argv)
-    cfg = GPTConfig(n_layer=2, n_head=args.n_head, n_embd=4 * args.n_head, block_size=8, vocab_size=args.vocab_size)
-    cfg.validate()
+    gpt_cfg = GPTConfig(n_layer=2, n_head=args.n_head, n_embd=4 * args.n_head, block_size=8, vocab_size=args.vocab_size)
+    gpt_cfg.validate()
     # this script's ranks are all tensor-parallel: name the -n that fit, not train.py's --tp
     sp = args.sequence_parallel
-    sizes = [n for n in range(1, cfg.n_head + 1) if cfg.n_head % n == 0 and (not sp or cfg.block_size % n == 0)]
+    sizes = [n for n in range(1, gpt_cfg.n_head + 1)
+             if gpt_cfg.n_head % n == 0 and (not sp or gpt_cfg.block_size % n == 0)]
     if tp not in sizes:
-        split = (f"n_head={cfg.n_head}" if cfg.n_head % tp else
-                 f"block_size={cfg.block_size}, which --sequence-parallel splits")
-        other = f", or give --n-head a multiple of {tp}" if not sp or cfg.block_size % tp == 0 else ""
+        split = (f"n_head={gpt_cfg.n_head}" if gpt_cfg.n_head % tp else
+                 f"block_size={gpt_cfg.block_size}, which --sequence-parallel splits")
+        other = f", or give --n-head a multiple of {tp}" if not sp or gpt_cfg.block_size % tp == 0 else ""
         raise ConfigError(f"{tp} ranks do not divide {split}; run mpirun -n with one of {sizes}{other}")
-    return args, cfg
+    return args, gpt_cfg
 
 
-def ledger_formula(cfg, B, itemsize, replicated, sp):
+def ledger_formula(gpt_cfg, B, itemsize, replicated, sp):
     """{kind: (calls, bytes)} of one training step: tensor_parallel.comm_formula's, and the gradient norm's
     all-reduce of one float64."""
-    want = tp_lib.comm_formula(cfg, B, itemsize, sp, replicated=replicated)
+    want = tp_lib.comm_formula(gpt_cfg, B, itemsize, sp, replicated=replicated)
     calls, nbytes = want.get("allreduce", (0, 0))
     return {**want, "allreduce": (calls + 1, nbytes + 8)}
 
 
 def main(argv=None):
     tp = world()
-    args, cfg = checked(tp, setup, argv, tp.size)
+    args, gpt_cfg = checked(tp, setup, argv, tp.size)
     B, sp = 3, args.sequence_parallel
-    layout = gpt_layout(cfg)
+    layout = gpt_layout(gpt_cfg)
     rng = np.random.default_rng(0)
-    full = init_params(cfg, 0, np.float64)
+    full = init_params(gpt_cfg, 0, np.float64)
     full += rng.normal(0.0, 0.1, full.shape)       # biases off 0 and gains off 1, where mistakes could hide
     batches = []
     for _ in range(args.steps):
-        idx = rng.integers(0, cfg.vocab_size, (B, cfg.block_size))
+        idx = rng.integers(0, gpt_cfg.vocab_size, (B, gpt_cfg.block_size))
         idx[1, :3] = idx[0, 0]                      # repeated tokens: embedding gradients must add up
-        batches.append((idx, rng.integers(0, cfg.vocab_size, idx.shape)))
+        batches.append((idx, rng.integers(0, gpt_cfg.vocab_size, idx.shape)))
 
     # single core, the reference (every rank computes it: it is tiny)
     ref_p, ref_g = full.copy(), np.zeros_like(full)
     ref_opt = AdamW(layout.mask(decays), BETA1, BETA2, WD, dtype=np.float64)
     # tensor parallel: this rank's shards of the same weights
-    local = tp_lib.tp_layout(cfg, tp.size)
-    params = tp_lib.shard(layout.views(full), local, cfg, tp.size, tp.rank, np.float64)
+    local = tp_lib.tp_layout(gpt_cfg, tp.size)
+    params = tp_lib.shard(layout.views(full), local, gpt_cfg, tp.size, tp.rank, np.float64)
     grads = np.zeros_like(params)
     opt = AdamW(local.mask(decays), BETA1, BETA2, WD, dtype=np.float64)
 
@@ -76,12 +77,12 @@ def main(argv=None):
     show = tp.rank == 0
     for step, (x, y) in enumerate(batches):
         ref_g.fill(0)
-        ref_logits, ref_loss, cache = gpt_forward(layout.views(ref_p), x, y, cfg)
+        ref_logits, ref_loss, cache = gpt_forward(layout.views(ref_p), x, y, gpt_cfg)
         gpt_backward(cache, layout.views(ref_p), layout.views(ref_g))
 
         grads.fill(0)
         tp.ledger.reset()
-        logits, loss, cache = tp_lib.tp_forward(local.views(params), x, y, cfg, tp, sp)
+        logits, loss, cache = tp_lib.tp_forward(local.views(params), x, y, gpt_cfg, tp, sp)
         tp_lib.tp_backward(cache, local.views(params), local.views(grads), tp, sp)
         norm = tp_lib.grad_norm(grads, local, tp)
         ledger = tp.ledger.as_dict()
@@ -89,20 +90,20 @@ def main(argv=None):
         if step == 0:
             gathered = tp.allgather(logits.reshape(-1), np.empty((tp.size, logits.size)))
             full_logits = np.concatenate([g.reshape(logits.shape) for g in gathered], axis=-1)
-            report.compare("logits", full_logits[..., :cfg.vocab_size], ref_logits, show)
+            report.compare("logits", full_logits[..., :gpt_cfg.vocab_size], ref_logits, show)
             report.compare("loss", loss, ref_loss, show)
-            report.compare_tensors("grad", tp_lib.unshard(grads, local, cfg, tp), layout.views(ref_g), show)
+            report.compare_tensors("grad", tp_lib.unshard(grads, local, gpt_cfg, tp), layout.views(ref_g), show)
             pieces = tp.allgather(grads, np.empty((tp.size, grads.size)))
             spread = max((np.abs(pieces[:, a:b] - pieces[0, a:b]).max() for name, (a, b) in local.offsets.items()
                           if tp_lib.kind(name) == "replicated"), default=0.0)
             report.compare("replicated grads, rank vs rank 0", spread, 0.0, show)
             if tp.size > 1:
                 replicated = sum(a.size for n, a in local.views(grads).items() if tp_lib.kind(n) == "replicated")
-                for kind, (calls, nbytes) in ledger_formula(cfg, B, 8, replicated, sp).items():
+                for kind, (calls, nbytes) in ledger_formula(gpt_cfg, B, 8, replicated, sp).items():
                     got = ledger.get(kind, {"calls": 0, "bytes": 0})
                     report.compare(f"ledger: {kind} calls", got["calls"], calls, show)
                     report.compare(f"ledger: {kind} bytes", got["bytes"], nbytes, show)
-                report.compare("ledger: nothing else", len(ledger), len(ledger_formula(cfg, B, 8, 0, sp)), show)
+                report.compare("ledger: nothing else", len(ledger), len(ledger_formula(gpt_cfg, B, 8, 0, sp)), show)
 
         ref_norm = clip_grad_norm(ref_g, CLIP)
         clip_grad_norm(grads, CLIP, norm)
@@ -110,7 +111,7 @@ def main(argv=None):
         ref_opt.step(ref_p, ref_g, LR)
         opt.step(params, grads, LR)
 
-    report.compare_tensors(f"after {args.steps} steps: param", tp_lib.unshard(params, local, cfg, tp),
+    report.compare_tensors(f"after {args.steps} steps: param", tp_lib.unshard(params, local, gpt_cfg, tp),
                            layout.views(ref_p), show)
     return report.finish(f"tp={tp.size}{' with sequence parallelism' if sp else ''}: ", show)
 

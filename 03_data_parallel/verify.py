@@ -34,20 +34,20 @@ def main(argv=None):
     args = checked(dp, setup, argv)
     gpt_cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
     # every accumulation must split the batch evenly over the ranks, or the check itself would be wrong
-    cfg = TrainConfig(batch_size=dp.size * math.lcm(*ACCUMS) * ROWS, dtype="float64", learning_rate=1e-2, seed=0)
-    batches, start, ref_losses, ref_params, _ = reference(gpt_cfg, cfg, args.steps)
+    train_cfg = TrainConfig(batch_size=dp.size * math.lcm(*ACCUMS) * ROWS, dtype="float64", learning_rate=1e-2, seed=0)
+    batches, start, ref_losses, ref_params, _ = reference(gpt_cfg, train_cfg, args.steps)
 
     report, show = Report(TOL, width=34, detail=24), dp.rank == 0
     for mode in MODES:
         for accum in ACCUMS:
             par = ParallelConfig(dp=dp.size, grad_accum=accum, dp_mode=mode, bucket_mb=0.01)
-            state = dp_train.build(gpt_cfg, cfg, par, dp)
+            state = dp_train.build(gpt_cfg, train_cfg, par, dp)
             state.params[...] = start
             layout, params, sync = state.layout, state.params, state.sync
             losses = []
             for step, (x, y) in enumerate(batches):
                 dp.ledger.reset()
-                losses.append(dp_train.train_step(state, (x, y), cfg.learning_rate))
+                losses.append(dp_train.train_step(state, (x, y), train_cfg.learning_rate))
                 if step == 0 and dp.size > 1:
                     got = dp.ledger.as_dict()
                     want = dp_lib.comm_formula(mode, layout, len(sync.buckets), params.itemsize)

@@ -44,8 +44,8 @@ def main(argv=None):
     args = checked(dp, setup, argv)
     gpt_cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
     # every accumulation must split the batch evenly over the ranks, or the check itself would be wrong
-    cfg = TrainConfig(batch_size=dp.size * math.lcm(*ACCUMS) * ROWS, dtype="float64", learning_rate=1e-2, seed=0)
-    batches, start, ref_losses, ref_params, ref_opt = reference(gpt_cfg, cfg, args.steps)
+    train_cfg = TrainConfig(batch_size=dp.size * math.lcm(*ACCUMS) * ROWS, dtype="float64", learning_rate=1e-2, seed=0)
+    batches, start, ref_losses, ref_params, ref_opt = reference(gpt_cfg, train_cfg, args.steps)
     layout = zero_train.gpt_layout(gpt_cfg)
     itemsize = ref_params.itemsize
     largest_part = max(sum(np.prod(layout.shapes[n]) for n in names)
@@ -56,12 +56,12 @@ def main(argv=None):
         for accum in ACCUMS:
             label = f"stage {stage} x{accum}:"
             par = ParallelConfig(dp=dp.size, grad_accum=accum, zero_stage=stage, bucket_mb=0.005)
-            state = zero_train.build(gpt_cfg, cfg, par, dp, params=start.copy())
+            state = zero_train.build(gpt_cfg, train_cfg, par, dp, params=start.copy())
             layout, zero, opt = state.layout, state.sync, state.opt
             losses, left = [], 0
             for step, (x, y) in enumerate(batches):
                 dp.ledger.reset()
-                losses.append(zero_train.dp_train.train_step(state, (x, y), cfg.learning_rate))
+                losses.append(zero_train.dp_train.train_step(state, (x, y), train_cfg.learning_rate))
                 left += zero.transient.held()
                 if step == 0 and dp.size > 1:
                     got = dp.ledger.as_dict()

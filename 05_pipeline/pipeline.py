@@ -40,9 +40,9 @@ def split_layers(n_layer, pp):
     return [range(starts[s], starts[s + 1]) for s in range(pp)]
 
 
-def stage_layout(cfg, stage, pp):
+def stage_layout(gpt_cfg, stage, pp):
     """The tensors stage `stage` holds, in the single-core layout's order."""
-    layers = split_layers(cfg.n_layer, pp)[stage]
+    layers = split_layers(gpt_cfg.n_layer, pp)[stage]
     first, last = stage == 0, stage == pp - 1
 
     def held(name):
@@ -50,7 +50,7 @@ def stage_layout(cfg, stage, pp):
             return int(name.split(".")[1]) in layers
         return {"wte": first or last, "wpe": first, "ln_f.w": last, "ln_f.b": last}[name]
 
-    return Layout([(name, shape) for name, shape in param_shapes(cfg) if held(name)])
+    return Layout([(name, shape) for name, shape in param_shapes(gpt_cfg) if held(name)])
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -83,13 +83,13 @@ class Stage:
     """One rank's stage: its parameters and gradients (views `p`, `g`), the point-to-point engine that runs
     a schedule, and the record of what ran when (`trace`) and how many micro-batches were alive (`peak`)."""
 
-    def __init__(self, cfg, stage, pp, p, g, parts=SINGLE, using=None, seq_len=None, dtype=None):
-        self.cfg, self.stage, self.pp, self.p, self.g = cfg, stage, pp, p, g
-        self.layers = split_layers(cfg.n_layer, pp.size)[stage]
+    def __init__(self, gpt_cfg, stage, pp, p, g, parts=SINGLE, using=None, seq_len=None, dtype=None):
+        self.gpt_cfg, self.stage, self.pp, self.p, self.g = gpt_cfg, stage, pp, p, g
+        self.layers = split_layers(gpt_cfg.n_layer, pp.size)[stage]
         self.first, self.last = stage == 0, stage == pp.size - 1
         self.parts = parts                                    # 06_3d passes tensor-parallel ones
         self.using = using or (_no_hook, _no_hook)            # (forward, backward) hooks: 06_3d's ZeRO-3
-        self.seq_len = seq_len or cfg.block_size              # positions of the activations sent between stages
+        self.seq_len = seq_len or gpt_cfg.block_size              # positions of the activations sent between stages
         self.dtype = dtype or next(iter(p.values())).dtype    # ZeRO-3's `p` is empty between parts
         self.trace, self.peak = [], 0
 
@@ -99,7 +99,7 @@ class Stage:
         (see common.model.stage_backward): data parallelism can start reducing while it runs. With
         `finish_each` (ZeRO-2/3's finish: no full gradient to accumulate in), every backward gets the hook and
         is followed by finish_each(). Returns the mean loss on the last stage, else None."""
-        M, b, T, C = len(x), x[0].shape[0], self.seq_len, self.cfg.n_embd
+        M, b, T, C = len(x), x[0].shape[0], self.seq_len, self.gpt_cfg.n_embd
         dtype = self.dtype
         inp, out, caches, grad_out, grad_in, losses, sends = {}, {}, {}, {}, {}, [], []
         backwards = [m for op, m in ops if op == "backward"]             # none: no cache is kept
@@ -110,7 +110,7 @@ class Stage:
                 inp[m] = self.pp.recv(np.empty((b, T, C), dtype), self.stage - 1, tag=m)
             elif op == "forward":
                 act, loss, cache = stage_forward(self.p, x[m] if self.first else inp.pop(m),
-                                                 y[m] if self.last else None, self.cfg, self.layers,
+                                                 y[m] if self.last else None, self.gpt_cfg, self.layers,
                                                  self.first, self.last, self.using[0], self.parts)
                 if backwards:
                     caches[m] = cache
@@ -175,9 +175,9 @@ def bubble_formula(M, pp):
     return (pp - 1) / (M + pp - 1)
 
 
-def p2p_formula(cfg, batch_size, stage, pp, itemsize, seq_len=None):
+def p2p_formula(gpt_cfg, batch_size, stage, pp, itemsize, seq_len=None):
     """{kind: bytes} of one step's point-to-point calls on `stage`: B T C e per direction and neighbour."""
-    each = batch_size * (seq_len or cfg.block_size) * cfg.n_embd * itemsize
+    each = batch_size * (seq_len or gpt_cfg.block_size) * gpt_cfg.n_embd * itemsize
     out = {}
     if stage < pp - 1:
         out.update(isend=each, recv=each)                      # activations out, their gradients back in
@@ -189,14 +189,14 @@ def p2p_formula(cfg, batch_size, stage, pp, itemsize, seq_len=None):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def stage_sizes(cfg, pp):
-    return [stage_layout(cfg, s, pp).size for s in range(pp)]
+def stage_sizes(gpt_cfg, pp):
+    return [stage_layout(gpt_cfg, s, pp).size for s in range(pp)]
 
 
-def whole_state(cfg, flats, comm, root=None):
+def whole_state(gpt_cfg, flats, comm, root=None):
     """{"params" | "adam_m" | "adam_v": {name: whole tensor}} from every stage's flat buffers (`flats`, in that
     order), gathered on `root` (None elsewhere), or on every rank if root is None."""
-    counts = stage_sizes(cfg, comm.size)
+    counts = stage_sizes(gpt_cfg, comm.size)
     starts = np.cumsum([0] + counts)
     state = {}
     for part, flat in zip(("params", "adam_m", "adam_v"), flats):
@@ -208,6 +208,6 @@ def whole_state(cfg, flats, comm, root=None):
         if buf is not None:
             state[part] = {}
             for s in range(comm.size):                          # wte: the first stage's copy (both are equal)
-                for name, view in stage_layout(cfg, s, comm.size).views(buf[starts[s]:starts[s + 1]]).items():
+                for name, view in stage_layout(gpt_cfg, s, comm.size).views(buf[starts[s]:starts[s + 1]]).items():
                     state[part].setdefault(name, view)
     return state or None

@@ -44,8 +44,8 @@ def every_rank(comm, values):
 def main(argv=None):
     pp = world()
     args, gpt_cfg = checked(pp, setup, argv, pp.size)
-    cfg = TrainConfig(batch_size=8, dtype="float64", learning_rate=1e-2, seed=0)
-    batches, start, ref_losses, ref_params, ref_opt = reference(gpt_cfg, cfg, args.steps)
+    train_cfg = TrainConfig(batch_size=8, dtype="float64", learning_rate=1e-2, seed=0)
+    batches, start, ref_losses, ref_params, ref_opt = reference(gpt_cfg, train_cfg, args.steps)
     layout = pipe_train.gpt_layout(gpt_cfg)
 
     stage, P = pp.rank, pp.size
@@ -54,16 +54,16 @@ def main(argv=None):
         for M in MICROBATCHES:
             label = f"{kind} M={M}:"
             par = ParallelConfig(pp=P, microbatches=M, schedule=kind)
-            state = pipe_train.build(gpt_cfg, cfg, par, pp, full=start)
+            state = pipe_train.build(gpt_cfg, train_cfg, par, pp, full=start)
             slayout, params, opt, st = state.layout, state.params, state.opt, state.st
             losses, peaks = [], []
             for step, batch in enumerate(batches):
                 pp.ledger.reset()
-                losses.append(pipe_train.train_step(state, batch, cfg.learning_rate))
+                losses.append(pipe_train.train_step(state, batch, train_cfg.learning_rate))
                 peaks.append(st.peak)
                 if step == 0 and P > 1:
                     got = pp.ledger.as_dict()
-                    want = pipe.p2p_formula(gpt_cfg, cfg.batch_size, stage, P, params.itemsize)
+                    want = pipe.p2p_formula(gpt_cfg, train_cfg.batch_size, stage, P, params.itemsize)
                     report.compare(f"{label} p2p bytes, every stage",
                                    every_rank(pp, [got[k]["bytes"] for k in ("isend", "recv")]),
                                    every_rank(pp, [want[k] for k in ("isend", "recv")]), show)

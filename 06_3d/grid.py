@@ -174,7 +174,7 @@ class Part:
 
 def ledger_formula(part, batch_size):
     """{axis: {kind: bytes}} of one training step on this rank, from chapters 02, 05 and 03/04."""
-    cfg, par, grid = part.gpt_cfg, part.par, part.grid
+    gpt_cfg, par, grid = part.gpt_cfg, part.par, part.grid
     e, M, sp = part.params.itemsize, par.microbatches, par.sequence_parallel
     b = batch_size // (grid.dp.size * M)                      # rows of one micro-batch
     first, last = part.st.first, part.st.last
@@ -182,11 +182,11 @@ def ledger_formula(part, batch_size):
     if grid.tp.size > 1:
         replicated = sum(stop - start for name, (start, stop) in part.layout.offsets.items()
                          if tp_lib.kind(name) == "replicated") if sp else 0
-        want = tp_lib.comm_formula(cfg, b, e, sp, len(part.st.layers), first, last, M, replicated,
+        want = tp_lib.comm_formula(gpt_cfg, b, e, sp, len(part.st.layers), first, last, M, replicated,
                                    settles=M if par.zero_stage > 1 else 1)   # ZeRO-2/3 settle every micro-batch
         out["tp"] = {kind: nbytes for kind, (_, nbytes) in want.items()}
     if grid.pp.size > 1:
-        out["pp"] = pipe.p2p_formula(cfg, batch_size // grid.dp.size, part.stage, grid.pp.size, e, part.st.seq_len)
+        out["pp"] = pipe.p2p_formula(gpt_cfg, batch_size // grid.dp.size, part.stage, grid.pp.size, e, part.st.seq_len)
         out["pp"]["bcast"] = 8
         if first or last:
             out["ends"] = {"allreduce": int(np.prod(part.layout.shapes["wte"])) * e}

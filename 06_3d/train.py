@@ -51,7 +51,8 @@ def memory_estimate(gpt_cfg, train_cfg, par, rank):
     bucket = int(par.bucket_mb * 2 ** 20) // e
     return estimate(gpt_cfg, e, params=shard + part if par.zero_stage == 3 else n,
                     grads=shard + bucket if par.zero_stage > 1 else n, optimizer=shard if par.zero_stage else n,
-                    rows=train_cfg.batch_size // (par.dp * M), blocks=len(pipe.split_layers(gpt_cfg.n_layer, par.pp)[stage]),
+                    rows=train_cfg.batch_size // (par.dp * M),
+                    blocks=len(pipe.split_layers(gpt_cfg.n_layer, par.pp)[stage]),
                     first=stage == 0, last=stage == par.pp - 1,
                     alive=M if par.schedule == "afab" else min(par.pp - stage, M), tp_size=par.tp,
                     sp=par.sequence_parallel)

@@ -79,8 +79,9 @@ def state_tensors(layout, flat):
 def main(argv=None):
     comm = world()
     args = checked(comm, setup, argv, comm.size)
-    cfg = TrainConfig(batch_size=2 * comm.size, dtype="float64", learning_rate=1e-2, seed=0)   # dp x 2 micro-batches
-    batches, start, ref_losses, ref_params, ref_opt = reference(GPT, cfg, args.steps)
+    # dp x 2 micro-batches
+    train_cfg = TrainConfig(batch_size=2 * comm.size, dtype="float64", learning_rate=1e-2, seed=0)
+    batches, start, ref_losses, ref_params, ref_opt = reference(GPT, train_cfg, args.steps)
     layout = train3d.gpt_layout(GPT)
     ref = np.concatenate([ref_params, ref_opt.m, ref_opt.v])
 
@@ -92,16 +93,16 @@ def main(argv=None):
             par = ParallelConfig(tp=tp, pp=pp, dp=dp, sequence_parallel=sp, zero_stage=zero, microbatches=2,
                                  schedule=schedule, bucket_mb=0.005)
             grid = grid_lib.Grid.build(comm, tp, pp, dp)
-            part = grid_lib.Part(GPT, cfg, par, grid, start)
+            part = grid_lib.Part(GPT, train_cfg, par, grid, start)
             losses, ledger_ok = [], True
             for step, (x, y) in enumerate(batches):
                 for c in (grid.tp, grid.pp, grid.dp, grid.ends):
                     c.ledger.reset()
-                losses.append(train3d.train_step(part, (x, y), cfg.learning_rate))
+                losses.append(train3d.train_step(part, (x, y), train_cfg.learning_rate))
                 if step == 0:
                     got = {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()}
                            for axis, c in (("tp", grid.tp), ("pp", grid.pp), ("dp", grid.dp), ("ends", grid.ends))}
-                    ledger_ok = got == grid_lib.ledger_formula(part, cfg.batch_size)
+                    ledger_ok = got == grid_lib.ledger_formula(part, train_cfg.batch_size)
             state = part.whole()
             flat = np.concatenate([state[k][name].ravel() for k in ("params", "adam_m", "adam_v")
                                    for name in layout.shapes]) if comm.rank == 0 else np.empty(ref.size)

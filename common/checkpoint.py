@@ -122,10 +122,10 @@ def load_training_state(path, layout, params, opt, max_iters):
 def load_model(path, dtype=np.float32):
     """(GPTConfig, flat params, meta) from a checkpoint, for sampling and evaluation."""
     tensors, meta = load_checkpoint(path)
-    cfg = GPTConfig(**meta["model"])
-    layout = gpt_layout(cfg)
+    gpt_cfg = GPTConfig(**meta["model"])
+    layout = gpt_layout(gpt_cfg)
     check_shapes(path, tensors, "params/", layout.shapes)
     flat = np.empty(layout.size, dtype=dtype)
     for name, view in layout.views(flat).items():
         view[...] = tensors["params/" + name]
-    return cfg, flat, meta
+    return gpt_cfg, flat, meta

@@ -231,9 +231,9 @@ def config_from_args(args, *classes, defaults=None, chapter=None):
     values.update({k: v for k, v in vars(args).items() if v is not None})
     configs = []
     for cls in classes:
-        cfg = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
-        cfg.validate()
-        configs.append(cfg)
+        config = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+        config.validate()
+        configs.append(config)
     return tuple(configs)
 
 

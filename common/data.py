@@ -42,7 +42,8 @@ def get_batch(tokens, offsets, block_size):
     return seq[:, :-1], seq[:, 1:]
 
 
-def eval_batches(tokens, cfg, block_size):
+def eval_batches(tokens, train_cfg, block_size):
     """The same `eval_iters` validation batches at every evaluation, so val curves are comparable."""
-    return [get_batch(tokens, batch_offsets(len(tokens), block_size, cfg.batch_size, cfg.seed, k, VAL), block_size)
-            for k in range(cfg.eval_iters)]
+    return [get_batch(tokens, batch_offsets(len(tokens), block_size, train_cfg.batch_size, train_cfg.seed, k, VAL),
+                      block_size)
+            for k in range(train_cfg.eval_iters)]

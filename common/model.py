@@ -53,24 +53,24 @@ def block_shapes(C):
             ("mlp.c_proj.w", (4 * C, C)), ("mlp.c_proj.b", (C,))]
 
 
-def param_shapes(cfg):
+def param_shapes(gpt_cfg):
     """Every parameter's name and shape, in the order of the flat buffer. Weights are (in, out)."""
-    C, V, T = cfg.n_embd, cfg.vocab_size, cfg.block_size
+    C, V, T = gpt_cfg.n_embd, gpt_cfg.vocab_size, gpt_cfg.block_size
     shapes = [("wte", (V, C)), ("wpe", (T, C))]
-    for i in range(cfg.n_layer):
+    for i in range(gpt_cfg.n_layer):
         shapes += [(f"h.{i}.{name}", shape) for name, shape in block_shapes(C)]
     return shapes + [("ln_f.w", (C,)), ("ln_f.b", (C,))]
 
 
-def gpt_layout(cfg):
-    return Layout(param_shapes(cfg))
+def gpt_layout(gpt_cfg):
+    return Layout(param_shapes(gpt_cfg))
 
 
-def init_params(cfg, seed, dtype):
+def init_params(gpt_cfg, seed, dtype):
     """nanoGPT's initialisation, drawn in float64 from `seed` so every dtype and layout starts identical:
     N(0, 0.02) for weights and embeddings, residual projections scaled by 1/sqrt(2 n_layer), zero biases,
     unit LayerNorm gains. Returns the flat parameter buffer."""
-    layout = gpt_layout(cfg)
+    layout = gpt_layout(gpt_cfg)
     rng = np.random.default_rng(seed)
     flat = np.zeros(layout.size, dtype=dtype)
     views = layout.views(flat)
@@ -78,17 +78,17 @@ def init_params(cfg, seed, dtype):
         if name.endswith(("ln_1.w", "ln_2.w", "ln_f.w")):
             views[name][...] = 1.0
         elif len(shape) == 2:
-            std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.w") else 0.02
+            std = 0.02 / math.sqrt(2 * gpt_cfg.n_layer) if name.endswith("c_proj.w") else 0.02
             views[name][...] = rng.normal(0.0, std, size=shape)
     return flat
 
 
-def modules(cfg):
+def modules(gpt_cfg):
     """The parameters each part of gpt_forward reads, in the order it runs them: the embedding, every block,
     and the head (the final LayerNorm and the tied wte). The backward runs them in reverse."""
-    block = [name for name, _ in block_shapes(cfg.n_embd)]
+    block = [name for name, _ in block_shapes(gpt_cfg.n_embd)]
     return {"embedding": ("wte", "wpe"),
-            **{f"h.{i}": tuple(f"h.{i}.{name}" for name in block) for i in range(cfg.n_layer)},
+            **{f"h.{i}": tuple(f"h.{i}.{name}" for name in block) for i in range(gpt_cfg.n_layer)},
             "head": ("ln_f.w", "ln_f.b", "wte")}
 
 
@@ -96,7 +96,7 @@ def _no_hook(module):
     return contextlib.nullcontext()
 
 
-def head_forward(x, p, targets, cfg):
+def head_forward(x, p, targets, gpt_cfg):
     """The final LayerNorm, the tied LM head's logits (B,T,V) and, given targets, their mean cross-entropy."""
     x, c_lnf = layernorm_forward(x, p["ln_f.w"], p["ln_f.b"])
     logits, c_head = lm_head_forward(x, p["wte"])
@@ -120,9 +120,9 @@ class Parts:
     driver announces them through its grads_ready hook."""
     embedding_forward: Callable     # (idx, p) -> (x, cache)
     embedding_backward: Callable    # (dx, cache, p, g) -> None
-    block_forward: Callable         # (x, p of the block, cfg) -> (x, cache)
+    block_forward: Callable         # (x, p of the block, gpt_cfg) -> (x, cache)
     block_backward: Callable        # (dx, cache, p, g of the block) -> dx
-    head_forward: Callable          # (x, p, targets, cfg) -> (logits, loss, cache)
+    head_forward: Callable          # (x, p, targets, gpt_cfg) -> (logits, loss, cache)
     head_backward: Callable         # (dloss, cache, p, g) -> dx
     settle: Callable = None         # (part, g) -> None
 
@@ -130,13 +130,13 @@ class Parts:
 # module-level names are looked up at call time, so a test that patches one of them reaches the driver
 SINGLE = Parts(embedding_forward=lambda idx, p: embedding_forward(idx, p["wte"], p["wpe"]),
                embedding_backward=lambda dx, cache, p, g: embedding_backward(dx, cache, g["wte"], g["wpe"]),
-               block_forward=lambda x, p, cfg: block_forward(x, p, cfg.n_head),
+               block_forward=lambda x, p, gpt_cfg: block_forward(x, p, gpt_cfg.n_head),
                block_backward=lambda dx, cache, p, g: block_backward(dx, cache, p, g),
-               head_forward=lambda x, p, targets, cfg: head_forward(x, p, targets, cfg),
+               head_forward=lambda x, p, targets, gpt_cfg: head_forward(x, p, targets, gpt_cfg),
                head_backward=lambda dloss, cache, p, g: head_backward(dloss, cache, p, g))
 
 
-def stage_forward(p, inp, targets, cfg, layers, first=True, last=True, using=_no_hook, parts=SINGLE):
+def stage_forward(p, inp, targets, gpt_cfg, layers, first=True, last=True, using=_no_hook, parts=SINGLE):
     """Run the part of the model a pipeline stage holds: the embedding if `first` (inp: token ids (B,T)),
     blocks `layers` (else inp: activations (B,T,C)), and the head if `last`. Returns (out, loss, cache):
     the logits and, given targets, the mean cross-entropy on the last stage; activations elsewhere.
@@ -149,12 +149,12 @@ def stage_forward(p, inp, targets, cfg, layers, first=True, last=True, using=_no
     c_blocks = []
     for i in layers:
         with using(f"h.{i}"):
-            x, c = parts.block_forward(x, sub(p, f"h.{i}."), cfg)
+            x, c = parts.block_forward(x, sub(p, f"h.{i}."), gpt_cfg)
         c_blocks.append(c)
     if not last:
         return x, None, (parts, first, last, layers, c_emb, c_blocks, None)
     with using("head"):
-        logits, loss, c_head = parts.head_forward(x, p, targets, cfg)
+        logits, loss, c_head = parts.head_forward(x, p, targets, gpt_cfg)
     if targets is None:
         return logits, None, None
     return logits, loss, (parts, first, last, layers, c_emb, c_blocks, c_head)
@@ -192,9 +192,9 @@ def stage_backward(cache, p, g, dout, grads_ready=None, using=_no_hook):
     return None
 
 
-def gpt_forward(p, idx, targets, cfg, using=_no_hook, parts=SINGLE):
+def gpt_forward(p, idx, targets, gpt_cfg, using=_no_hook, parts=SINGLE):
     """Logits (B,T,V) and, when targets are given, the mean cross-entropy loss; plus the cache for backward."""
-    return stage_forward(p, idx, targets, cfg, range(cfg.n_layer), using=using, parts=parts)
+    return stage_forward(p, idx, targets, gpt_cfg, range(gpt_cfg.n_layer), using=using, parts=parts)
 
 
 def gpt_backward(cache, p, g, dloss=1.0, grads_ready=None, using=_no_hook):
@@ -202,10 +202,10 @@ def gpt_backward(cache, p, g, dloss=1.0, grads_ready=None, using=_no_hook):
     stage_backward(cache, p, g, dloss, grads_ready, using)
 
 
-def generate(p, cfg, idx, max_new_tokens, rng, temperature=1.0, top_k=None):
+def generate(p, gpt_cfg, idx, max_new_tokens, rng, temperature=1.0, top_k=None):
     """Append `max_new_tokens` sampled tokens to idx (B,T), cropping the context to block_size."""
     for _ in range(max_new_tokens):
-        logits, _, _ = gpt_forward(p, idx[:, -cfg.block_size:], None, cfg)
+        logits, _, _ = gpt_forward(p, idx[:, -gpt_cfg.block_size:], None, gpt_cfg)
         logits = logits[:, -1, :].astype(np.float64) / temperature          # (B,V)
         if top_k is not None and top_k < logits.shape[-1]:
             kth = np.partition(logits, -top_k, axis=-1)[:, -top_k, None]

@@ -4,14 +4,14 @@ import math
 import numpy as np
 
 
-def lr_at(step, cfg):
+def lr_at(step, train_cfg):
     """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then min_lr (as nanoGPT)."""
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    if step > cfg.lr_decay_iters:
-        return cfg.min_lr
-    ratio = (step - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+    if step < train_cfg.warmup_iters:
+        return train_cfg.learning_rate * (step + 1) / (train_cfg.warmup_iters + 1)
+    if step > train_cfg.lr_decay_iters:
+        return train_cfg.min_lr
+    ratio = (step - train_cfg.warmup_iters) / max(1, train_cfg.lr_decay_iters - train_cfg.warmup_iters)
+    return train_cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (train_cfg.learning_rate - train_cfg.min_lr)
 
 
 def decays(name, shape):
