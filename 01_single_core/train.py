@@ -23,13 +23,17 @@ from common.threads import size_blas_pool
 CHAPTER = Path(__file__).parent.name
 
 
-def setup(argv, chapter=CHAPTER, description=__doc__, defaults=None, shown=None):
+def setup(argv, chapter=CHAPTER, description=__doc__, defaults=None, shown=None, axis=None, world_size=1):
     """Configs (with a chapter's own `defaults`, and only the parallel flags `chapter` implements) and data,
-    all checked before any compute. Returns gpt_cfg, train_cfg, the train and val tokens, and the ParallelConfig."""
+    all checked before any compute; a chapter with one parallel `axis` ("tp", "dp" or "pp") gives it every
+    rank. Returns gpt_cfg, train_cfg, the train and val tokens, and the ParallelConfig."""
     parser = Parser(description=description.splitlines()[0])
     classes = GPTConfig, TrainConfig, ParallelConfig
+    shown = {**({axis: "every rank"} if axis else {}), **(shown or {})}
     add_config_args(parser, *classes, defaults=defaults, chapter=chapter, shown=shown)
     gpt_cfg, train_cfg, par = config_from_args(parser.parse_args(argv), *classes, defaults=defaults, chapter=chapter)
+    if axis:
+        par.use_every_rank(axis, world_size)
     meta = load_meta(train_cfg.data_dir)
     if gpt_cfg.vocab_size not in (0, meta["vocab_size"]):
         raise ConfigError(f"--vocab-size {gpt_cfg.vocab_size} differs from the data's {meta['vocab_size']} "

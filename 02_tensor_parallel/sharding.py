@@ -13,18 +13,18 @@ from common.model import param_shapes
 from common.params import Layout
 
 
-def check_layout(gpt_cfg, tp, sp=False):
+def check_layout(gpt_cfg, tp_size, sp=False):
     """Raise ConfigError unless the model (and, with sequence parallelism, the sequence) splits evenly."""
-    if gpt_cfg.n_head % tp:
+    if gpt_cfg.n_head % tp_size:
         divisors = [d for d in range(1, gpt_cfg.n_head + 1) if gpt_cfg.n_head % d == 0]
-        raise ConfigError(f"--tp {tp} does not divide n_head={gpt_cfg.n_head}; choose one of {divisors}")
-    if sp and gpt_cfg.block_size % tp:
-        raise ConfigError(f"--sequence-parallel needs --tp {tp} to divide --block-size {gpt_cfg.block_size}; "
-                          f"choose a block size that is a multiple of {tp}")
+        raise ConfigError(f"--tp {tp_size} does not divide n_head={gpt_cfg.n_head}; choose one of {divisors}")
+    if sp and gpt_cfg.block_size % tp_size:
+        raise ConfigError(f"--sequence-parallel needs --tp {tp_size} to divide --block-size {gpt_cfg.block_size}; "
+                          f"choose a block size that is a multiple of {tp_size}")
 
 
-def padded_vocab(V, tp):
-    return -(-V // tp) * tp
+def padded_vocab(V, tp_size):
+    return -(-V // tp_size) * tp_size
 
 
 def kind(name):
@@ -40,22 +40,22 @@ def kind(name):
     return "replicated"
 
 
-def shard_tensor(name, full, gpt_cfg, tp, rank):
+def shard_tensor(name, full, gpt_cfg, tp_size, rank):
     """This rank's piece of the single-core tensor `full`."""
     k = kind(name)
     if k == "vocab":
-        Vl = padded_vocab(gpt_cfg.vocab_size, tp) // tp
-        padded = np.zeros((Vl * tp, full.shape[1]), dtype=full.dtype)
+        Vl = padded_vocab(gpt_cfg.vocab_size, tp_size) // tp_size
+        padded = np.zeros((Vl * tp_size, full.shape[1]), dtype=full.dtype)
         padded[:gpt_cfg.vocab_size] = full
         return padded[rank * Vl:(rank + 1) * Vl]
     if k == "heads":                                    # (..., 3C) -> (..., 3, nh, hs) -> this rank's heads
-        nhl = gpt_cfg.n_head // tp
+        nhl = gpt_cfg.n_head // tp_size
         heads = full.reshape(*full.shape[:-1], 3, gpt_cfg.n_head, gpt_cfg.head_size)
         return heads[..., rank * nhl:(rank + 1) * nhl, :].reshape(*full.shape[:-1], -1)
     if k == "columns":
-        return np.split(full, tp, axis=-1)[rank]
+        return np.split(full, tp_size, axis=-1)[rank]
     if k == "rows":
-        return np.split(full, tp, axis=0)[rank]
+        return np.split(full, tp_size, axis=0)[rank]
     return full
 
 
@@ -75,17 +75,17 @@ def unshard_tensor(name, pieces, gpt_cfg):
     return pieces[0]
 
 
-def tp_layout(gpt_cfg, tp):
+def tp_layout(gpt_cfg, tp_size):
     """The layout of one rank's flat buffer: the single-core names with their per-rank shapes."""
     dummy = {name: np.empty(shape, dtype=np.uint8) for name, shape in param_shapes(gpt_cfg)}
-    return Layout([(name, shard_tensor(name, a, gpt_cfg, tp, 0).shape) for name, a in dummy.items()])
+    return Layout([(name, shard_tensor(name, a, gpt_cfg, tp_size, 0).shape) for name, a in dummy.items()])
 
 
-def shard(full_views, layout, gpt_cfg, tp, rank, dtype):
+def shard(full_views, layout, gpt_cfg, tp_size, rank, dtype):
     """A flat per-rank buffer holding this rank's pieces of the single-core tensors `full_views`."""
     flat = np.zeros(layout.size, dtype=dtype)
     for name, view in layout.views(flat).items():
-        view[...] = shard_tensor(name, full_views[name], gpt_cfg, tp, rank)
+        view[...] = shard_tensor(name, full_views[name], gpt_cfg, tp_size, rank)
     return flat
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from common.chapters import import_chapter
-from common.comm import Comm, checked, world
+from common.comm import Comm, world
 from common.config import ParallelConfig
-from common.loop import train
-from common.memory import check_fits, estimate, reuse_freed_memory
+from common.loop import prepare, train
+from common.memory import estimate
 from common.model import gpt_layout, init_params
 from common.optim import AdamW, clip_grad_norm, decays
 
@@ -27,9 +27,7 @@ tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
 
 def setup(argv, world_size):
     gpt_cfg, train_cfg, tokens, val_tokens, par = single.setup(
-        argv, chapter=Path(__file__).parent.name, description=__doc__, defaults={"out_dir": "out/tensor_parallel"},
-        shown={"tp": "every rank"})
-    par.use_every_rank("tp", world_size)
+        argv, Path(__file__).parent.name, __doc__, {"out_dir": "out/tensor_parallel"}, axis="tp", world_size=world_size)
     tp_lib.check_layout(gpt_cfg, par.tp, par.sequence_parallel)
     return gpt_cfg, train_cfg, tokens, val_tokens, par
 
@@ -86,9 +84,7 @@ def evaluate(state, batches):
 
 def main(argv=None):
     tp = world()
-    gpt_cfg, train_cfg, tokens, val_tokens, par = checked(tp, setup, argv, tp.size)
-    budget = checked(tp, check_fits, memory_estimate(gpt_cfg, train_cfg, par), tp.host.comm)
-    reuse_freed_memory()
+    (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(tp, setup, argv, memory_estimate)
     state = build(gpt_cfg, train_cfg, par, tp)
     train(state, tokens, val_tokens, train_step, evaluate, budget, threads=tp.host.threads, comm=tp,
           banner=f"{gpt_layout(gpt_cfg).size:,} parameters, {state.layout.size:,} on each of {tp.size} ranks, "

@@ -21,12 +21,12 @@ TOL = 1e-10
 LR, BETA1, BETA2, WD, CLIP = 1e-2, 0.9, 0.99, 0.1, 1.0
 
 
-def setup(argv, tp):
+def setup(argv, tp_size):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="AdamW steps both models take (default: 3)")
-    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--n-head", type=int, default=4, help="attention heads (default: 4)")
     parser.add_argument("--vocab-size", type=int, default=11, help="odd by default, so the padding is exercised")
-    parser.add_argument("--sequence-parallel", action="store_true")
+    parser.add_argument("--sequence-parallel", action="store_true", help="check sequence parallelism too")
     args = parser.parse_args(argv)
     gpt_cfg = GPTConfig(n_layer=2, n_head=args.n_head, n_embd=4 * args.n_head, block_size=8, vocab_size=args.vocab_size)
     gpt_cfg.validate()
@@ -34,11 +34,11 @@ def setup(argv, tp):
     sp = args.sequence_parallel
     sizes = [n for n in range(1, gpt_cfg.n_head + 1)
              if gpt_cfg.n_head % n == 0 and (not sp or gpt_cfg.block_size % n == 0)]
-    if tp not in sizes:
-        split = (f"n_head={gpt_cfg.n_head}" if gpt_cfg.n_head % tp else
+    if tp_size not in sizes:
+        split = (f"n_head={gpt_cfg.n_head}" if gpt_cfg.n_head % tp_size else
                  f"block_size={gpt_cfg.block_size}, which --sequence-parallel splits")
-        other = f", or give --n-head a multiple of {tp}" if not sp or gpt_cfg.block_size % tp == 0 else ""
-        raise ConfigError(f"{tp} ranks do not divide {split}; run mpirun -n with one of {sizes}{other}")
+        other = f", or give --n-head a multiple of {tp_size}" if not sp or gpt_cfg.block_size % tp_size == 0 else ""
+        raise ConfigError(f"{tp_size} ranks do not divide {split}; run mpirun -n with one of {sizes}{other}")
     return args, gpt_cfg
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from common.chapters import import_chapter
-from common.comm import Comm, checked, world
+from common.comm import Comm, world
 from common.config import ConfigError, ParallelConfig
-from common.loop import train
-from common.memory import check_fits, estimate, reuse_freed_memory
+from common.loop import prepare, train
+from common.memory import estimate
 from common.model import gpt_backward, gpt_forward
 
 single = import_chapter("01_single_core.train")
@@ -25,9 +25,8 @@ dp_lib = import_chapter("03_data_parallel.data_parallel")
 
 def setup(argv, world_size, chapter=Path(__file__).parent.name, description=__doc__, defaults=None):
     gpt_cfg, train_cfg, tokens, val_tokens, par = single.setup(
-        argv, chapter=chapter, description=description,
-        defaults={"out_dir": "out/data_parallel", **(defaults or {})}, shown={"dp": "every rank"})
-    par.use_every_rank("dp", world_size)
+        argv, chapter, description, {"out_dir": "out/data_parallel", **(defaults or {})}, axis="dp",
+        world_size=world_size)
     if train_cfg.batch_size % (par.dp * par.grad_accum):
         raise ConfigError(f"--batch-size {train_cfg.batch_size} is not divisible by --dp {par.dp} x --grad-accum "
                           f"{par.grad_accum}; choose a multiple of {par.dp * par.grad_accum}")
@@ -94,9 +93,7 @@ def check_replicas(state, step):
 
 def main(argv=None):
     dp = world()
-    gpt_cfg, train_cfg, tokens, val_tokens, par = checked(dp, setup, argv, dp.size)
-    budget = checked(dp, check_fits, memory_estimate(gpt_cfg, train_cfg, par), dp.host.comm)
-    reuse_freed_memory()
+    (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(dp, setup, argv, memory_estimate)
     state = build(gpt_cfg, train_cfg, par, dp)
     train(state, tokens, val_tokens, train_step, evaluate, budget, threads=dp.host.threads, comm=dp,
           after_step=lambda step, first: check_replicas(state, step),

@@ -29,12 +29,18 @@ def setup(argv):
     return parser.parse_args(argv)
 
 
+def configs(dp_size, accums):
+    """The tiny float64 model and its training config, the batch splitting evenly over the ranks for every
+    accumulation (else the check itself would be wrong): chapter 04's verify uses them too."""
+    gpt_cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
+    return gpt_cfg, TrainConfig(batch_size=dp_size * math.lcm(*accums) * ROWS, dtype="float64", learning_rate=1e-2,
+                                seed=0)
+
+
 def main(argv=None):
     dp = world()
     args = checked(dp, setup, argv)
-    gpt_cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
-    # every accumulation must split the batch evenly over the ranks, or the check itself would be wrong
-    train_cfg = TrainConfig(batch_size=dp.size * math.lcm(*ACCUMS) * ROWS, dtype="float64", learning_rate=1e-2, seed=0)
+    gpt_cfg, train_cfg = configs(dp.size, ACCUMS)
     batches, start, ref_losses, ref_params, _ = reference(gpt_cfg, train_cfg, args.steps)
 
     report, show = Report(TOL, width=34, detail=24), dp.rank == 0

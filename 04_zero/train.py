@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from common.chapters import import_chapter
-from common.comm import checked, world
+from common.comm import world
 from common.config import ConfigError
-from common.loop import train
-from common.memory import check_fits, estimate, reuse_freed_memory
+from common.loop import prepare, train
+from common.memory import estimate
 from common.model import gpt_layout, init_params, modules
 from common.optim import AdamW, decays
 
@@ -113,10 +113,8 @@ def after_step(state, step, first):
 
 def main(argv=None):
     dp = world()
-    gpt_cfg, train_cfg, tokens, val_tokens, par = checked(dp, setup, argv, dp.size)
-    budget = checked(dp, check_fits, memory_estimate(gpt_cfg, train_cfg, par), dp.host.comm,
-                     "--n-layer or --n-embd, or raise --zero-stage or the number of ranks")
-    reuse_freed_memory()
+    (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(
+        dp, setup, argv, memory_estimate, "--n-layer or --n-embd, or raise --zero-stage or the number of ranks")
     state = build(gpt_cfg, train_cfg, par, dp)
     zero = state.sync
     train(state, tokens, val_tokens, dp_train.train_step, dp_train.evaluate, budget, threads=dp.host.threads,

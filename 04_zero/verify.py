@@ -11,21 +11,19 @@ zero.comm_formula; this rank's model-state bytes, measured from its arrays, agai
 peak of gathered weights against the largest part of the model (a weight that some reference keeps alive after
 its release would raise it); and no transient buffer alive after a step.
 """
-import math
-
 import numpy as np
 
 from common.checks import Report, named
 from common.chapters import import_chapter
 from common.comm import checked, world
-from common.config import GPTConfig, Parser, ParallelConfig, TrainConfig
+from common.config import Parser, ParallelConfig
 
 reference = import_chapter("01_single_core.verify").reference
 zero_train = import_chapter("04_zero.train")
 zero_lib = import_chapter("04_zero.zero")
+dp_verify = import_chapter("03_data_parallel.verify")
 TOL = 1e-10
 ACCUMS = (1, 2)
-ROWS = 2   # per rank and micro-batch at the deepest accumulation
 
 
 def setup(argv):
@@ -42,9 +40,7 @@ def gathered(zero, shard):
 def main(argv=None):
     dp = world()
     args = checked(dp, setup, argv)
-    gpt_cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
-    # every accumulation must split the batch evenly over the ranks, or the check itself would be wrong
-    train_cfg = TrainConfig(batch_size=dp.size * math.lcm(*ACCUMS) * ROWS, dtype="float64", learning_rate=1e-2, seed=0)
+    gpt_cfg, train_cfg = dp_verify.configs(dp.size, ACCUMS)      # chapter 03's tiny model and batch rule
     batches, start, ref_losses, ref_params, ref_opt = reference(gpt_cfg, train_cfg, args.steps)
     layout = zero_train.gpt_layout(gpt_cfg)
     itemsize = ref_params.itemsize

@@ -33,17 +33,17 @@ from common.params import Layout
 
 # ----------------------------------------------------------------------------- shard
 
-def split_layers(n_layer, pp):
-    """Blocks of each stage: as even as possible, the first n_layer % pp stages taking one more."""
-    sizes = [n_layer // pp + (s < n_layer % pp) for s in range(pp)]
+def split_layers(n_layer, pp_size):
+    """Blocks of each stage: as even as possible, the first n_layer % pp_size stages taking one more."""
+    sizes = [n_layer // pp_size + (s < n_layer % pp_size) for s in range(pp_size)]
     starts = np.cumsum([0] + sizes)
-    return [range(starts[s], starts[s + 1]) for s in range(pp)]
+    return [range(starts[s], starts[s + 1]) for s in range(pp_size)]
 
 
-def stage_layout(gpt_cfg, stage, pp):
+def stage_layout(gpt_cfg, stage, pp_size):
     """The tensors stage `stage` holds, in the single-core layout's order."""
-    layers = split_layers(gpt_cfg.n_layer, pp)[stage]
-    first, last = stage == 0, stage == pp - 1
+    layers = split_layers(gpt_cfg.n_layer, pp_size)[stage]
+    first, last = stage == 0, stage == pp_size - 1
 
     def held(name):
         if name.startswith("h."):
@@ -55,10 +55,10 @@ def stage_layout(gpt_cfg, stage, pp):
 
 # ----------------------------------------------------------------------------- schedules
 
-def schedule(kind, M, stage, pp):
+def schedule(kind, M, stage, pp_size):
     """The instructions of one step on `stage`, as (op, micro-batch) pairs; op is one of recv_fwd, forward,
     send_fwd, recv_bwd, backward, send_bwd. kind "forward" is the forward half alone (evaluation)."""
-    first, last = stage == 0, stage == pp - 1
+    first, last = stage == 0, stage == pp_size - 1
 
     def fwd(m):
         return ([] if first else [("recv_fwd", m)]) + [("forward", m)] + ([] if last else [("send_fwd", m)])
@@ -70,7 +70,7 @@ def schedule(kind, M, stage, pp):
         return [op for m in range(M) for op in fwd(m)]
     if kind == "afab":
         return [op for m in range(M) for op in fwd(m)] + [op for m in range(M) for op in bwd(m)]
-    warmup = min(pp - 1 - stage, M)                               # 1f1b
+    warmup = min(pp_size - 1 - stage, M)                          # 1f1b
     ops = [op for m in range(warmup) for op in fwd(m)]
     for i in range(M - warmup):                                   # steady state: one forward, one backward
         ops += fwd(warmup + i) + bwd(i)
@@ -140,15 +140,15 @@ class Stage:
 
 # ----------------------------------------------------------------------------- synchronise gradients
 
-def end_stages(pp_comm, stage, pp):
-    """The communicator of the first and the last of `pp` stages, which hold wte's two copies (the middle
+def end_stages(pp_comm, stage, pp_size):
+    """The communicator of the first and the last of `pp_size` stages, which hold wte's two copies (the middle
     stages get one of their own, unused)."""
-    return pp_comm.split(color=int(stage not in (0, pp - 1)), key=stage, name="ends")
+    return pp_comm.split(color=int(stage not in (0, pp_size - 1)), key=stage, name="ends")
 
 
-def sync_tied_embedding(g, ends, stage, pp):
+def sync_tied_embedding(g, ends, stage, pp_size):
     """Sum wte's two partial gradients, the embedding's (first stage) and the LM head's (last stage)."""
-    if pp > 1 and stage in (0, pp - 1):
+    if pp_size > 1 and stage in (0, pp_size - 1):
         ends.allreduce(g["wte"])
 
 
@@ -171,15 +171,15 @@ def bubble(trace, step_time):
     return 1.0 - busy / step_time
 
 
-def bubble_formula(M, pp):
-    return (pp - 1) / (M + pp - 1)
+def bubble_formula(M, pp_size):
+    return (pp_size - 1) / (M + pp_size - 1)
 
 
-def p2p_formula(gpt_cfg, batch_size, stage, pp, itemsize, seq_len=None):
+def p2p_formula(gpt_cfg, batch_size, stage, pp_size, itemsize, seq_len=None):
     """{kind: bytes} of one step's point-to-point calls on `stage`: B T C e per direction and neighbour."""
     each = batch_size * (seq_len or gpt_cfg.block_size) * gpt_cfg.n_embd * itemsize
     out = {}
-    if stage < pp - 1:
+    if stage < pp_size - 1:
         out.update(isend=each, recv=each)                      # activations out, their gradients back in
     if stage > 0:
         out["recv"] = out.get("recv", 0) + each
@@ -189,8 +189,8 @@ def p2p_formula(gpt_cfg, batch_size, stage, pp, itemsize, seq_len=None):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def stage_sizes(gpt_cfg, pp):
-    return [stage_layout(gpt_cfg, s, pp).size for s in range(pp)]
+def stage_sizes(gpt_cfg, pp_size):
+    return [stage_layout(gpt_cfg, s, pp_size).size for s in range(pp_size)]
 
 
 def whole_state(gpt_cfg, flats, comm, root=None):

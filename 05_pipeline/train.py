@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from common.chapters import import_chapter
-from common.comm import Comm, checked, world
+from common.comm import Comm, world
 from common.config import ConfigError, ParallelConfig
-from common.loop import train
-from common.memory import check_fits, estimate, reuse_freed_memory
+from common.loop import prepare, train
+from common.memory import estimate
 from common.model import gpt_layout, init_params
 from common.optim import AdamW, clip_grad_norm, decays
 
@@ -29,9 +29,7 @@ pipe = import_chapter("05_pipeline.pipeline")
 
 def setup(argv, world_size):
     gpt_cfg, train_cfg, tokens, val_tokens, par = single.setup(
-        argv, chapter=Path(__file__).parent.name, description=__doc__, defaults={"out_dir": "out/pipeline"},
-        shown={"pp": "every rank"})
-    par.use_every_rank("pp", world_size)
+        argv, Path(__file__).parent.name, __doc__, {"out_dir": "out/pipeline"}, axis="pp", world_size=world_size)
     if gpt_cfg.n_layer < par.pp:
         raise ConfigError(f"--n-layer {gpt_cfg.n_layer} is fewer than --pp {par.pp} stages, and every stage needs "
                           f"a block; choose --pp of at most {gpt_cfg.n_layer}")
@@ -138,10 +136,9 @@ def after_step(state, step):
 
 def main(argv=None):
     pp = world()
-    gpt_cfg, train_cfg, tokens, val_tokens, par = checked(pp, setup, argv, pp.size)
-    budget = checked(pp, check_fits, memory_estimate(gpt_cfg, train_cfg, par, pp.rank), pp.host.comm,
-                     "--n-layer or --n-embd, or raise --pp")
-    reuse_freed_memory()
+    (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(
+        pp, setup, argv, lambda *configs: memory_estimate(*configs, stage=pp.rank),
+        "--n-layer or --n-embd, or raise --pp")
     state = build(gpt_cfg, train_cfg, par, pp)
     stages = ", ".join(f"{len(r)} block(s)" for r in pipe.split_layers(gpt_cfg.n_layer, pp.size))
     train(state, tokens, val_tokens, train_step, evaluate, budget, threads=pp.host.threads, comm=pp,

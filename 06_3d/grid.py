@@ -48,9 +48,9 @@ pipe = import_chapter("05_pipeline.pipeline")
 
 # ----------------------------------------------------------------------------- the grid
 
-def coords(rank, tp, pp):
+def coords(rank, tp_size, pp_size):
     """(tp, pp, dp) coordinates of a world rank: tp innermost."""
-    return rank % tp, (rank // tp) % pp, rank // (tp * pp)
+    return rank % tp_size, (rank // tp_size) % pp_size, rank // (tp_size * pp_size)
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,13 @@ class Grid:
     ends: Comm              # first and last stage of one (dp, tp) pipeline: wte's two copies
 
     @classmethod
-    def build(cls, world, tp, pp, dp):
-        t, p, d = coords(world.rank, tp, pp)
-        assert tp * pp * dp == world.size
-        pipeline = world.split(color=d * tp + t, key=p, name="pp")
-        return cls(world, world.split(color=d * pp + p, key=t, name="tp"), pipeline,
-                   world.split(color=p * tp + t, key=d, name="dp"),
-                   pipe.end_stages(pipeline, p, pp))
+    def build(cls, world, tp_size, pp_size, dp_size):
+        t, p, d = coords(world.rank, tp_size, pp_size)
+        assert tp_size * pp_size * dp_size == world.size
+        pipeline = world.split(color=d * tp_size + t, key=p, name="pp")
+        return cls(world, world.split(color=d * pp_size + p, key=t, name="tp"), pipeline,
+                   world.split(color=p * tp_size + t, key=d, name="dp"),
+                   pipe.end_stages(pipeline, p, pp_size))
 
 
 def check(gpt_cfg, train_cfg, par, world_size):
@@ -91,10 +91,10 @@ def check(gpt_cfg, train_cfg, par, world_size):
                           f"every micro-batch between pipeline sends; use --zero-stage 1 with pipelines, or --pp 1")
 
 
-def local_layout(gpt_cfg, stage, pp, tp):
+def local_layout(gpt_cfg, stage, pp_size, tp_size):
     """The tensors of pipeline stage `stage`, each with its shape on one of the tp ranks."""
-    shapes = tp_lib.tp_layout(gpt_cfg, tp).shapes
-    return Layout([(name, shapes[name]) for name in pipe.stage_layout(gpt_cfg, stage, pp).shapes])
+    shapes = tp_lib.tp_layout(gpt_cfg, tp_size).shapes
+    return Layout([(name, shapes[name]) for name in pipe.stage_layout(gpt_cfg, stage, pp_size).shapes])
 
 
 # ----------------------------------------------------------------------------- one rank's part of the model

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from common.chapters import import_chapter
-from common.comm import checked, world
-from common.loop import train
-from common.memory import check_fits, estimate, peak_rss, reuse_freed_memory
+from common.comm import world
+from common.loop import prepare, train
+from common.memory import estimate, peak_rss
 from common.model import gpt_layout, init_params, modules
 
 single = import_chapter("01_single_core.train")
@@ -131,10 +131,9 @@ def after_step(part, step, first):
 
 def main(argv=None):
     comm = world()
-    gpt_cfg, train_cfg, tokens, val_tokens, par = checked(comm, setup, argv, comm.size)
-    budget = checked(comm, check_fits, memory_estimate(gpt_cfg, train_cfg, par, comm.rank), comm.host.comm,
-                     "--n-layer or --n-embd, or raise --tp, --pp or --zero-stage")
-    reuse_freed_memory()
+    (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(
+        comm, setup, argv, lambda *configs: memory_estimate(*configs, rank=comm.rank),
+        "--n-layer or --n-embd, or raise --tp, --pp or --zero-stage")
     grid = grid_lib.Grid.build(comm, par.tp, par.pp, par.dp)
     part = grid_lib.Part(gpt_cfg, train_cfg, par, grid, init_params(gpt_cfg, train_cfg.seed,
                                                                     np.dtype(train_cfg.dtype)))

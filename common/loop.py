@@ -17,6 +17,7 @@ import numpy as np
 from common.checkpoint import read_training_state, save_training_state
 from common.config import ConfigError, exit_with
 from common.data import batch_offsets, eval_batches, get_batch
+from common.memory import check_fits, reuse_freed_memory
 from common.metrics import MetricsLog, format_duration, progress_line
 from common.model import gpt_layout
 from common.optim import Diverged, lr_at
@@ -83,6 +84,18 @@ def _run(train_cfg, start_step, tokens_per_step, train_step, evaluate, save, met
         log.close()
     if verbose:
         print(f"done in {format_duration(time.perf_counter() - t_start)}", flush=True)
+
+
+def prepare(comm, setup, argv, memory_estimate, hint="--n-layer or --n-embd"):
+    """What a parallel chapter's main() checks on every rank before any work: setup(argv, world size) (configs
+    and data) and whether the ranks of each host fit in its memory, by memory_estimate(gpt_cfg, train_cfg, par)
+    (`hint`: the flags that shrink the model state); a mistake is one line from rank 0 and exit status 2 on every
+    rank. Then the allocator is tuned. Returns setup's result and the memory Budget."""
+    configs = _checked(comm, setup, argv, comm.size)
+    gpt_cfg, train_cfg, *_, par = configs
+    budget = _checked(comm, check_fits, memory_estimate(gpt_cfg, train_cfg, par), comm.host.comm, hint)
+    reuse_freed_memory()
+    return configs, budget
 
 
 def train(state, tokens, val_tokens, train_step, evaluate, budget, banner, threads, comm=None, before_step=None,

@@ -1,6 +1,5 @@
 """common/notebook.py: the diff and file map print what they should, launch runs scripts and fails loudly."""
 import subprocess
-import sys
 
 import pytest
 
