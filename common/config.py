@@ -108,8 +108,8 @@ class ParallelConfig:
     sequence_parallel: bool = option(False, "with --tp: also split LayerNorm and residual activations along the "
                                      "sequence", (TP, GRID))
     dp: int = option(1, "data-parallel replicas, each taking its rows of the batch", (DP, ZERO, GRID))
-    grad_accum: int = option(1, "micro-batches per replica and step; gradients are reduced after the last",
-                             (DP, ZERO))
+    grad_accum: int = option(1, "micro-batches per replica and step, run one after another; gradients are "
+                             "reduced after the last (with a pipeline the same split is --microbatches)", (DP, ZERO))
     dp_mode: str = option("overlapped", "the gradient all-reduce: per tensor, in buckets, or in buckets started "
                           "during the backward", (DP, GRID), ("naive", "bucketed", "overlapped"))
     bucket_mb: float = option(1.0, "gradient bucket size in MiB (bucketed and overlapped modes, ZeRO)",
@@ -119,8 +119,8 @@ class ParallelConfig:
     zero_stage: int = option(0, "ZeRO shards the optimizer state (1), also the gradients (2), also the "
                              "parameters (3)", (ZERO, GRID), (0, 1, 2, 3))
     pp: int = option(1, "pipeline stages, each holding consecutive blocks", (PP, GRID))
-    microbatches: int = option(4, "micro-batches that flow through the pipeline each step (per replica)",
-                               (PP, GRID))
+    microbatches: int = option(4, "micro-batches per replica and step, flowing through the pipeline stages "
+                               "(chapter 03's --grad-accum, pipelined)", (PP, GRID))
     schedule: str = option("1f1b", "all forwards then all backwards (GPipe), or one forward one backward",
                            (PP, GRID), ("afab", "1f1b"))
 
