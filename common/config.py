@@ -27,10 +27,10 @@ def exit_with(error):
     sys.exit(2)
 
 
-def option(default, help, chapters=(), choices=None):
+def option(default, help, chapters=(), choices=None, group=None):
     """A config field with its --help text (units) and choices, and, for a parallel setting, the chapters whose
-    scripts implement it."""
-    return field(default=default, metadata={"help": help, "chapters": chapters, "choices": choices})
+    scripts implement it (`group`: a --help group of its own)."""
+    return field(default=default, metadata={"help": help, "chapters": chapters, "choices": choices, "group": group})
 
 
 @dataclass
@@ -98,6 +98,8 @@ class TrainConfig:
 
 
 TP, DP, ZERO, PP, GRID = "02_tensor_parallel", "03_data_parallel", "04_zero", "05_pipeline", "06_3d"
+PARALLEL, NET = (TP, DP, ZERO, PP, GRID), "simulated network"
+NETWORKS = ("nvlink", "infiniband", "ethernet-10g", "ethernet-1g")      # common/network.py's presets
 
 
 @dataclass
@@ -123,6 +125,13 @@ class ParallelConfig:
                                "(chapter 03's --grad-accum, pipelined)", (PP, GRID))
     schedule: str = option("1f1b", "all forwards then all backwards (GPipe), or one forward one backward",
                            (PP, GRID), ("afab", "1f1b"))
+    network: str = option("off", "model every message's time on this link (latency + bytes / bandwidth), so one "
+                          "machine shows what communication costs", PARALLEL, ("off", *NETWORKS), NET)
+    net_latency_us: float = option(0.0, "the modelled link's latency in microseconds (0: the preset's)", PARALLEL,
+                                   group=NET)
+    net_gbps: float = option(0.0, "the modelled link's bandwidth in Gbit/s (0: the preset's)", PARALLEL, group=NET)
+    ranks_per_host: int = option(0, "consecutive ranks per simulated host, talking over NVLink-like links "
+                                 "inside it (0: every rank its own host)", PARALLEL, group=NET)
 
     def use_every_rank(self, axis, world_size):
         """A chapter with one parallel axis: that axis defaults to every rank mpirun started, and must equal it."""
@@ -146,6 +155,14 @@ class ParallelConfig:
             raise ConfigError(f"--schedule must be afab or 1f1b, got {self.schedule!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.network not in ("off", *NETWORKS):
+            raise ConfigError(f"--network must be off or one of {', '.join(NETWORKS)}, got {self.network!r}")
+        for name in ("net_latency_us", "net_gbps", "ranks_per_host"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{flag(name)} must be zero or positive, got {getattr(self, name)}")
+            if getattr(self, name) and self.network == "off":
+                raise ConfigError(f"--{flag(name)} sets the simulated network: give --network too, e.g. "
+                                  f"--network ethernet-10g")
 
 
 def flag(name):
@@ -176,8 +193,12 @@ def add_config_args(parser, *classes, defaults=None, chapter=None, shown=None):
     shown = {**(defaults or {}), **(shown or {})}
     for cls in classes:
         fields = offered(cls, chapter)
-        group = parser.add_argument_group(GROUPS.get(cls.__name__, cls.__name__))
+        groups = {None: parser.add_argument_group(GROUPS.get(cls.__name__, cls.__name__))}
         for f in fields:
+            name = f.metadata.get("group")
+            if name not in groups:
+                groups[name] = parser.add_argument_group(name)
+            group = groups[name]
             text = f"{f.metadata.get('help', '')} (default: {shown.get(f.name, f.default)})"
             if f.type in (bool, "bool"):
                 group.add_argument(f"--{flag(f.name)}", dest=f.name, action=argparse.BooleanOptionalAction,

@@ -20,6 +20,7 @@ from common.data import batch_offsets, eval_batches, get_batch
 from common.memory import check_fits, reuse_freed_memory
 from common.metrics import MetricsLog, format_duration, progress_line
 from common.model import gpt_layout
+from common.network import from_config
 from common.optim import Diverged, lr_at
 
 DIVERGED = 3
@@ -90,12 +91,14 @@ def prepare(comm, setup, argv, memory_estimate, hint="--n-layer or --n-embd"):
     """What a parallel chapter's main() checks on every rank before any work: setup(argv, world size) (configs
     and data) and whether the ranks of each host fit in its memory, by memory_estimate(gpt_cfg, train_cfg, par)
     (`hint`: the flags that shrink the model state); a mistake is one line from rank 0 and exit status 2 on every
-    rank. Then the allocator is tuned. Returns setup's result and the memory Budget."""
+    rank. Then the allocator is tuned, and the simulated network (--network) set. Returns setup's result and the
+    memory Budget."""
     configs = _checked(comm, setup, argv, comm.size)
     gpt_cfg, train_cfg, *_, par = configs
     budget = _checked(comm, check_fits, memory_estimate(gpt_cfg, train_cfg, par), comm.host.comm, hint)
     reuse_freed_memory()
-    return configs, budget
+    comm.network = from_config(par)         # None unless --network: the communicators split from comm
+    return configs, budget                          # inherit it
 
 
 def train(state, tokens, val_tokens, train_step, evaluate, budget, banner, threads, comm=None, before_step=None,
@@ -118,7 +121,8 @@ def train(state, tokens, val_tokens, train_step, evaluate, budget, banner, threa
         state.load(whole)
         del whole
     if leader:
-        print(banner + (f", resuming at step {start}" if start else "") + f"\nruntime: {threads}\n"
+        simulated = f"\n{comm.network.describe()}" if comm is not None and comm.network else ""
+        print(banner + (f", resuming at step {start}" if start else "") + f"\nruntime: {threads}{simulated}\n"
               f"{budget.banner('per rank' if comm is None or comm.size == 1 else 'on rank 0')}", flush=True)
     T, B = gpt_cfg.block_size, train_cfg.batch_size
     val_batches = eval_batches(val_tokens, train_cfg, T)
