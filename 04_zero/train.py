@@ -90,6 +90,7 @@ def ledgers(state):
             "memory": zero.memory(opt),
             "memory_formula": zero_lib.memory_formula(zero.stage, zero.layout.size, zero.hi - zero.lo, itemsize),
             "comm": {kind: row["bytes"] for kind, row in dp.ledger.as_dict().items()},
+            "comm_seconds": dict(dp.ledger.seconds),                   # modelled, with --network
             "comm_formula": zero_lib.comm_formula(zero.stage, zero.layout, state.par.grad_accum, itemsize)}
 
 

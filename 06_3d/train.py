@@ -106,6 +106,7 @@ def ledger(part, batch_size):
             "optimizer": zero_lib.owned_bytes(opt.m) + zero_lib.owned_bytes(opt.v),
             "peak_rss": peak_rss(),
             "comm": {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()} for axis, c in comms.items()},
+            "comm_seconds": {axis: dict(c.ledger.seconds) for axis, c in comms.items()},   # with --network
             "comm_formula": grid_lib.ledger_formula(part, batch_size)}
     return grid.world.gather_object(mine)
 

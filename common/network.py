@@ -106,8 +106,11 @@ def now():
 
 
 def sleep_until(t):
+    """Wait until `t`: asleep for all but the last millisecond (the kernel wakes a sleeper late by up to a
+    fraction of one), then spinning, so that many short modelled messages add up to their model."""
     while (left := t - now()) > 0:
-        time.sleep(left)
+        if left > 1e-3:
+            time.sleep(left - 1e-3)
 
 
 class Delayed:
