@@ -92,7 +92,9 @@ COSTS = """
     took = time.perf_counter() - t0
     assert np.array_equal(buf, plain) and modelled <= took < modelled + 0.25, (took, modelled)
 
-    # a message arrives its modelled time after it was sent, however early the receiver waits
+    # a message arrives its modelled time after it was sent, however early the receiver waits (the barrier
+    # lines the two up to within a few milliseconds, even when ranks share cores)
+    comm.barrier()
     if comm.rank in (1, 2):
         got = np.empty_like(data)
         t0 = time.perf_counter()
@@ -103,7 +105,7 @@ COSTS = """
             assert np.array_equal(got, np.arange(250_000, dtype=np.float64) * 2)
         took = time.perf_counter() - t0
         want = collective_time("send", data.nbytes, 2, link)
-        assert want <= took < want + 0.25, (comm.rank, took, want)
+        assert want - 5e-3 <= took < want + 0.25, (comm.rank, took, want)
     say(f"rank {comm.rank}: modelled")
 """
 
