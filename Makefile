@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 CORPUS ?=
 DEMO_ITERS ?= 1000
 
-.PHONY: install data demo test bench-defaults clean
+.PHONY: install data demo test bench-defaults figures clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ test: data
 # the README's parallel commands with no thread variables beside one BLAS thread per rank, side by side
 bench-defaults: data
 	$(PY) bench/thread_defaults.py --old-default
+
+# the figures the READMEs show, regenerated from real runs (a few minutes)
+figures: data
+	$(PY) bench/figures.py
 
 clean:
 	rm -rf $(VENV) out data/shakespeare_char

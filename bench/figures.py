@@ -1,0 +1,238 @@
+"""Regenerate the figures the READMEs show, from real runs: <chapter>/figures/*.png and figures/*.png.
+
+    make figures                               # or: python bench/figures.py (about 4 minutes on 2 cores)
+    python bench/figures.py --steps 6 --out-root /tmp/figs     # a quick check, written elsewhere
+
+Every chapter trains the same small model (2 layers x 64 channels, batch 16, float32) as one core does, on the
+same batches, and its loss is drawn over one core's with the difference below; each chapter adds what it is
+about (ZeRO's memory against the formula, the pipeline's timelines and bubble, the bytes on each 3D axis, the
+data-parallel modes on a simulated network).
+"""
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.chapters import import_chapter  # noqa: E402
+from common.metrics import read_metrics  # noqa: E402
+from common.notebook import launch  # noqa: E402
+
+pipe = import_chapter("05_pipeline.pipeline")
+DPI = 80
+PARALLEL = {                                 # chapter: (ranks, flags, label)
+    "02_tensor_parallel": (2, ["--tp", 2], "tensor parallel, tp = 2"),
+    "03_data_parallel": (2, ["--dp", 2, "--grad-accum", 2], "data parallel, dp = 2, 2 micro-batches"),
+    "04_zero": (2, ["--zero-stage", 3], "ZeRO-3 on 2 ranks"),
+    "05_pipeline": (2, ["--schedule", "1f1b", "--microbatches", 4], "pipeline, 2 stages, 1F1B, M = 4"),
+    "06_3d": (4, ["--tp", 2, "--pp", 2, "--microbatches", 4], "3D: tp 2 x pp 2"),
+}
+
+
+def small(steps, out):
+    return ["--n-layer", 2, "--n-embd", 64, "--batch-size", 16, "--max-iters", steps, "--lr-decay-iters", steps,
+            "--warmup-iters", min(10, steps // 2), "--eval-interval", max(1, steps // 2), "--eval-iters", 5,
+            "--log-interval", 1000, "--out-dir", out]
+
+
+def losses(path):
+    return np.array([(r["step"], r["loss"]) for r in read_metrics(path) if "loss" in r]).T
+
+
+def overlay(single, parallel, label, path):
+    """The chapter's loss over one core's, and their difference below."""
+    (s1, l1), (s2, l2) = losses(single), losses(parallel)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 4), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    top.plot(s1, l1, lw=3, alpha=0.4, label="one core")
+    top.plot(s2, l2, lw=1, label=label)
+    top.set_ylabel("train loss")
+    top.legend()
+    diff = np.abs(l2 - l1)
+    bottom.semilogy(s1, np.where(diff > 0, diff, 1e-9), ".", ms=3, color="C3")
+    bottom.set_ylim(5e-10, 1e-4)
+    bottom.set_yticks([1e-9, 1e-7, 1e-5], ["0 (same bits)", "1e-7", "1e-5"])
+    bottom.set_ylabel("|difference|")
+    bottom.set_xlabel("step")
+    top.set_title("the same batches, the same steps: float32 rounding apart")
+    save(fig, path)
+
+
+def save(fig, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def zero_memory(out_root, work):
+    """04: model-state bytes per rank, measured from the arrays, against the paper's formula (float32)."""
+    fig, ax = plt.subplots(figsize=(7, 3))
+    x = 0
+    for n in (2, 4):
+        for stage in (1, 2, 3):
+            out = work / f"zero_{n}_{stage}"
+            launch("04_zero/train.py", "--zero-stage", stage, "--max-iters", 1, "--eval-interval", 1000,
+                   "--eval-iters", 1, "--out-dir", out, ranks=n, quiet=True)
+            ledger = json.loads((out / "ledger.json").read_text())
+            got = sum(ledger["memory"][k] for k in ("parameters", "gradients", "optimizer")) / 2 ** 20
+            want = sum(ledger["memory_formula"].values()) / 2 ** 20
+            ax.bar(x, got, color=f"C{stage}", label=f"stage {stage}" if n == 2 else None)
+            ax.plot([x - 0.4, x + 0.4], [want, want], "k-", lw=2, label="formula" if x == 0 else None)
+            x += 1
+        x += 1
+    ax.set_xticks([1, 5], ["N = 2 ranks", "N = 4 ranks"])
+    ax.set_ylabel("MiB per rank")
+    ax.set_title("model state per rank: measured (bars) and the ZeRO paper's formula (lines)")
+    ax.legend(fontsize=8)
+    save(fig, out_root / "04_zero" / "figures" / "memory.png")
+
+
+COLORS = {"forward": "tab:blue", "backward": "tab:orange", "send_fwd": "tab:red", "send_bwd": "tab:red"}
+
+
+def pipeline_figures(out_root, work):
+    """05: the real timelines of one step, and the measured bubble against M beside the formula."""
+    bubbles = {}
+    for kind in ("afab", "1f1b"):
+        for M in (1, 2, 4, 8):
+            out = work / f"pipe_{kind}_{M}"
+            launch("05_pipeline/train.py", "--schedule", kind, "--microbatches", M, "--batch-size", 16,
+                   "--max-iters", 6, "--eval-interval", 1000, "--eval-iters", 1, "--out-dir", out, ranks=2,
+                   quiet=True)
+            record = json.loads((out / "timeline.json").read_text())
+            bubbles[kind, M] = max(r["bubble"] for r in record["ranks"])
+            if M == 4:
+                bubbles[kind, "trace"] = [r["trace"] for r in record["ranks"]]
+    fig, axes = plt.subplots(2, 1, figsize=(8, 3.4), sharex=True)
+    for ax, kind in zip(axes, ("afab", "1f1b")):
+        for s, trace in enumerate(bubbles[kind, "trace"]):
+            for op, m, start, end in trace:
+                if op in COLORS:
+                    ax.broken_barh([(start * 1e3, (end - start) * 1e3)], (s - 0.4, 0.8), color=COLORS[op])
+                    if op in ("forward", "backward") and end - start > 2e-3:
+                        ax.text((start + end) / 2 * 1e3, s, str(m), ha="center", va="center", fontsize=7)
+        ax.set_yticks([0, 1], ["stage 0", "stage 1"])
+        ax.set_title(f"{kind}, 2 stages, M = 4: forwards (blue), backwards (orange), sends (red)", fontsize=9)
+    axes[-1].set_xlabel("ms into the step")
+    save(fig, out_root / "05_pipeline" / "figures" / "timeline.png")
+    fig, ax = plt.subplots(figsize=(6, 3))
+    Ms = np.array([1, 2, 4, 8])
+    for kind, marker in (("afab", "o"), ("1f1b", "s")):
+        ax.plot(Ms, [bubbles[kind, M] for M in Ms], marker, label=f"{kind}, measured (worst stage)")
+    grid = np.linspace(1, 8, 50)
+    ax.plot(grid, [pipe.bubble_formula(M, 2) for M in grid], "k-", lw=1, label="(p - 1) / (M + p - 1)")
+    ax.set_xlabel("micro-batches M")
+    ax.set_ylabel("idle fraction of the step")
+    ax.set_title("the bubble of 2 stages shrinks as M grows")
+    ax.legend(fontsize=8)
+    save(fig, out_root / "05_pipeline" / "figures" / "bubble.png")
+
+
+def grid_bytes(ledger, out_root):
+    """06: the bytes each rank passed to each axis's communicator in one step, measured against the formula."""
+    axes_names = ("tp", "pp", "ends", "dp")
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for r, rank in enumerate(ledger["ranks"]):
+        got = [sum(rank["comm"][a].values()) / 2 ** 20 for a in axes_names]
+        want = [sum(rank["comm_formula"][a].values()) / 2 ** 20 for a in axes_names]
+        xs = np.arange(4) * 5 + r
+        ax.bar(xs, got, color=f"C{r}", label=f"world rank {r} (tp {rank['tp']}, pp {rank['pp']})")
+        for x, w in zip(xs, want):
+            ax.plot([x - 0.4, x + 0.4], [w, w], "k-", lw=2)
+    ax.set_xticks(np.arange(4) * 5 + 1.5, axes_names)
+    ax.set_ylabel("MiB per step")
+    ax.set_title("bytes per axis, tp 2 x pp 2: measured (bars) = formula (lines)")
+    ax.legend(fontsize=7)
+    save(fig, out_root / "06_3d" / "figures" / "bytes_per_axis.png")
+
+
+def network_modes(out_root, steps):
+    """03: the data-parallel modes on a simulated network (bench/network.py's runs)."""
+    bench = import_chapter("bench.network")
+    quick = steps < 50
+    rows = bench.chapter_03(argparse.Namespace(steps=10 if quick else 30, skip=4, rounds=1 if quick else 3))
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for i, net in enumerate(("off", "ethernet-10g", "ethernet-1g")):
+        for j, mode in enumerate(("naive", "bucketed", "overlapped")):
+            row, x = rows[f"{net} {mode}"], i * 4 + j
+            ax.bar(x, row["ms"], color=f"C{j}", label=mode if i == 0 else None)
+            if "predicted" in row:
+                ax.plot([x - 0.4, x + 0.4], [row["predicted"]] * 2, "k-", lw=2,
+                        label="no network + modelled" if (i, j) == (1, 0) else None)
+    ax.set_xticks([1, 5, 9], ["no network", "ethernet-10g", "ethernet-1g"])
+    ax.set_ylabel("ms per step")
+    ax.set_title("2 ranks: buckets and overlap on a simulated network")
+    ax.legend(fontsize=8)
+    save(fig, out_root / "03_data_parallel" / "figures" / "network.png")
+
+
+def summary(single, runs, out_root):
+    """The project in one picture: every chapter's loss curve over one core's, and how far apart they get."""
+    s1, l1 = losses(single)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3), gridspec_kw={"width_ratios": [3, 2]})
+    left.plot(s1, l1, lw=4, alpha=0.3, color="k", label="one core")
+    worst = {}
+    for i, (chapter, path) in enumerate(runs.items()):
+        s2, l2 = losses(path)
+        left.plot(s2, l2, lw=0.8, color=f"C{i}", label=PARALLEL[chapter][2])
+        worst[chapter] = float(np.abs(l2 - l1).max())
+    left.set_xlabel("step")
+    left.set_ylabel("train loss")
+    left.set_title("five ways to split the training, one curve", fontsize=10)
+    left.legend(fontsize=6)
+    right.barh(range(len(worst)), list(worst.values()), color=[f"C{i}" for i in range(len(worst))])
+    right.set_yticks(range(len(worst)), [c.split("_", 1)[0] for c in worst])
+    right.set_xscale("log")
+    right.set_xlim(1e-9, 1e-3)
+    right.axvline(np.finfo(np.float32).eps, color="k", lw=0.8, ls="--")
+    right.text(np.finfo(np.float32).eps * 1.3, len(worst) - 0.6, "float32 eps", fontsize=7)
+    right.set_xlabel("largest |loss - one core's|")
+    right.set_title("float32 rounding, nothing more", fontsize=10)
+    save(fig, out_root / "figures" / "summary.png")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100, help="training steps of the loss figures (default: 100)")
+    parser.add_argument("--out-root", type=Path, default=ROOT, help="where the figure folders go (default: here)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        launch("01_single_core/train.py", *small(args.steps, work / "single"), quiet=True)
+        single = work / "single" / "metrics.jsonl"
+        s, l = losses(single)
+        fig, ax = plt.subplots(figsize=(7, 3))
+        ax.plot(s, l, lw=1, label="train")
+        val = [(r["step"], r["val_loss"]) for r in read_metrics(single) if "val_loss" in r]
+        ax.plot(*zip(*val), "o-", label="val")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title("one core, the small model")
+        ax.legend()
+        save(fig, args.out_root / "01_single_core" / "figures" / "loss.png")
+        runs = {}
+        for chapter, (ranks, flags, label) in PARALLEL.items():
+            out = work / chapter
+            launch(f"{chapter}/train.py", *small(args.steps, out), *flags, ranks=ranks, quiet=True)
+            runs[chapter] = out / "metrics.jsonl"
+            overlay(single, runs[chapter], label, args.out_root / chapter / "figures" / "loss.png")
+        summary(single, runs, args.out_root)
+        grid_bytes(json.loads((work / "06_3d" / "ledger.json").read_text()), args.out_root)
+        zero_memory(args.out_root, work)
+        pipeline_figures(args.out_root, work)
+        network_modes(args.out_root, args.steps)
+    for path in sorted(args.out_root.glob("**/figures/*.png")):
+        print(f"{path.relative_to(args.out_root)}  {path.stat().st_size // 1024} KiB")
+
+
+if __name__ == "__main__":
+    main()
