@@ -9,7 +9,7 @@ identical. (Averaging per-rank means is only right because every micro-batch has
 1/M on each rank and forgetting the 1/N, or averaging only the last micro-batch, both train - wrongly.)
 
 How the gradient is all-reduced (--dp-mode):
-    naive       one all-reduce per parameter tensor, after the backward                     28 calls here
+    naive       one all-reduce per parameter tensor, after the backward                     52 calls by default
     bucketed    contiguous slices of the flat gradient of ~bucket_mb, after the backward    fewer, larger calls
     overlapped  the same buckets, each started (Iallreduce) as soon as the backward has finished all of
                 its tensors - the last layers first - and waited on before the optimizer step
