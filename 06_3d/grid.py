@@ -172,28 +172,32 @@ class Part:
 
 # ----------------------------------------------------------------------------- the ledgers
 
-def ledger_formula(part, batch_size):
-    """{axis: {kind: bytes}} of one training step on this rank, from chapters 02, 05 and 03/04."""
-    gpt_cfg, par, grid = part.gpt_cfg, part.par, part.grid
-    e, M, sp = part.params.itemsize, par.microbatches, par.sequence_parallel
-    b = batch_size // (grid.dp.size * M)                      # rows of one micro-batch
-    first, last = part.st.first, part.st.last
+def ledger_formula(gpt_cfg, par, stage, batch_size, itemsize):
+    """{axis: {kind: bytes}} of one training step on a rank of pipeline stage `stage`, from the sizes alone
+    (chapters 02, 05 and 03/04's formulas): what the ledger of any rank of that stage measures."""
+    e, M, sp = itemsize, par.microbatches, par.sequence_parallel
+    b = batch_size // (par.dp * M)                            # rows of one micro-batch
+    layout = local_layout(gpt_cfg, stage, par.pp, par.tp)
+    first, last = stage == 0, stage == par.pp - 1
     out = {"tp": {}, "pp": {}, "dp": {}, "ends": {}}
-    if grid.tp.size > 1:
-        replicated = sum(stop - start for name, (start, stop) in part.layout.offsets.items()
+    if par.tp > 1:
+        replicated = sum(stop - start for name, (start, stop) in layout.offsets.items()
                          if tp_lib.kind(name) == "replicated") if sp else 0
-        want = tp_lib.comm_formula(gpt_cfg, b, e, sp, len(part.st.layers), first, last, M, replicated,
+        blocks = len(pipe.split_layers(gpt_cfg.n_layer, par.pp)[stage])
+        want = tp_lib.comm_formula(gpt_cfg, b, e, sp, blocks, first, last, M, replicated,
                                    settles=M if par.zero_stage > 1 else 1)   # ZeRO-2/3 settle every micro-batch
         out["tp"] = {kind: nbytes for kind, (_, nbytes) in want.items()}
-    if grid.pp.size > 1:
-        out["pp"] = pipe.p2p_formula(gpt_cfg, batch_size // grid.dp.size, part.stage, grid.pp.size, e, part.st.seq_len)
+    if par.pp > 1:
+        seq_len = gpt_cfg.block_size // par.tp if sp else None
+        out["pp"] = pipe.p2p_formula(gpt_cfg, batch_size // par.dp, stage, par.pp, e, seq_len)
         out["pp"]["bcast"] = 8
         if first or last:
-            out["ends"] = {"allreduce": int(np.prod(part.layout.shapes["wte"])) * e}
-    if grid.dp.size > 1:
-        if part.zero:
-            out["dp"] = {**zero_lib.comm_formula(par.zero_stage, part.layout, M, e), "allreduce": 8}  # + loss
+            out["ends"] = {"allreduce": int(np.prod(layout.shapes["wte"])) * e}
+    if par.dp > 1:
+        if par.zero_stage:
+            out["dp"] = {**zero_lib.comm_formula(par.zero_stage, layout, M, e), "allreduce": 8}   # + the loss
         else:
-            want = dp_lib.comm_formula(par.dp_mode, part.layout, len(part.sync.buckets), e)
+            buckets = dp_lib.buckets(layout, par.bucket_mb * 2 ** 20, e)
+            want = dp_lib.comm_formula(par.dp_mode, layout, len(buckets), e)
             out["dp"] = {kind: nbytes for kind, (_, nbytes) in want.items()}
     return out

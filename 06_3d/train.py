@@ -107,7 +107,8 @@ def ledger(part, batch_size):
             "peak_rss": peak_rss(),
             "comm": {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()} for axis, c in comms.items()},
             "comm_seconds": {axis: dict(c.ledger.seconds) for axis, c in comms.items()},   # with --network
-            "comm_formula": grid_lib.ledger_formula(part, batch_size)}
+            "comm_formula": grid_lib.ledger_formula(part.gpt_cfg, part.par, part.stage, batch_size,
+                                                    part.params.itemsize)}
     return grid.world.gather_object(mine)
 
 

@@ -102,7 +102,7 @@ def main(argv=None):
                 if step == 0:
                     got = {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()}
                            for axis, c in (("tp", grid.tp), ("pp", grid.pp), ("dp", grid.dp), ("ends", grid.ends))}
-                    ledger_ok = got == grid_lib.ledger_formula(part, train_cfg.batch_size)
+                    ledger_ok = got == grid_lib.ledger_formula(GPT, par, part.stage, train_cfg.batch_size, 8)
             state = part.whole()
             flat = np.concatenate([state[k][name].ravel() for k in ("params", "adam_m", "adam_v")
                                    for name in layout.shapes]) if comm.rank == 0 else np.empty(ref.size)

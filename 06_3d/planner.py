@@ -1,0 +1,119 @@
+"""Plan a layout before running it: for N ranks, a model and a batch, each layout's memory per rank, bytes per
+axis and pipeline bubble, predicted from the formulas the grid's ledgers are checked against, and a choice.
+
+    python 06_3d/planner.py -n 8                                  # the default model, batch 32, 4 micro-batches
+    python 06_3d/planner.py -n 16 --n-layer 8 --n-embd 256 --batch-size 64 --ranks-per-host 8
+
+The choice follows the usual procedure: keep the layouts whose ranks fit in memory, then split the model as
+little as possible (tp x pp), since data parallelism's one gradient sum per step hides behind the backward while
+tp's all-reduces and the pipeline's bubble do not; shard the optimizer (ZeRO) before splitting the model; and
+within a split, prefer tensor parallelism inside a host (--ranks-per-host a multiple of tp) and pipeline stages
+across hosts. The global batch is micro-batch x micro-batches x dp.
+"""
+import argparse
+import itertools
+
+import numpy as np
+
+from common.chapters import import_chapter
+from common.config import ConfigError, GPTConfig, ParallelConfig, TrainConfig, exit_with
+from common.memory import available_bytes, size
+
+grid_lib = import_chapter("06_3d.grid")
+pipe = import_chapter("05_pipeline.pipeline")
+train3d = import_chapter("06_3d.train")
+
+
+def layouts(gpt_cfg, batch_size, world_size, microbatches):
+    """Every (tp, pp, dp, zero_stage) the grid accepts for these sizes (ZeRO-2/3 only without a pipeline)."""
+    for tp, pp in itertools.product(range(1, world_size + 1), repeat=2):
+        dp = world_size // (tp * pp)
+        if tp * pp * dp != world_size or gpt_cfg.n_head % tp or pp > gpt_cfg.n_layer:
+            continue
+        if batch_size % (dp * microbatches):
+            continue
+        for zero in (0,) if dp == 1 else (0, 1) if pp > 1 else (0, 1, 2, 3):
+            yield tp, pp, dp, zero
+
+
+def predict(gpt_cfg, train_cfg, par):
+    """{memory: the largest rank's estimated bytes, axes: {axis: the largest stage's bytes per step}, bubble}."""
+    world = par.tp * par.pp * par.dp
+    memory = max(sum(train3d.memory_estimate(gpt_cfg, train_cfg, par, rank).values()) for rank in range(world))
+    itemsize = np.dtype(train_cfg.dtype).itemsize
+    per_stage = [grid_lib.ledger_formula(gpt_cfg, par, s, train_cfg.batch_size, itemsize) for s in range(par.pp)]
+    axes = {axis: max(sum(f[axis].values()) for f in per_stage) for axis in ("tp", "pp", "ends", "dp")}
+    return {"memory": memory, "axes": axes, "bubble": pipe.bubble_formula(par.microbatches, par.pp)}
+
+
+def tp_inside_host(tp, ranks_per_host):
+    return ranks_per_host == 0 or ranks_per_host % tp == 0
+
+
+def plan(gpt_cfg, train_cfg, world_size, microbatches, ranks_per_host=0, budget=None):
+    """The table (one dict per layout, in preference order) and the recommended row (None if none fits)."""
+    rows = []
+    for tp, pp, dp, zero in layouts(gpt_cfg, train_cfg.batch_size, world_size, microbatches):
+        par = ParallelConfig(tp=tp, pp=pp, dp=dp, zero_stage=zero, microbatches=microbatches)
+        row = {"tp": tp, "pp": pp, "dp": dp, "zero": zero, **predict(gpt_cfg, train_cfg, par)}
+        row["fits"] = budget is None or row["memory"] <= budget
+        row["tp_inside"] = tp_inside_host(tp, ranks_per_host)
+        rows.append(row)
+    rows.sort(key=lambda r: (not r["fits"], not r["tp_inside"], r["tp"] * r["pp"], r["zero"], r["pp"]))
+    return rows, next((r for r in rows if r["fits"]), None)
+
+
+def mib(nbytes):
+    return f"{nbytes / 2 ** 20:.2f}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, required=True, help="ranks (mpirun -n)")
+    parser.add_argument("--n-layer", type=int, default=4, help="transformer blocks (default: 4)")
+    parser.add_argument("--n-head", type=int, default=4, help="attention heads per block (default: 4)")
+    parser.add_argument("--n-embd", type=int, default=128, help="width of the residual stream (default: 128)")
+    parser.add_argument("--block-size", type=int, default=64, help="context length in tokens (default: 64)")
+    parser.add_argument("--vocab-size", type=int, default=65, help="symbols in the vocabulary (default: 65)")
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch in sequences (default: 32)")
+    parser.add_argument("--microbatches", type=int, default=4, help="micro-batches per replica (default: 4)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--ranks-per-host", type=int, default=0,
+                        help="ranks on each host, for placing tp inside one (default: 0, all on one host)")
+    args = parser.parse_args(argv)
+    try:
+        gpt_cfg = GPTConfig(args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab_size)
+        gpt_cfg.validate()
+        train_cfg = TrainConfig(batch_size=args.batch_size, dtype=args.dtype)
+        if args.n < 1:
+            raise ConfigError(f"-n must be a positive number of ranks, got {args.n}")
+        available = available_bytes()
+        per_host = args.ranks_per_host or args.n
+        budget = available / per_host if available else None
+        rows, best = plan(gpt_cfg, train_cfg, args.n, args.microbatches, args.ranks_per_host, budget)
+        if not rows:
+            raise ConfigError(f"no tp x pp x dp of {args.n} ranks splits --batch-size {args.batch_size} into "
+                              f"--microbatches {args.microbatches} per replica; choose a batch that is a "
+                              f"multiple of {args.n * args.microbatches}")
+    except ConfigError as e:
+        exit_with(e)
+    print(f"{args.n} ranks, batch {args.batch_size} x {args.block_size} in {args.microbatches} micro-batches "
+          f"per replica, {args.dtype}" + (f"; {size(budget)} of memory per rank" if budget else ""))
+    print(f"{'tp':>3} {'pp':>3} {'dp':>3} {'ZeRO':>4} {'memory/rank':>12} {'tp MiB':>8} {'pp MiB':>8} "
+          f"{'ends MiB':>8} {'dp MiB':>8} {'bubble':>7}  note")
+    for r in rows:
+        note = "does not fit" if not r["fits"] else "" if r["tp_inside"] else "tp crosses hosts"
+        note += "  <- recommended" if r is best else ""
+        print(f"{r['tp']:>3} {r['pp']:>3} {r['dp']:>3} {r['zero']:>4} {size(r['memory']):>12} "
+              + " ".join(f"{mib(r['axes'][a]):>8}" for a in ("tp", "pp", "ends", "dp"))
+              + f" {r['bubble']:>7.2f}  {note}")
+    if best:
+        zero = f" --zero-stage {best['zero']}" if best["zero"] else ""
+        print(f"recommended: mpirun -n {args.n} python 06_3d/train.py --tp {best['tp']} --pp {best['pp']} "
+              f"--dp {best['dp']}{zero} --batch-size {args.batch_size} --microbatches {args.microbatches}")
+    else:
+        print("no layout fits in memory: shrink the model or the batch, or add ranks")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Chapter 06's layout planner: its predictions are what the grid's ledgers measure, and it recommends a
+layout that fits. (Its bytes come from grid.ledger_formula, which test_3d checks against the measured ledger of
+every rank of every layout of 8 ranks; here the planner's own numbers meet real runs.)"""
+import dataclasses
+import json
+
+import pytest
+
+from common.chapters import import_chapter
+from common.config import GPTConfig, ParallelConfig, TrainConfig
+from common.data import load_meta
+from conftest import assert_one_error, run, run_mpi
+
+planner = import_chapter("06_3d.planner")
+train3d = import_chapter("06_3d.train")
+GPT = GPTConfig(n_layer=4, n_head=4, n_embd=16, block_size=8, vocab_size=11)
+TINY = ["--n-layer", 4, "--n-head", 4, "--n-embd", 16, "--block-size", 8, "--batch-size", 8, "--eval-iters", 1,
+        "--eval-interval", 1000, "--microbatches", 2, "--max-iters", 1]
+
+
+@pytest.mark.parametrize("tp, pp, dp, zero", [(2, 2, 1, 0), (2, 1, 2, 3), (1, 2, 2, 1)])
+def test_the_predicted_bytes_and_model_state_are_what_a_real_run_measures(tiny_data, tmp_path, tp, pp, dp, zero):
+    result = run_mpi(4, ["06_3d/train.py", "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, "--tp", tp,
+                         "--pp", pp, "--dp", dp, "--zero-stage", zero], timeout=120)
+    assert result.returncode == 0, result.stderr
+    ranks = json.loads((tmp_path / "ledger.json").read_text())["ranks"]
+    gpt_cfg = dataclasses.replace(GPT, vocab_size=load_meta(tiny_data)["vocab_size"])     # as the run took it
+    train_cfg = TrainConfig(batch_size=8)
+    par = ParallelConfig(tp=tp, pp=pp, dp=dp, zero_stage=zero, microbatches=2)
+    predicted = planner.predict(gpt_cfg, train_cfg, par)
+    for axis in ("tp", "pp", "ends", "dp"):
+        assert predicted["axes"][axis] == max(sum(r["comm"][axis].values()) for r in ranks), axis
+    for r in ranks:
+        want = train3d.memory_estimate(gpt_cfg, train_cfg, par, r["rank"])
+        m_and_v = want["optimizer"] * 2 // 3                                 # the estimate adds AdamW's work array
+        assert m_and_v - 2 * 4 * dp <= r["optimizer"] <= m_and_v, r          # a shard rounds up: ceil(n / dp)
+        if zero == 0:
+            assert (r["parameters"], r["gradients"]) == (want["parameters"], want["gradients"]), r
+        else:                                                                # plus a bucket, or a gathered part
+            assert r["parameters"] <= want["parameters"] and r["gradients"] <= want["gradients"], r
+    assert predicted["memory"] == max(sum(train3d.memory_estimate(gpt_cfg, train_cfg, par, k).values())
+                                      for k in range(4))
+
+
+def test_every_layout_the_grid_accepts_is_planned_and_a_fitting_one_recommended():
+    rows, best = planner.plan(GPT, TrainConfig(batch_size=16), 8, 2, ranks_per_host=4, budget=2 ** 40)
+    got = {(r["tp"], r["pp"], r["dp"]) for r in rows}
+    assert got == {(1, 1, 8), (1, 2, 4), (1, 4, 2), (2, 1, 4), (2, 2, 2), (2, 4, 1), (4, 1, 2), (4, 2, 1)}
+    assert not any(r["zero"] > 1 and r["pp"] > 1 for r in rows)        # the grid refuses those
+    assert (best["tp"], best["pp"], best["dp"], best["zero"]) == (1, 1, 8, 0)   # plenty of memory: plain DP
+    small = min(r["memory"] for r in rows)
+    rows, best = planner.plan(GPT, TrainConfig(batch_size=16), 8, 2, ranks_per_host=4, budget=small)
+    assert best["memory"] <= small and best["fits"]                   # the one that fits, whatever it splits
+
+
+def test_the_planner_prints_a_table_and_the_command_to_run():
+    result = run(["06_3d/planner.py", "-n", 4, "--ranks-per-host", 2])
+    assert result.returncode == 0, result.stderr
+    assert "recommended: mpirun -n 4 python 06_3d/train.py --tp 1 --pp 1 --dp 4" in result.stdout
+    assert len([line for line in result.stdout.splitlines() if line[:3].strip().isdigit()]) >= 6
+
+
+def test_a_batch_no_layout_can_split_is_one_error_line():
+    assert_one_error(run(["06_3d/planner.py", "-n", 3, "--batch-size", 5]), ["--batch-size 5", "multiple of 12"])
