@@ -18,14 +18,13 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-THREAD_VARS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
+sys.path.insert(0, str(ROOT))
+
+from common.notebook import mpiexec  # noqa: E402
+from common.threads import ENV_VARS as THREAD_VARS  # noqa: E402
+
 COMMANDS = {"mpirun -n 2 python 02_tensor_parallel/train.py": (2, ["02_tensor_parallel/train.py"]),
             "mpirun -n 4 python 06_3d/train.py --tp 2 --pp 2": (4, ["06_3d/train.py", "--tp", "2", "--pp", "2"])}
-
-
-def mpiexec():
-    local = Path(sys.executable).parent / "mpiexec"
-    return str(local) if local.exists() else "mpiexec"
 
 
 def environment(threads):

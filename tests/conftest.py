@@ -1,7 +1,6 @@
 """Shared test helpers: run repository scripts as subprocesses (plain or under mpiexec) and a tiny dataset."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,18 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.notebook import mpiexec
+from common.threads import ENV_VARS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def mpiexec_path():
-    """The mpiexec beside this Python (the mpich wheel puts it in the virtualenv), else the one on PATH."""
-    local = Path(sys.executable).parent / "mpiexec"
-    found = str(local) if local.exists() else shutil.which("mpiexec")
-    assert found, "no mpiexec: install the project (pip install -e '.[test]') so the mpich wheel provides it"
-    return found
-
-
-THREAD_VARS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
+mpiexec_path = mpiexec                 # the one the notebooks use: beside this Python, else on PATH
+THREAD_VARS = ENV_VARS                 # the variables a user sets to size BLAS pools (common/threads.py)
 
 
 def script_env():
