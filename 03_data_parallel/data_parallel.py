@@ -16,12 +16,15 @@ How the gradient is all-reduced (--dp-mode):
 
 Communication per step and rank: Psi elements of gradient (e bytes each), whatever the mode; a ring
 all-reduce sends and receives 2 Psi e (N - 1)/N of them. Plus one 8-byte all-reduce of the loss for the log.
+
+GradSync.record() makes the next step keep its timeline: when each part of the forward and backward ran and
+each all-reduce ran (blocking) or was started and completed (overlapped), the overlap made visible.
 """
 import contextlib
 
 import numpy as np
 
-from common.comm import wait_all
+from common.network import Delayed, now
 from common.optim import clip_grad_norm
 
 
@@ -54,10 +57,10 @@ class GradSync:
     """All-reduces the flat gradient `grads` over `dp` in one of the three modes, then steps the replica.
 
     The protocol chapter 04's ZeRO implements too: zero_grad(); the model runs each part inside
-    forward_hook/backward_hook (no-ops here); each backward that communicates gets `ready` as its hook (see
-    common.model.stage_backward) and is followed by finish(), which completes the sum (only the last
-    micro-batch's here: `every_microbatch` is False); step() clips by the global norm and updates. `gshard` is
-    the gradient this rank updates from: for a replica, all of it."""
+    forward_hook/backward_hook (here only timed, when recording); each backward that communicates gets `ready`
+    as its hook (see common.model.stage_backward) and is followed by finish(), which completes the sum (only the
+    last micro-batch's here: `every_microbatch` is False); step() clips by the global norm and updates. `gshard`
+    is the gradient this rank updates from: for a replica, all of it."""
     every_microbatch = False
 
     def __init__(self, mode, layout, grads, dp, bucket_mb, params=None):
@@ -65,14 +68,36 @@ class GradSync:
         self.gshard = grads
         self.buckets = buckets(layout, bucket_mb * 2 ** 20, grads.itemsize)
         self.requests, self.launched = [], 0
+        self.trace, self.t0 = None, 0.0             # see record()
+
+    def record(self):
+        """Keep a timeline from now on in `trace`: (op, name, start, end), seconds from now. op is forward or
+        backward (name: the part), allreduce (name: the tensor, naive, or the bucket's index) or iallreduce
+        (launched, and completed: when the network model says the sum arrives, else when its wait returned)."""
+        self.trace, self.t0 = [], now()
+
+    def _note(self, op, name, start, end=None):
+        if self.trace is not None:
+            self.trace.append((op, name, start - self.t0, (now() if end is None else end) - self.t0))
+
+    def _timed(self, op, name):
+        """A context whose span goes into the trace as (op, name) while recording; costs nothing otherwise."""
+        return contextlib.nullcontext() if self.trace is None else self._span(op, name)
+
+    @contextlib.contextmanager
+    def _span(self, op, name):
+        start = now()
+        yield
+        self._note(op, name, start)
 
     def zero_grad(self):
         self.grads.fill(0)
 
     def forward_hook(self, part):
-        return contextlib.nullcontext()             # every replica holds every weight: nothing to gather
+        return self._timed("forward", part)         # every replica holds every weight: nothing to gather
 
-    backward_hook = forward_hook
+    def backward_hook(self, part):
+        return self._timed("backward", part)
 
     def ready(self, name):
         if self.mode == "overlapped":
@@ -81,19 +106,21 @@ class GradSync:
     def _launch_from(self, done):
         while self.launched < len(self.buckets) and self.buckets[self.launched][0] >= done:
             start, stop = self.buckets[self.launched]
-            self.requests.append(self.dp.iallreduce(self.grads[start:stop]))
+            self.requests.append((now(), self.dp.iallreduce(self.grads[start:stop])))
             self.launched += 1
 
     def finish(self):
-        if self.mode == "naive":
-            for start, stop in self.layout.offsets.values():
-                self.dp.allreduce(self.grads[start:stop])
-        elif self.mode == "bucketed":
-            for start, stop in self.buckets:
-                self.dp.allreduce(self.grads[start:stop])
-        else:
+        if self.mode == "overlapped":
             self._launch_from(0)                          # what the backward's hook has not launched yet
-            wait_all(self.requests)
+            for i, (launched, request) in enumerate(self.requests):
+                request.Wait()
+                # the model knows when the sum arrived, maybe long before this wait; MPI only that it has
+                self._note("iallreduce", i, launched, request.when() if isinstance(request, Delayed) else None)
+        else:
+            pieces = self.layout.offsets.items() if self.mode == "naive" else enumerate(self.buckets)
+            for name, (start, stop) in pieces:
+                with self._timed("allreduce", name):
+                    self.dp.allreduce(self.grads[start:stop])
         self.requests, self.launched = [], 0
 
     def step(self, opt, lr, grad_clip, norm=None):

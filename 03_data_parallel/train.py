@@ -5,8 +5,11 @@
     mpirun -n 4 python 03_data_parallel/train.py --batch-size 48 --dp-mode bucketed --bucket-mb 0.5
 
 Every rank draws the same global batch (the sampler is a function of seed and step) and keeps its rows;
-what differs from 01_single_core/train.py is the loss scale and the all-reduce: see data_parallel.py.
+what differs from 01_single_core/train.py is the loss scale and the all-reduce: see data_parallel.py. The last
+step is timed: rank 0 writes <out_dir>/timeline.json, every rank's forward and backward parts and all-reduces
+with start and end times (on a simulated network, --network, the overlap is plain to see).
 """
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,12 +94,37 @@ def check_replicas(state, step):
         dp_lib.check_replicas(state.params, state.dp, step)
 
 
+def timeline(state):
+    """Every rank's trace of the step just recorded (see GradSync.record) and the buckets, on rank 0 (None
+    elsewhere)."""
+    sync, par = state.sync, state.par
+    ranks = state.dp.gather_object(sync.trace)
+    if ranks is None:
+        return None
+    return {"dp_mode": par.dp_mode, "dp": state.dp.size, "grad_accum": par.grad_accum, "network": par.network,
+            "bucket_mb": par.bucket_mb, "buckets": sync.buckets, "itemsize": state.grads.itemsize,
+            "ranks": [{"trace": trace} for trace in ranks]}
+
+
+def after_step(state, step):
+    """Check the replicas; after a recorded step (main records the last), write the timeline to <out_dir>."""
+    check_replicas(state, step)
+    if state.sync.trace is None:
+        return
+    record = timeline(state)
+    state.sync.trace = None                                      # recording stops with the step
+    if record is not None:
+        (Path(state.train_cfg.out_dir) / "timeline.json").write_text(json.dumps(record))
+
+
 def main(argv=None):
     dp = world()
     (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(dp, setup, argv, memory_estimate)
     state = build(gpt_cfg, train_cfg, par, dp)
+    last = train_cfg.max_iters - 1
     train(state, tokens, val_tokens, train_step, evaluate, budget, threads=dp.host.threads, comm=dp,
-          after_step=lambda step, first: check_replicas(state, step),
+          before_step=lambda step: state.sync.record() if step == last else None,
+          after_step=lambda step, first: after_step(state, step),
           banner=f"{state.layout.size:,} parameters on each of {dp.size} ranks, {train_cfg.dtype}, global batch "
                  f"{train_cfg.batch_size} x {gpt_cfg.block_size} tokens in {par.grad_accum} micro-batch(es) per "
                  f"rank, {par.dp_mode} all-reduce in {len(state.sync.buckets)} buckets")
