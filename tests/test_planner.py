@@ -11,6 +11,7 @@ from common.config import GPTConfig, ParallelConfig, TrainConfig
 from common.data import load_meta
 from conftest import assert_one_error, run, run_mpi
 
+grid_lib = import_chapter("06_3d.grid")
 planner = import_chapter("06_3d.planner")
 train3d = import_chapter("06_3d.train")
 GPT = GPTConfig(n_layer=4, n_head=4, n_embd=16, block_size=8, vocab_size=11)
@@ -62,3 +63,10 @@ def test_the_planner_prints_a_table_and_the_command_to_run():
 
 def test_a_batch_no_layout_can_split_is_one_error_line():
     assert_one_error(run(["06_3d/planner.py", "-n", 3, "--batch-size", 5]), ["--batch-size 5", "multiple of 12"])
+
+
+def test_the_layout_figure_reads_each_axis_of_a_ledger_from_its_busiest_rank_as_the_planner_predicts():
+    layouts = import_chapter("bench.layouts")                      # pp 4: the middle stages send the most on pp,
+    par = ParallelConfig(tp=1, pp=4, dp=1, microbatches=2)         # the end stages alone sum wte (ends)
+    ledger = {"ranks": [{"rank": r, "comm": grid_lib.ledger_formula(GPT, par, r, 8, 4)} for r in range(4)]}
+    assert layouts.ledger_axes(ledger) == planner.predict(GPT, TrainConfig(batch_size=8), par)["axes"]
