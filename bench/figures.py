@@ -28,24 +28,22 @@ from common.metrics import read_metrics  # noqa: E402
 from common.notebook import launch  # noqa: E402
 
 pipe = import_chapter("05_pipeline.pipeline")
+gallery = import_chapter("bench.gallery")
+losses = gallery.losses
 DPI = 80
 PARALLEL = {                                 # chapter: (ranks, flags, label)
-    "02_tensor_parallel": (2, ["--tp", 2], "tensor parallel, tp = 2"),
+    "02_tensor_parallel": (2, ["--tp", 2, "--sequence-parallel"], "tensor + sequence parallel, tp = 2"),
     "03_data_parallel": (2, ["--dp", 2, "--grad-accum", 2], "data parallel, dp = 2, 2 micro-batches"),
-    "04_zero": (2, ["--zero-stage", 3], "ZeRO-3 on 2 ranks"),
+    "04_zero": (2, ["--zero-stage", 2, "--grad-accum", 2], "ZeRO-2 on 2 ranks, 2 micro-batches"),
     "05_pipeline": (2, ["--schedule", "1f1b", "--microbatches", 4], "pipeline, 2 stages, 1F1B, M = 4"),
     "06_3d": (4, ["--tp", 2, "--pp", 2, "--microbatches", 4], "3D: tp 2 x pp 2"),
 }
 
 
-def small(steps, out):
+def small(steps, out=None):
     return ["--n-layer", 2, "--n-embd", 64, "--batch-size", 16, "--max-iters", steps, "--lr-decay-iters", steps,
             "--warmup-iters", min(10, steps // 2), "--eval-interval", max(1, steps // 2), "--eval-iters", 5,
-            "--log-interval", 1000, "--out-dir", out]
-
-
-def losses(path):
-    return np.array([(r["step"], r["loss"]) for r in read_metrics(path) if "loss" in r]).T
+            "--log-interval", 1000, *(["--out-dir", out] if out else [])]
 
 
 def overlay(single, parallel, label, path):
@@ -66,9 +64,9 @@ def overlay(single, parallel, label, path):
     save(fig, path)
 
 
-def save(fig, path):
+def save(fig, path, **layout):
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(**layout)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
@@ -219,14 +217,22 @@ def main(argv=None):
         ax.set_title("one core, the small model")
         ax.legend()
         save(fig, args.out_root / "01_single_core" / "figures" / "loss.png")
-        runs = {}
+        runs, bugs = {}, {}
         for chapter, (ranks, flags, label) in PARALLEL.items():
             out = work / chapter
             launch(f"{chapter}/train.py", *small(args.steps, out), *flags, ranks=ranks, quiet=True)
             runs[chapter] = out / "metrics.jsonl"
             overlay(single, runs[chapter], label, args.out_root / chapter / "figures" / "loss.png")
+            buggy, verdict, failed = gallery.replay(chapter, ranks, small(args.steps) + flags, work)
+            save(gallery.figure(chapter, single, runs[chapter], buggy, verdict),
+                 args.out_root / chapter / "figures" / "bug.png", rect=(0, 0.03, 1, 1))
+            bugs[chapter] = {"report": gallery.BUGS[chapter].report, "verdict": verdict, "failed rows": failed,
+                             "loss": losses(buggy)[1].tolist(), "correct loss": losses(runs[chapter])[1].tolist()}
         summary(single, runs, args.out_root)
+        (args.out_root / "figures" / "gallery.json").write_text(json.dumps(bugs, indent=1) + "\n")
         grid_bytes(json.loads((work / "06_3d" / "ledger.json").read_text()), args.out_root)
+        import_chapter("bench.layouts").layout_comparison(args.out_root, work)
+        import_chapter("bench.dp_timeline").overlap_timeline(args.out_root, work)
         zero_memory(args.out_root, work)
         pipeline_figures(args.out_root, work)
         network_modes(args.out_root, args.steps)

@@ -12,3 +12,13 @@ def import_chapter(dotted):
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     return importlib.import_module(dotted)
+
+
+def patched(path, patch, module, args=()):
+    """Write to `path` a script that runs `patch` (Python lines, with import_chapter in scope), then `module`'s
+    main(args), and return the path: how a check is shown to fail, and a real bug replayed, on this code."""
+    path = Path(path)
+    path.write_text("from common.chapters import import_chapter\n"
+                    f"{patch}\n"
+                    f"raise SystemExit(import_chapter({module!r}).main({[str(a) for a in args]!r}))\n")
+    return path

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.chapters import patched
 from common.notebook import mpiexec
 from common.threads import ENV_VARS
 
@@ -45,14 +46,20 @@ def assert_one_error(result, words):
     assert all(w in lines[0] for w in words), lines[0]
 
 
+@pytest.fixture(scope="session")
+def figures(tmp_path_factory):
+    """bench/figures.py run once on a short setting (20 steps) into a temporary folder: the figures the READMEs
+    show and the bug gallery's verdicts (figures/gallery.json)."""
+    out = tmp_path_factory.mktemp("figures")
+    result = run(["bench/figures.py", "--steps", 20, "--out-root", out], timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
 def sabotaged(tmp_path, patch, script, args=()):
     """A script that runs `patch` (Python lines, with import_chapter in scope), then `script`'s main(args): how
     a test shows that a check fails once the code it guards is broken."""
-    path = tmp_path / "sabotaged.py"
-    path.write_text("from common.chapters import import_chapter\n"
-                    f"{patch}\n"
-                    f"raise SystemExit(import_chapter({script!r}).main({[str(a) for a in args]!r}))\n")
-    return path
+    return patched(tmp_path / "sabotaged.py", patch, script, args)
 
 
 def verdict(result):

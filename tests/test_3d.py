@@ -34,18 +34,15 @@ def test_verify_passes_for_every_layout_of_n_ranks_and_each_zero_stage_that_fits
         assert {"(2,1,2) z2", "(2,1,2) sp z3", "(1,1,4) z3"} <= cases
 
 
-@pytest.mark.parametrize("patch, args, worst", [
-    ("grid_lib.dp_lib.GradSync.finish = lambda self: None          # replicas never sum", ["--dp", 2], None),
-    ("grid_lib.pipe.sync_tied_embedding = lambda *a: None          # wte's halves never sum", ["--pp", 2], "wte"),
-    ("grid_lib.tp_lib.sync_replicated_grads = lambda *a: None         # SP partial sums kept", ["--tp", 2], None),
+@pytest.mark.parametrize("patch, args", [                       # and pp's tied embedding: the bug gallery's
+    ("grid_lib.dp_lib.GradSync.finish = lambda self: None          # replicas never sum", ["--dp", 2]),
+    ("grid_lib.tp_lib.sync_replicated_grads = lambda *a: None         # SP partial sums kept", ["--tp", 2]),
 ])
-def test_verify_fails_when_one_axis_forgets_its_sum(tmp_path, patch, args, worst):
+def test_verify_fails_when_one_axis_forgets_its_sum(tmp_path, patch, args):
     patch = "grid_lib = import_chapter('06_3d.grid')\n" + patch
     result = run_mpi(4, [sabotaged(tmp_path, patch, "06_3d.verify", args)], timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAIL:" in verdict(result)
-    if worst:                                                       # the verdict names the broken tensor first
-        assert verdict(result).split("exceed 1e-10: ")[1].split(", ")[0].split()[-1] == worst, verdict(result)
 
 
 @pytest.mark.parametrize("n, flags, words", [
