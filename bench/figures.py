@@ -1,12 +1,13 @@
 """Regenerate the figures the READMEs show, from real runs: <chapter>/figures/*.png and figures/*.png.
 
-    make figures                               # or: python bench/figures.py (about 4 minutes on 2 cores)
-    python bench/figures.py --steps 6 --out-root /tmp/figs     # a quick check, written elsewhere
+    make figures                               # or: python bench/figures.py (about 2 minutes on 2 cores)
+    python bench/figures.py --steps 20 --out-root /tmp/figs    # a quick check, written elsewhere
 
 Every chapter trains the same small model (2 layers x 64 channels, batch 16, float32) as one core does, on the
 same batches, and its loss is drawn over one core's with the difference below; each chapter adds what it is
-about (ZeRO's memory against the formula, the pipeline's timelines and bubble, the bytes on each 3D axis, the
-data-parallel modes on a simulated network).
+about (ZeRO's memory against the formula, the pipeline's timelines and bubble, the bytes on each 3D axis and
+every layout of 4 ranks, the data-parallel modes and one step's overlap on a simulated network) and its bug
+from bench/gallery.py, replayed beside the correct run, with verify.py's verdict (figures/gallery.json).
 """
 import argparse
 import json

@@ -112,7 +112,7 @@ def figure(chapter, single, correct, buggy, verdict):
     top.plot(s2, l2, lw=1, color="C3", label="with the bug")
     top.set_ylabel("train loss")
     top.legend()
-    top.set_title(textwrap.fill(f"{bug.report}: {bug.title}", 90), fontsize=9)
+    top.set_title(textwrap.fill(f"{bug.report}: {bug.title}", 75), fontsize=9)
     for s, l, color, label in ((s1, l1, "C0", "correct"), (s2, l2, "C3", "with the bug")):
         diff = np.abs(l - l0)
         bottom.semilogy(s, np.where(diff > 0, diff, 1e-9), ".", ms=3, color=color, label=label)
