@@ -77,6 +77,43 @@ def schedule(kind, M, stage, pp_size):
     return ops + [op for m in range(M - warmup, M) for op in bwd(m)]
 
 
+def simulate(kind, M, pp_size, t_f=1.0, t_b=2.0):
+    """Every stage's trace [(op, micro-batch, start, end), ...] when its instructions of `schedule(kind, ...)` run
+    as soon as they can, as MPI runs them: a send never blocks, a recv waits for its send; a forward takes t_f
+    and a backward t_b (one number, or one per stage). Raises on a deadlock: the check that a schedule is a
+    valid program, and its ideal timeline."""
+    t_f, t_b = np.broadcast_to(t_f, pp_size), np.broadcast_to(t_b, pp_size)
+    programs = [schedule(kind, M, s, pp_size) for s in range(pp_size)]
+    pc, clock, sent = [0] * pp_size, [0.0] * pp_size, {}
+    traces = [[] for _ in range(pp_size)]
+    while any(pc[s] < len(programs[s]) for s in range(pp_size)):
+        progressed = False
+        for s in range(pp_size):
+            while pc[s] < len(programs[s]):
+                op, m = programs[s][pc[s]]
+                needs = {"recv_fwd": ("fwd", s - 1, m), "recv_bwd": ("bwd", s + 1, m)}.get(op)
+                if needs and needs not in sent:
+                    break                                            # its message has not been sent yet
+                start = clock[s]
+                end = max(start, sent[needs]) if needs else start + {"forward": t_f[s], "backward": t_b[s]}.get(op, 0)
+                if op in ("send_fwd", "send_bwd"):
+                    sent[(op[-3:], s, m)] = end
+                traces[s].append((op, m, start, end))
+                clock[s], pc[s], progressed = end, pc[s] + 1, True
+        if not progressed:
+            raise RuntimeError(f"{kind} deadlocks at M={M}, P={pp_size}: stages wait at instructions {pc}")
+    return traces
+
+
+def peak_alive(trace):
+    """The most micro-batches whose activations a stage held at once: forwards not yet matched by a backward."""
+    alive = peak = 0
+    for op, *_ in trace:
+        alive += {"forward": 1, "backward": -1}.get(op, 0)
+        peak = max(peak, alive)
+    return peak
+
+
 # ----------------------------------------------------------------------------- forward and backward
 
 class Stage:

@@ -111,16 +111,23 @@ def pipeline_figures(out_root, work):
             bubbles[kind, M] = max(r["bubble"] for r in record["ranks"])
             if M == 4:
                 bubbles[kind, "trace"] = [r["trace"] for r in record["ranks"]]
-    fig, axes = plt.subplots(2, 1, figsize=(8, 3.4), sharex=True)
-    for ax, kind in zip(axes, ("afab", "1f1b")):
-        for s, trace in enumerate(bubbles[kind, "trace"]):
-            for op, m, start, end in trace:
-                if op in COLORS:
-                    ax.broken_barh([(start * 1e3, (end - start) * 1e3)], (s - 0.4, 0.8), color=COLORS[op])
-                    if op in ("forward", "backward") and end - start > 2e-3:
-                        ax.text((start + end) / 2 * 1e3, s, str(m), ha="center", va="center", fontsize=7)
-        ax.set_yticks([0, 1], ["stage 0", "stage 1"])
-        ax.set_title(f"{kind}, 2 stages, M = 4: forwards (blue), backwards (orange), sends (red)", fontsize=9)
+    fig, axes = plt.subplots(4, 1, figsize=(8, 5.4), sharex=True)
+    for i, kind in enumerate(("afab", "1f1b")):
+        real = bubbles[kind, "trace"]
+        t_f, t_b = zip(*[[np.median([e - s for o, _, s, e in trace if o == op]) for op in ("forward", "backward")]
+                         for trace in real])
+        ideal = pipe.simulate(kind, 4, 2, t_f, t_b)          # the same instructions, each op its median time
+        for ax, traces, what in ((axes[2 * i], ideal, "ideal: each op its median time, no waiting but the schedule's"),
+                                 (axes[2 * i + 1], real, "real, one step")):
+            for s, trace in enumerate(traces):
+                for op, m, start, end in trace:
+                    if op in COLORS:
+                        ax.broken_barh([(start * 1e3, (end - start) * 1e3)], (s - 0.4, 0.8), color=COLORS[op])
+                        if op in ("forward", "backward") and end - start > 2e-3:
+                            ax.text((start + end) / 2 * 1e3, s, str(m), ha="center", va="center", fontsize=7)
+            ax.set_yticks([0, 1], ["stage 0", "stage 1"])
+            ax.set_title(f"{kind}, 2 stages, M = 4, {what}", fontsize=8)
+    fig.suptitle("forwards (blue), backwards (orange), sends (red); white: the bubble", fontsize=9)
     axes[-1].set_xlabel("ms into the step")
     save(fig, out_root / "05_pipeline" / "figures" / "timeline.png")
     fig, ax = plt.subplots(figsize=(6, 3))

@@ -14,34 +14,6 @@ TINY = ["--n-layer", 4, "--n-head", 2, "--n-embd", 16, "--block-size", 8, "--bat
 pipe = import_chapter("05_pipeline.pipeline")
 
 
-def simulate(kind, M, P):
-    """Run every stage's instruction list as MPI would (sends never block, a recv waits for its send); return
-    each stage's peak number of micro-batches alive. Fails on a deadlock or a message received out of place."""
-    programs = [list(pipe.schedule(kind, M, s, P)) for s in range(P)]
-    pc, sent, alive, peak = [0] * P, set(), [0] * P, [0] * P
-    while any(pc[s] < len(programs[s]) for s in range(P)):
-        progressed = False
-        for s in range(P):
-            while pc[s] < len(programs[s]):
-                op, m = programs[s][pc[s]]
-                waits_for = {"recv_fwd": ("fwd", s - 1, m), "recv_bwd": ("bwd", s + 1, m)}.get(op)
-                if waits_for and waits_for not in sent:
-                    break
-                if op == "send_fwd":
-                    sent.add(("fwd", s, m))
-                elif op == "send_bwd":
-                    sent.add(("bwd", s, m))
-                elif op == "forward":
-                    alive[s] += 1
-                    peak[s] = max(peak[s], alive[s])
-                elif op == "backward":
-                    alive[s] -= 1
-                pc[s] += 1
-                progressed = True
-        assert progressed, f"{kind} deadlocks at M={M}, P={P}: stages wait at {pc}"
-    return peak
-
-
 @pytest.mark.parametrize("kind", ["afab", "1f1b"])
 @pytest.mark.parametrize("P", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("M", [1, 2, 4, 7, 12])
@@ -53,7 +25,19 @@ def test_schedules_run_every_micro_batch_once_without_deadlock_within_their_acti
         for m in range(M):
             assert ops.index(("forward", m)) < ops.index(("backward", m))
     want = [M] * P if kind == "afab" else [min(P - s, M) for s in range(P)]
-    assert simulate(kind, M, P) == want
+    traces = pipe.simulate(kind, M, P)                                 # raises on a deadlock
+    assert [pipe.peak_alive(trace) for trace in traces] == want
+    span = max(trace[-1][3] for trace in traces)
+    busy = [sum(end - start for op, _, start, end in trace if op in ("forward", "backward")) for trace in traces]
+    assert [1 - b / span for b in busy] == pytest.approx([pipe.bubble_formula(M, P)] * P)
+
+
+def test_the_simulator_finds_a_deadlock(monkeypatch):
+    schedule = pipe.schedule          # stage 0 waits for a gradient stage 1 sends only after a forward it waits for
+    first = {0: [("recv_bwd", 0)], 1: [("recv_fwd", 1)]}
+    monkeypatch.setattr(pipe, "schedule", lambda kind, M, s, P: first[s] + schedule(kind, M, s, P))
+    with pytest.raises(RuntimeError, match="deadlocks"):
+        pipe.simulate("1f1b", 2, 2)
 
 
 def test_layers_are_split_as_evenly_as_possible_and_the_ends_hold_the_embedding_and_head():
