@@ -7,14 +7,15 @@ import numpy as np
 
 def difference(got, want):
     """(shape of want, max|got - want|, max|got - want| / max|want|); infinite when either is missing (None) or
-    the shapes differ."""
+    the shapes differ, and when `want` is all zeros and `got` is not."""
     if got is None or want is None:
         return np.shape(want), math.inf, math.inf
     got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
     if got.shape != want.shape:
         return want.shape, math.inf, math.inf
     diff = float(np.abs(got - want).max()) if got.size else 0.0
-    return want.shape, diff, diff / max(float(np.abs(want).max()) if want.size else 0.0, 1e-300)
+    scale = float(np.abs(want).max()) if want.size else 0.0
+    return want.shape, diff, diff / scale if scale else (math.inf if diff else 0.0)
 
 
 def severity(rel):
