@@ -31,7 +31,7 @@ gradients, which now see only a part of the sequence each.
 import numpy as np
 
 from common.chapters import import_chapter
-from common.layers import (attention_backward, attention_forward, colsum, gelu_backward, gelu_forward,
+from common.layers import (accumulate, attention_backward, attention_forward, colsum, gelu_backward, gelu_forward,
                            layernorm_backward, layernorm_forward, linear_backward, linear_forward, lm_head_backward,
                            lm_head_forward, rowsum, scatter_add_rows)
 from common.model import Parts, gpt_backward, gpt_forward
@@ -112,14 +112,14 @@ def block_forward(x, p, n_head_local, tp, sp):
 
 def block_backward(dout, cache, p, g, tp, sp):
     c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj = cache
-    g["mlp.c_proj.b"] += colsum(dout)       # the bias is added after g (or the reduce-scatter): my positions
+    accumulate(g["mlp.c_proj.b"], colsum, dout)   # the bias is added after g (or the reduce-scatter): my positions
     dh = leave_backward(dout, tp, sp)
     dh = linear_backward(dh, c_mproj, p["mlp.c_proj.w"], g["mlp.c_proj.w"], None)
     dh = gelu_backward(dh, c_gelu)
     dh = linear_backward(dh, c_fc, p["mlp.c_fc.w"], g["mlp.c_fc.w"], g["mlp.c_fc.b"])
     dh = enter_backward(dh, tp, sp)
     dx = dout + layernorm_backward(dh, c_ln2, p["ln_2.w"], g["ln_2.w"], g["ln_2.b"])
-    g["attn.c_proj.b"] += colsum(dx)
+    accumulate(g["attn.c_proj.b"], colsum, dx)
     dh = leave_backward(dx, tp, sp)
     dh = linear_backward(dh, c_proj, p["attn.c_proj.w"], g["attn.c_proj.w"], None)
     dh = attention_backward(dh, c_att)

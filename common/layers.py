@@ -1,8 +1,9 @@
 """The layers of the GPT as forward/backward pairs of free functions, and the small kernels they share.
 
-Forward returns `(out, cache)`; backward takes `dout` and that cache, accumulates parameter gradients with
-`+=` into gradient views and returns the gradient of the input. Nothing is stored on objects, so any number
-of micro-batches can be in flight. Shapes: B batch, T time, C n_embd, V vocab, nh heads, hs head size.
+Forward returns `(out, cache)`; backward takes `dout` and that cache, accumulates parameter gradients into
+gradient views (`accumulate`: `+=`, or later if the view is `Deferred`) and returns the gradient of the
+input. Nothing is stored on objects, so any number of micro-batches can be in flight. Shapes: B batch,
+T time, C n_embd, V vocab, nh heads, hs head size.
 """
 import functools
 import math
@@ -58,6 +59,36 @@ def causal_mask(T, dtype):
     return mask
 
 
+# ----------------------------------------------------------------------------- weight gradients, now or later
+# A backward computes two things: the gradient of its input, which the layer before it waits for, and the
+# gradients of its weights, which nothing waits for until the optimizer step. Zero-bubble pipeline schedules
+# run the second part later, in what would be idle time; every weight-gradient term goes through `accumulate`
+# so that a backward given Deferred views queues those terms instead of computing them.
+
+class Deferred:
+    """A gradient view whose accumulations are queued, as zero-argument calls, in `queue`."""
+    __slots__ = ("view", "queue")
+
+    def __init__(self, view, queue):
+        self.view, self.queue = view, queue
+
+
+def _add(view, fn, args):
+    view += fn(*args)
+
+
+def accumulate(grad, fn, *args):
+    """grad += fn(*args): now, or, if grad is Deferred, when its queue runs."""
+    if type(grad) is Deferred:
+        grad.queue.append(functools.partial(_add, grad.view, fn, args))
+    else:
+        grad += fn(*args)
+
+
+def _colsum_product(a, b):
+    return colsum(a * b)
+
+
 # ----------------------------------------------------------------------------- layers
 
 def embedding_forward(idx, wte, wpe):
@@ -96,8 +127,8 @@ def layernorm_forward(x, w, b):
 
 def layernorm_backward(dout, cache, w, dw, db):
     xhat, rstd = cache
-    dw += colsum(dout * xhat)
-    db += colsum(dout)
+    accumulate(dw, _colsum_product, dout, xhat)
+    accumulate(db, colsum, dout)
     # out = xhat*w + b with xhat = (x - mean) * rstd: the mean and the variance both depend on every x
     dxhat = dout * w
     dx = xhat * rowmean(dxhat * xhat)
@@ -117,9 +148,9 @@ def linear_forward(x, w, b):
 
 def linear_backward(dout, x, w, dw, db):
     dout2 = dout.reshape(-1, dout.shape[-1])                        # (B*T,OC)
-    dw += x.reshape(-1, x.shape[-1]).T @ dout2                      # (C,OC)
+    accumulate(dw, np.matmul, x.reshape(-1, x.shape[-1]).T, dout2)   # (C,OC)
     if db is not None:
-        db += colsum(dout2)
+        accumulate(db, colsum, dout2)
     return (dout2 @ w.T).reshape(*dout.shape[:-1], w.shape[0])      # (B,T,OC) @ (OC,C) -> (B,T,C)
 
 
@@ -209,7 +240,7 @@ def lm_head_forward(x, wte):
 def lm_head_backward(dout, x, wte, dwte):
     C = x.shape[-1]
     dout2 = dout.reshape(-1, dout.shape[-1])                        # (B*T,V)
-    dwte += dout2.T @ x.reshape(-1, C)                              # (V,C)
+    accumulate(dwte, np.matmul, dout2.T, x.reshape(-1, C))          # (V,C)
     return (dout2 @ wte).reshape(x.shape)                           # (B,T,C)
 
 

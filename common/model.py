@@ -2,15 +2,17 @@
 parameters and their initialisation, and the driver that runs any slice of the model forward and backward.
 """
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from common.layers import (attention_backward, attention_forward, cross_entropy_backward, cross_entropy_forward,
-                           embedding_backward, embedding_forward, gelu_backward, gelu_forward, layernorm_backward,
-                           layernorm_forward, linear_backward, linear_forward, lm_head_backward, lm_head_forward)
+from common.layers import (Deferred, attention_backward, attention_forward, cross_entropy_backward,
+                           cross_entropy_forward, embedding_backward, embedding_forward, gelu_backward, gelu_forward,
+                           layernorm_backward, layernorm_forward, linear_backward, linear_forward, lm_head_backward,
+                           lm_head_forward)
 from common.params import Layout, sub
 
 # ----------------------------------------------------------------------------- the transformer block
@@ -160,17 +162,24 @@ def stage_forward(p, inp, targets, gpt_cfg, layers, first=True, last=True, using
     return logits, loss, (parts, first, last, layers, c_emb, c_blocks, c_head)
 
 
-def stage_backward(cache, p, g, dout, grads_ready=None, using=_no_hook):
+def stage_backward(cache, p, g, dout, grads_ready=None, using=_no_hook, weights=None):
     """Accumulate the parameter gradients of a stage_forward into the views `g`; dout is d(loss)'s scale (a
     number) on the last stage, the gradient of the stage's output elsewhere. Returns the gradient of the
     stage's input activations (None on the first stage). grads_ready(name), if given, is called as soon as
     the gradients of `name` and of every tensor after it in the layout are final (the driver settles them
     first): a hook for starting their communication while the backward goes on. `using` is stage_forward's,
-    here also the moment ZeRO-2/3 can put a part's gradient buffers into `g`."""
+    here also the moment ZeRO-2/3 can put a part's gradient buffers into `g`.
+
+    Given a list `weights`, the weight gradients are not computed: their terms are queued in it (with the
+    points where grads_ready would be called), and stage_weights(weights, ...) computes them later; the
+    input gradient is computed now, as always. The embedding's backward, all weight gradient, is queued whole."""
     parts, first, last, layers, c_emb, c_blocks, c_head = cache
+    gw = g if weights is None else {name: Deferred(view, weights) for name, view in g.items()}
 
     def ready(part, name):
-        if grads_ready:
+        if weights is not None:
+            weights.append((part, name))
+        elif grads_ready:
             if parts.settle:
                 parts.settle(part, g)
             grads_ready(name)
@@ -178,18 +187,35 @@ def stage_backward(cache, p, g, dout, grads_ready=None, using=_no_hook):
     dx = dout
     if last:
         with using("head"):
-            dx = parts.head_backward(dout, c_head, p, g)
+            dx = parts.head_backward(dout, c_head, p, gw)
         ready("head", "ln_f.w")
     for i, c in zip(reversed(layers), reversed(c_blocks)):
         with using(f"h.{i}"):
-            dx = parts.block_backward(dx, c, sub(p, f"h.{i}."), sub(g, f"h.{i}."))
+            dx = parts.block_backward(dx, c, sub(p, f"h.{i}."), sub(gw, f"h.{i}."))
         ready(f"h.{i}", f"h.{i}.ln_1.w")
     if not first:
         return dx
     with using("embedding"):
-        parts.embedding_backward(dx, c_emb, p, g)               # wte's gradient also has the LM head's part
+        if weights is None:
+            parts.embedding_backward(dx, c_emb, p, g)           # wte's gradient also has the LM head's part
+        else:
+            weights.append(functools.partial(parts.embedding_backward, dx, c_emb, p, g))
     ready("embedding", "wte")
     return None
+
+
+def stage_weights(weights, g, parts, grads_ready=None):
+    """Run what stage_backward(..., weights=weights) queued: every weight-gradient term, in order, each part's
+    followed by its grads_ready call (if given; its settle first) as stage_backward would make it."""
+    for item in weights:
+        if callable(item):
+            item()
+        elif grads_ready:
+            part, name = item
+            if parts.settle:
+                parts.settle(part, g)
+            grads_ready(name)
+    weights.clear()
 
 
 def gpt_forward(p, idx, targets, gpt_cfg, using=_no_hook, parts=SINGLE):
