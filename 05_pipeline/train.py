@@ -3,6 +3,8 @@
     mpirun -n 2 python 05_pipeline/train.py --schedule 1f1b            # --pp defaults to the number of ranks
     mpirun -n 2 python 05_pipeline/train.py --schedule afab --microbatches 6
     mpirun -n 4 python 05_pipeline/train.py --microbatches 12
+    mpirun -n 2 python 05_pipeline/train.py --schedule interleaved --virtual-stages 2   # 4 chunks of 1 block
+    mpirun -n 2 python 05_pipeline/train.py --schedule zb-h1           # weight gradients deferred into the bubble
 
 Every rank draws the same batch and splits it into --microbatches pieces; the first stage reads the tokens,
 the last the targets. What a stage holds and the order it runs things in: see pipeline.py. After the last
@@ -30,9 +32,7 @@ pipe = import_chapter("05_pipeline.pipeline")
 def setup(argv, world_size):
     gpt_cfg, train_cfg, tokens, val_tokens, par = single.setup(
         argv, Path(__file__).parent.name, __doc__, {"out_dir": "out/pipeline"}, axis="pp", world_size=world_size)
-    if gpt_cfg.n_layer < par.pp:
-        raise ConfigError(f"--n-layer {gpt_cfg.n_layer} is fewer than --pp {par.pp} stages, and every stage needs "
-                          f"a block; choose --pp of at most {gpt_cfg.n_layer}")
+    pipe.check_layout(gpt_cfg, par)
     if train_cfg.batch_size % par.microbatches:
         raise ConfigError(f"--batch-size {train_cfg.batch_size} is not divisible by --microbatches "
                           f"{par.microbatches}; choose a multiple of {par.microbatches}")
@@ -41,13 +41,15 @@ def setup(argv, world_size):
 
 def memory_estimate(gpt_cfg, train_cfg, par, stage):
     """{kind: bytes} stage `stage` will hold: its tensors, their gradient and AdamW, and the activations of
-    the micro-batches its schedule keeps alive at once (afab: all M; 1f1b: at most P - stage)."""
-    n = pipe.stage_layout(gpt_cfg, stage, par.pp).size
+    the micro-batch chunks its schedule keeps alive at once (pipeline.alive_bound: afab all M; 1f1b at most
+    P - stage), each chunk's blocks counted as the largest chunk's."""
+    V = par.virtual_stages
+    n = pipe.stage_layout(gpt_cfg, stage, par.pp, V).size
     M = par.microbatches
-    alive = M if par.schedule == "afab" else min(par.pp - stage, M)
+    blocks = max(len(chunk) for chunk in pipe.chunk_layers(gpt_cfg.n_layer, stage, par.pp, V))
     return estimate(gpt_cfg, np.dtype(train_cfg.dtype).itemsize, params=n, grads=n, optimizer=n,
-                    rows=train_cfg.batch_size // M, blocks=len(pipe.split_layers(gpt_cfg.n_layer, par.pp)[stage]),
-                    first=stage == 0, last=stage == par.pp - 1, alive=alive)
+                    rows=train_cfg.batch_size // M, blocks=blocks, first=stage == 0, last=stage == par.pp - 1,
+                    alive=pipe.alive_bound(par.schedule, M, stage, par.pp, V))
 
 
 @dataclass
@@ -60,12 +62,13 @@ class State(single.State):
     def __post_init__(self):
         super().__post_init__()
         stage = self.pp.rank
-        self.st = pipe.Stage(self.gpt_cfg, stage, self.pp, self.p, self.g)
+        self.st = pipe.Stage(self.gpt_cfg, stage, self.pp, self.p, self.g, virtual=self.par.virtual_stages)
         self.ends = pipe.end_stages(self.pp, stage, self.pp.size)
 
     def whole(self):
         """Every stage's tensors, gathered on stage 0 (None elsewhere)."""
-        return pipe.whole_state(self.gpt_cfg, (self.params, self.opt.m, self.opt.v), self.pp, root=0)
+        return pipe.whole_state(self.gpt_cfg, (self.params, self.opt.m, self.opt.v), self.pp, root=0,
+                                virtual=self.par.virtual_stages)
 
     def load(self, whole):
         for part, flat in (("params", self.params), ("adam_m", self.opt.m), ("adam_v", self.opt.v)):
@@ -75,7 +78,7 @@ class State(single.State):
 
 def build(gpt_cfg, train_cfg, par, pp, full=None):
     """This stage's tensors, cut from the whole init every rank draws from the seed (or from `full`)."""
-    layout = pipe.stage_layout(gpt_cfg, pp.rank, pp.size)
+    layout = pipe.stage_layout(gpt_cfg, pp.rank, pp.size, par.virtual_stages)
     full = init_params(gpt_cfg, train_cfg.seed, np.dtype(train_cfg.dtype)) if full is None else full
     whole = gpt_layout(gpt_cfg).views(full)
     params = np.empty(layout.size, full.dtype)
@@ -91,7 +94,8 @@ def train_step(state, batch, lr):
     s, (x, y), st, pp, M = state, batch, state.st, state.pp, state.par.microbatches
     s.grads.fill(0)
     pp.barrier()                                          # a common start, so the ranks' timelines line up
-    loss = st.run(pipe.schedule(s.par.schedule, M, st.stage, pp.size), np.split(x, M), np.split(y, M))
+    loss = st.run(pipe.schedule(s.par.schedule, M, st.stage, pp.size, s.par.virtual_stages), np.split(x, M),
+                  np.split(y, M))
     pipe.sync_tied_embedding(st.g, s.ends, st.stage, pp.size)
     clip_grad_norm(s.grads, s.train_cfg.grad_clip, norm=pipe.grad_norm(s.grads, s.layout, st.stage, pp))
     s.opt.step(s.params, s.grads, lr)
@@ -100,8 +104,8 @@ def train_step(state, batch, lr):
 
 def evaluate(state, batches):
     st, pp, M = state.st, state.pp, state.par.microbatches
-    losses = [st.run(pipe.schedule("forward", M, st.stage, pp.size), np.split(x, M), np.split(y, M))
-              for x, y in batches]
+    ops = pipe.schedule("forward", M, st.stage, pp.size, state.par.virtual_stages)
+    losses = [st.run(ops, np.split(x, M), np.split(y, M)) for x, y in batches]
     return float(pp.bcast(np.array([np.mean(losses) if st.last else 0.0]), root=pp.size - 1)[0])
 
 
@@ -111,15 +115,21 @@ def timeline(state):
     mine = {"stage": st.stage, "trace": st.trace, "peak": st.peak,
             "p2p": {k: v["bytes"] for k, v in pp.ledger.as_dict().items() if k in ("isend", "recv")},
             "p2p_formula": pipe.p2p_formula(state.gpt_cfg, train_cfg.batch_size, st.stage, pp.size,
-                                            state.params.itemsize)}
+                                            state.params.itemsize, virtual=par.virtual_stages)}
     ranks = pp.gather_object(mine)
     if ranks is None:
         return None
-    end = max(r["trace"][-1][3] for r in ranks)                # the step ends when its last stage does
+    end = max(r["trace"][-1][4] for r in ranks)                # the step ends when its last stage does
     for r in ranks:
         r["bubble"] = pipe.bubble(r["trace"], end)
+    costs = (1.0, 1.0, 1.0)                      # zb-h1's bubble depends on its F, B and W: the medians here
+    if par.schedule == "zb-h1":
+        costs = [float(np.median([end - start for r in ranks for o, _, _, start, end in r["trace"] if o == op]))
+                 for op in ("forward", "backward", "weights")]
     return {"schedule": par.schedule, "pp": pp.size, "microbatches": par.microbatches,
-            "bubble_formula": pipe.bubble_formula(par.microbatches, pp.size), "ranks": ranks}
+            "virtual_stages": par.virtual_stages, "ranks": ranks,
+            "bubble_formula": pipe.bubble_formula(par.schedule, par.microbatches, pp.size, par.virtual_stages,
+                                                  costs)}
 
 
 def after_step(state, step):
@@ -140,12 +150,14 @@ def main(argv=None):
         pp, setup, argv, lambda *configs: memory_estimate(*configs, stage=pp.rank),
         "--n-layer or --n-embd, or raise --pp")
     state = build(gpt_cfg, train_cfg, par, pp)
-    stages = ", ".join(f"{len(r)} block(s)" for r in pipe.split_layers(gpt_cfg.n_layer, pp.size))
+    V = par.virtual_stages
+    stages = ", ".join("+".join(str(len(c)) for c in pipe.chunk_layers(gpt_cfg.n_layer, s, pp.size, V)) +
+                       " block(s)" for s in range(pp.size))
     train(state, tokens, val_tokens, train_step, evaluate, budget, threads=pp.host.threads, comm=pp,
           before_step=lambda step: pp.ledger.reset(), after_step=lambda step, first: after_step(state, step),
           banner=f"{gpt_layout(gpt_cfg).size:,} parameters in {pp.size} stage(s) of {stages}, {train_cfg.dtype}, "
                  f"batch {train_cfg.batch_size} x {gpt_cfg.block_size} tokens in {par.microbatches} "
-                 f"micro-batches, {par.schedule} schedule")
+                 f"micro-batches, {par.schedule} schedule" + (f" over {V} chunks per stage" if V > 1 else ""))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
-"""Prove that pipeline parallelism, with both schedules and any number of micro-batches, computes what single
+"""Prove that pipeline parallelism, with every schedule and any number of micro-batches, computes what single
 core computes.
 
-    mpirun -n 2 python 05_pipeline/verify.py            # -n 1 to 4, one per layer (3: uneven stages); float64
+    mpirun -n 2 python 05_pipeline/verify.py            # -n 1 to 4 (3: uneven stages); float64
 
-For each --schedule (afab, 1f1b) and --microbatches (1, 4, 8), the real train_step of 05_pipeline/train.py
-and the single-core train_step of chapter 01 take the same AdamW steps on the same batches from the same
-weights. Rows: the losses (as every rank logs them); every parameter tensor, and Adam's m and v of each, after
-the steps, gathered from the stages (one row for the parameters and one for m and v, naming the worst tensor);
-the two copies of wte; the peak number of micro-batches alive on each stage against the schedule's bound
-(afab: M, 1f1b: min(P - stage, M)); each stage's point-to-point bytes of one step against the formula.
+For each schedule and number of micro-batches M (afab, 1f1b and zb-h1 with M = 1, 4, 8; interleaved with 2
+chunks per stage, M = P and 2P, and with 3 chunks, M = P, where the 8 layers allow it), the real train_step
+of 05_pipeline/train.py and the single-core train_step of chapter 01 take the same AdamW steps on the same
+batches from the same weights. Rows: the losses (as every rank logs them); every parameter tensor, and
+Adam's m and v of each, after the steps, gathered from the stages (one row for the parameters and one for
+m and v, naming the worst tensor); the two copies of wte; the peak number of micro-batch chunks alive on
+each stage against the schedule's bound (pipeline.alive_bound: afab M, 1f1b min(P - stage, M), ...); each
+stage's point-to-point bytes of one step against the formula.
 """
 import numpy as np
 
@@ -21,14 +23,20 @@ reference = import_chapter("01_single_core.verify").reference
 pipe_train = import_chapter("05_pipeline.train")
 pipe = import_chapter("05_pipeline.pipeline")
 TOL = 1e-10
-SCHEDULES, MICROBATCHES = ("afab", "1f1b"), (1, 4, 8)
+
+
+def cases(P, n_layer):
+    """(schedule, virtual stages, M) of every run on P stages."""
+    out = [(kind, 1, M) for kind in ("afab", "1f1b", "zb-h1") for M in (1, 4, 8)]
+    out += [("interleaved", 2, M) for M in (P, 2 * P) if 2 * P <= n_layer]
+    return out + [("interleaved", 3, P)] * (3 * P <= n_layer)
 
 
 def setup(argv, world_size):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="AdamW steps both models take (default: 3)")
     args = parser.parse_args(argv)
-    gpt_cfg = GPTConfig(n_layer=4, n_head=2, n_embd=16, block_size=8, vocab_size=11)
+    gpt_cfg = GPTConfig(n_layer=8, n_head=2, n_embd=16, block_size=8, vocab_size=11)
     if world_size > gpt_cfg.n_layer:
         raise ConfigError(f"{world_size} stages > {gpt_cfg.n_layer} layers: every stage needs a block; run mpirun "
                           f"-n 1 to {gpt_cfg.n_layer}")
@@ -44,40 +52,39 @@ def every_rank(comm, values):
 def main(argv=None):
     pp = world()
     args, gpt_cfg = checked(pp, setup, argv, pp.size)
-    train_cfg = TrainConfig(batch_size=8, dtype="float64", learning_rate=1e-2, seed=0)
+    train_cfg = TrainConfig(batch_size=24, dtype="float64", learning_rate=1e-2, seed=0)   # M = 1, 3, 4, 6, 8
     batches, start, ref_losses, ref_params, ref_opt = reference(gpt_cfg, train_cfg, args.steps)
     layout = pipe_train.gpt_layout(gpt_cfg)
 
     stage, P = pp.rank, pp.size
-    report, show = Report(TOL, detail=25), pp.rank == 0
-    for kind in SCHEDULES:
-        for M in MICROBATCHES:
-            label = f"{kind} M={M}:"
-            par = ParallelConfig(pp=P, microbatches=M, schedule=kind)
-            state = pipe_train.build(gpt_cfg, train_cfg, par, pp, full=start)
-            slayout, params, opt, st = state.layout, state.params, state.opt, state.st
-            losses, peaks = [], []
-            for step, batch in enumerate(batches):
-                pp.ledger.reset()
-                losses.append(pipe_train.train_step(state, batch, train_cfg.learning_rate))
-                peaks.append(st.peak)
-                if step == 0 and P > 1:
-                    got = pp.ledger.as_dict()
-                    want = pipe.p2p_formula(gpt_cfg, train_cfg.batch_size, stage, P, params.itemsize)
-                    report.compare(f"{label} p2p bytes, every stage",
-                                   every_rank(pp, [got[k]["bytes"] for k in ("isend", "recv")]),
-                                   every_rank(pp, [want[k] for k in ("isend", "recv")]), show)
-            report.compare(f"{label} losses on every rank", every_rank(pp, losses), [ref_losses] * P, show)
-            whole = pipe.whole_state(gpt_cfg, (params, opt.m, opt.v), pp)
-            report.compare_tensors(label, whole["params"], layout.views(ref_params), show, group="all parameters")
-            report.compare_tensors(label, named(m=whole["adam_m"], v=whole["adam_v"]),
-                                   named(m=layout.views(ref_opt.m), v=layout.views(ref_opt.v)), show,
-                                   group="Adam m and v")
-            wte = (slayout.views(params)["wte"] if "wte" in slayout.shapes else whole["params"]["wte"]).ravel()
-            report.compare(f"{label} both copies of wte", every_rank(pp, wte), np.tile(whole["params"]["wte"].ravel(),
-                                                                                       (P, 1)), show)
-            bound = [M if kind == "afab" else min(P - s, M) for s in range(P)]
-            report.compare(f"{label} peak alive per stage", every_rank(pp, [max(peaks)]).ravel(), bound, show)
+    report, show = Report(TOL, width=44, detail=25), pp.rank == 0
+    for kind, V, M in cases(P, gpt_cfg.n_layer):
+        label = f"{kind}{f' V={V}' if V > 1 else ''} M={M}:"
+        par = ParallelConfig(pp=P, microbatches=M, schedule=kind, virtual_stages=V)
+        state = pipe_train.build(gpt_cfg, train_cfg, par, pp, full=start)
+        slayout, params, opt, st = state.layout, state.params, state.opt, state.st
+        losses, peaks = [], []
+        for step, batch in enumerate(batches):
+            pp.ledger.reset()
+            losses.append(pipe_train.train_step(state, batch, train_cfg.learning_rate))
+            peaks.append(st.peak)
+            if step == 0 and P > 1:
+                got = pp.ledger.as_dict()
+                want = pipe.p2p_formula(gpt_cfg, train_cfg.batch_size, stage, P, params.itemsize, virtual=V)
+                report.compare(f"{label} p2p bytes, every stage",
+                               every_rank(pp, [got[k]["bytes"] for k in ("isend", "recv")]),
+                               every_rank(pp, [want[k] for k in ("isend", "recv")]), show)
+        report.compare(f"{label} losses on every rank", every_rank(pp, losses), [ref_losses] * P, show)
+        whole = pipe.whole_state(gpt_cfg, (params, opt.m, opt.v), pp, virtual=V)
+        report.compare_tensors(label, whole["params"], layout.views(ref_params), show, group="all parameters")
+        report.compare_tensors(label, named(m=whole["adam_m"], v=whole["adam_v"]),
+                               named(m=layout.views(ref_opt.m), v=layout.views(ref_opt.v)), show,
+                               group="Adam m and v")
+        wte = (slayout.views(params)["wte"] if "wte" in slayout.shapes else whole["params"]["wte"]).ravel()
+        report.compare(f"{label} both copies of wte", every_rank(pp, wte), np.tile(whole["params"]["wte"].ravel(),
+                                                                                   (P, 1)), show)
+        bound = [pipe.alive_bound(kind, M, s, P, V) for s in range(P)]
+        report.compare(f"{label} peak alive per stage", every_rank(pp, [max(peaks)]).ravel(), bound, show)
     return report.finish(f"P={P}: ", show)
 
 

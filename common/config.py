@@ -99,6 +99,7 @@ class TrainConfig:
 
 TP, DP, ZERO, PP, GRID = "02_tensor_parallel", "03_data_parallel", "04_zero", "05_pipeline", "06_3d"
 PARALLEL, NET = (TP, DP, ZERO, PP, GRID), "simulated network"
+SCHEDULES = ("afab", "1f1b", "interleaved", "zb-h1")                    # 05_pipeline/pipeline.py's
 NETWORKS = ("nvlink", "infiniband", "ethernet-10g", "ethernet-1g")      # common/network.py's presets
 
 
@@ -123,8 +124,11 @@ class ParallelConfig:
     pp: int = option(1, "pipeline stages, each holding consecutive blocks", (PP, GRID))
     microbatches: int = option(4, "micro-batches per replica and step, flowing through the pipeline stages "
                                "(chapter 03's --grad-accum, pipelined)", (PP, GRID))
-    schedule: str = option("1f1b", "all forwards then all backwards (GPipe), or one forward one backward",
-                           (PP, GRID), ("afab", "1f1b"))
+    schedule: str = option("1f1b", "all forwards then all backwards (GPipe); one forward one backward; 1f1b "
+                           "over --virtual-stages chunks per rank (Megatron); 1f1b with the weight gradients "
+                           "deferred into the bubble (zero bubble H1)", (PP, GRID), SCHEDULES)
+    virtual_stages: int = option(1, "with --schedule interleaved: chunks of layers per rank (rank r holds chunks "
+                                 "r, r + pp, ...)", (PP, GRID))
     network: str = option("off", "model every message's time on this link (latency + bytes / bandwidth), so one "
                           "machine shows what communication costs", PARALLEL, ("off", *NETWORKS), NET)
     net_latency_us: float = option(0.0, "the modelled link's latency in microseconds (0: the preset's)", PARALLEL,
@@ -142,7 +146,7 @@ class ParallelConfig:
                               f"-n {getattr(self, axis)} (or leave --{axis} out to use every rank)")
 
     def validate(self):
-        for name in ("tp", "dp", "grad_accum", "pp", "microbatches"):
+        for name in ("tp", "dp", "grad_accum", "pp", "microbatches", "virtual_stages"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{flag(name)} must be a positive integer, got {getattr(self, name)}")
         if self.dp_mode not in ("naive", "bucketed", "overlapped"):
@@ -151,8 +155,14 @@ class ParallelConfig:
             raise ConfigError(f"--bucket-mb must be positive, got {self.bucket_mb}")
         if self.check_replicas < 0:
             raise ConfigError(f"--check-replicas must be zero (never) or positive, got {self.check_replicas}")
-        if self.schedule not in ("afab", "1f1b"):
-            raise ConfigError(f"--schedule must be afab or 1f1b, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.schedule == "interleaved" and self.virtual_stages < 2:
+            raise ConfigError("--schedule interleaved runs several chunks of layers per rank: give --virtual-stages "
+                              "2 or more")
+        if self.virtual_stages > 1 and self.schedule != "interleaved":
+            raise ConfigError(f"--virtual-stages {self.virtual_stages} needs --schedule interleaved (the "
+                              f"{self.schedule} schedule runs one chunk per rank)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.network not in ("off", *NETWORKS):

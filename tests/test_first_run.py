@@ -95,9 +95,10 @@ def test_a_json_key_of_another_chapter_is_refused_like_its_flag(tiny_data, tmp_p
     ("03_data_parallel/train.py", ["--dp N", "--grad-accum N", "--dp-mode {naive,bucketed,overlapped}"],
      ["--tp", "--zero-stage", "--microbatches"]),
     ("04_zero/train.py", ["--zero-stage {0,1,2,3}", "--grad-accum N", "--bucket-mb X"], ["--tp", "--dp-mode"]),
-    ("05_pipeline/train.py", ["--pp N", "--microbatches N", "--schedule {afab,1f1b}"], ["--dp", "--tp"]),
-    ("06_3d/train.py", ["--tp N", "--pp N", "--dp N", "--zero-stage {0,1,2,3}", "--schedule {afab,1f1b}"],
-     ["--grad-accum"]),
+    ("05_pipeline/train.py", ["--pp N", "--microbatches N", "--schedule {afab,1f1b,interleaved,zb-h1}",
+                              "--virtual-stages N"], ["--dp", "--tp"]),
+    ("06_3d/train.py", ["--tp N", "--pp N", "--dp N", "--zero-stage {0,1,2,3}",
+                        "--schedule {afab,1f1b,interleaved,zb-h1}", "--virtual-stages N"], ["--grad-accum"]),
 ])
 def test_help_shows_this_chapters_flags_grouped_each_with_a_meaning(script, has, lacks):
     result = run([script, "--help"])

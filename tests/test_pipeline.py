@@ -1,6 +1,8 @@
-"""Chapter 05: both pipeline schedules are valid programs, equal single core for any M, and keep their bounds."""
+"""Chapter 05: every pipeline schedule is a valid program, equals single core for any M, and keeps its bounds."""
 import json
+import re
 
+import numpy as np
 import pytest
 
 from common.chapters import import_chapter
@@ -14,51 +16,116 @@ TINY = ["--n-layer", 4, "--n-head", 2, "--n-embd", 16, "--block-size", 8, "--bat
 pipe = import_chapter("05_pipeline.pipeline")
 
 
-@pytest.mark.parametrize("kind", ["afab", "1f1b"])
-@pytest.mark.parametrize("P", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("M", [1, 2, 4, 7, 12])
-def test_schedules_run_every_micro_batch_once_without_deadlock_within_their_activation_bound(kind, P, M):
-    for s in range(P):
-        ops = pipe.schedule(kind, M, s, P)
-        assert sorted(m for op, m in ops if op == "forward") == list(range(M))
-        assert sorted(m for op, m in ops if op == "backward") == list(range(M))
-        for m in range(M):
-            assert ops.index(("forward", m)) < ops.index(("backward", m))
-    want = [M] * P if kind == "afab" else [min(P - s, M) for s in range(P)]
-    traces = pipe.simulate(kind, M, P)                                 # raises on a deadlock
-    assert [pipe.peak_alive(trace) for trace in traces] == want
-    span = max(trace[-1][3] for trace in traces)
-    busy = [sum(end - start for op, _, start, end in trace if op in ("forward", "backward")) for trace in traces]
-    assert [1 - b / span for b in busy] == pytest.approx([pipe.bubble_formula(M, P)] * P)
+def cases():
+    """(kind, P, M, V) of every schedule: afab, 1f1b and zb-h1 for any M; interleaved for M a multiple of P."""
+    out = [(kind, P, M, 1) for kind in ("afab", "1f1b", "zb-h1") for P in (1, 2, 3, 4, 8) for M in (1, 2, 4, 7, 12)]
+    return out + [("interleaved", P, M, V) for P in (1, 2, 3, 4, 8) for V in (2, 3) for M in (P, 2 * P, 4 * P)]
+
+
+@pytest.mark.parametrize("kind, P, M, V", cases())
+def test_schedules_are_valid_programs_at_their_activation_bound_and_bubble(kind, P, M, V):
+    peaks = pipe.check_schedule(kind, M, P, V)        # every op once and in order, sends = recvs, no deadlock
+    assert peaks == [pipe.alive_bound(kind, M, s, P, V) for s in range(P)]
+    # forward 1, backward 2 per stage (a chunk: 1/V of that); zb-h1's backward split into B = W = 1
+    costs = {"zb-h1": (1, 1, 1)}.get(kind, (1 / V, 2 / V, 0))
+    traces = pipe.simulate(kind, M, P, *costs, virtual=V)
+    span = max(trace[-1][4] for trace in traces)
+    bubbles = [pipe.bubble(trace, span) for trace in traces]
+    if kind != "zb-h1" or M >= P:                     # zb-h1 fills the bubble with W only once M >= P
+        assert bubbles == pytest.approx([pipe.bubble_formula(kind, M, P, V)] * P)
+    if kind == "zb-h1":                               # never worse than 1f1b with the same work per micro-batch
+        ones = pipe.simulate("1f1b", M, P, 1, 2)
+        assert max(bubbles) <= max(pipe.bubble(trace, max(t[-1][4] for t in ones)) for trace in ones) + 1e-12
+
+
+def test_zb_h1_fills_the_bubble_by_the_formula_for_unequal_b_and_w():
+    for b, w in ((1.5, 0.5), (1.2, 0.8), (2.0, 1.0)):
+        traces = pipe.simulate("zb-h1", 8, 4, 1.0, b, w)
+        span = max(trace[-1][4] for trace in traces)
+        assert max(pipe.bubble(t, span) for t in traces) == pytest.approx(pipe.bubble_formula("zb-h1", 8, 4,
+                                                                                               costs=(1, b, w)))
 
 
 def test_the_simulator_finds_a_deadlock(monkeypatch):
     schedule = pipe.schedule          # stage 0 waits for a gradient stage 1 sends only after a forward it waits for
-    first = {0: [("recv_bwd", 0)], 1: [("recv_fwd", 1)]}
-    monkeypatch.setattr(pipe, "schedule", lambda kind, M, s, P: first[s] + schedule(kind, M, s, P))
+    first = {0: [("recv_bwd", 0, 0)], 1: [("recv_fwd", 1, 0)]}
+    monkeypatch.setattr(pipe, "schedule", lambda kind, M, s, P, V=1: first[s] + schedule(kind, M, s, P, V))
     with pytest.raises(RuntimeError, match="deadlocks"):
         pipe.simulate("1f1b", 2, 2)
 
 
-def test_layers_are_split_as_evenly_as_possible_and_the_ends_hold_the_embedding_and_head():
+@pytest.mark.parametrize("break_it, words", [
+    (lambda ops: [op for op in ops if op != ("weights", 1, 0)], "never runs ['weights']"),
+    (lambda ops: ops + [("weights", 0, 0)], "twice"),
+    (lambda ops: [("weights", 3, 0)] + [op for op in ops if op != ("weights", 3, 0)], "out of order"),
+    (lambda ops: [op for op in ops if op != ("send_fwd", 2, 0)], "never runs ['send_fwd']"),
+])
+def test_the_schedule_checker_catches_a_misplaced_or_missing_instruction(monkeypatch, break_it, words):
+    schedule = pipe.schedule
+    monkeypatch.setattr(pipe, "schedule", lambda kind, M, s, P, V=1: (break_it if s == 0 else list)(
+        schedule(kind, M, s, P, V)))
+    with pytest.raises(AssertionError, match=re.escape(words)):
+        pipe.check_schedule("zb-h1", 4, 2)
+
+
+def test_interleaved_stages_hold_every_pth_chunk_and_zb_h1_splits_each_backward_in_two():
     assert [list(r) for r in pipe.split_layers(5, 3)] == [[0, 1], [2, 3], [4]]
+    assert [list(r) for r in pipe.chunk_layers(8, 1, 2, 2)] == [[2, 3], [6, 7]]
+    ops = pipe.schedule("interleaved", 4, 0, 2, 2)
+    assert [(m, c) for op, m, c in ops if op == "forward"] == [(0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (3, 0),
+                                                               (2, 1), (3, 1)]
+    ops = pipe.schedule("zb-h1", 3, 1, 2)       # the last stage defers each W by one micro-batch
+    assert [op[:2] for op in ops if op[0] in ("forward", "backward", "weights")] == [
+        ("forward", 0), ("backward", 0), ("forward", 1), ("backward", 1), ("weights", 0), ("forward", 2),
+        ("backward", 2), ("weights", 1), ("weights", 2)]
+
+
+def test_layers_are_split_as_evenly_as_possible_and_the_ends_hold_the_embedding_and_head():
     cfg = GPTConfig(n_layer=5, n_head=2, n_embd=8, block_size=4, vocab_size=7)
     names = [set(pipe.stage_layout(cfg, s, 3).shapes) for s in range(3)]
     assert {"wte", "wpe"} <= names[0] and {"wte", "ln_f.w", "ln_f.b"} <= names[2]
     assert not names[1] & {"wte", "wpe", "ln_f.w", "ln_f.b"}
     assert sum(pipe.stage_sizes(cfg, 3)) == pipe.stage_layout(cfg, 0, 1).size + 7 * 8   # wte held twice
+    cfg = GPTConfig(n_layer=4, n_head=2, n_embd=8, block_size=4, vocab_size=7)
+    assert {name.split(".")[1] for name in pipe.stage_layout(cfg, 1, 2, virtual=2).shapes if name[:2] == "h."} == \
+        {"1", "3"}
 
 
-def test_bubble_formula():
-    assert pipe.bubble_formula(1, 4) == 0.75 and pipe.bubble_formula(8, 1) == 0.0
-    assert pipe.bubble_formula(8, 4) == pytest.approx(3 / 11)
+def test_bubble_formulas():
+    assert pipe.bubble_formula("1f1b", 1, 4) == 0.75 and pipe.bubble_formula("afab", 8, 1) == 0.0
+    assert pipe.bubble_formula("1f1b", 8, 4) == pytest.approx(3 / 11)
+    assert pipe.bubble_formula("interleaved", 8, 4, 2) == pytest.approx(3 / 19)       # (p-1)/(vm) of the ideal
+    assert pipe.bubble_formula("zb-h1", 8, 4) == pytest.approx(3 / 27)                # a third of 1f1b's slots
+
+
+def test_deferred_weight_gradients_are_bitwise_those_of_the_whole_backward():
+    from common.model import gpt_layout, init_params, SINGLE, stage_backward, stage_forward, stage_weights
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 11, (2, 4, 8))
+    for dtype in (np.float32, np.float64):
+        layout, flat = gpt_layout(cfg), init_params(cfg, 0, dtype)
+        grads = [np.zeros_like(flat) for _ in range(2)]
+        for g, weights in zip(grads, (None, [])):
+            _, _, cache = stage_forward(layout.views(flat), x, y, cfg, range(2))
+            stage_backward(cache, layout.views(flat), layout.views(g), 1.0, weights=weights)
+        assert not grads[1].any()                                 # B computed no weight gradient
+        announced = []
+        stage_weights(weights, layout.views(grads[1]), SINGLE, announced.append)
+        assert np.array_equal(grads[0], grads[1]) and grads[0].any()
+        assert announced == ["ln_f.w", "h.1.ln_1.w", "h.0.ln_1.w", "wte"] and weights == []
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
-def test_verify_passes_for_both_schedules_and_every_micro_batch_count_on_n_stages(n):
+def test_verify_passes_for_every_schedule_and_micro_batch_count_on_n_stages(n):
     result = run_mpi(n, [VERIFY], timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().splitlines()[-1].startswith(f"P={n}: PASS:")
+    cases = {line.split(":")[0] for line in result.stdout.splitlines() if line.endswith("ok")}
+    assert {"afab M=8", "1f1b M=8", "zb-h1 M=8"} <= cases
+    if n in (2, 4):
+        assert {f"interleaved V=2 M={n}", f"interleaved V=2 M={2 * n}"} <= cases
+        assert ("interleaved V=3 M=2" in cases) == (n == 2)
 
 
 @pytest.mark.parametrize("patch, failing, worst", [              # dloss 1 instead of 1/M: the bug gallery's
@@ -75,11 +142,45 @@ def test_verify_fails_when_the_gradients_are_wrong(tmp_path, patch, failing, wor
         assert verdict(result).split("exceed 1e-10: ")[1].split(", ")[0].split()[-1] == worst, verdict(result)
 
 
+SKIP_ONE_W = """
+pipe = import_chapter('05_pipeline.pipeline')
+schedule = pipe.schedule
+def schedule_without_a_w(kind, M, s, P, V=1):          # the last W of stage 0 never runs
+    ops = schedule(kind, M, s, P, V)
+    ws = [i for i, op in enumerate(ops) if op[0] == "weights"]
+    return [op for i, op in enumerate(ops) if s != 0 or not ws or i != ws[-1]]
+pipe.schedule = schedule_without_a_w
+"""
+W_TWICE = """
+import common.layers as layers
+accumulate = layers.accumulate
+def accumulate_in_b_too(grad, fn, *args):              # B computes the weight gradients, and W again
+    if type(grad) is layers.Deferred:
+        grad.view += fn(*args)
+    accumulate(grad, fn, *args)
+layers.accumulate = accumulate_in_b_too
+"""
+
+
+@pytest.mark.parametrize("patch", [SKIP_ONE_W, W_TWICE], ids=["a W skipped", "W run twice"])
+def test_verify_fails_on_zb_h1_alone_when_a_w_is_skipped_or_run_twice(tmp_path, patch):
+    result = run_mpi(2, [sabotaged(tmp_path, patch, "05_pipeline.verify")], timeout=180)
+    assert result.returncode == 1, result.stdout + result.stderr
+    failed = {line.split(":")[0] for line in result.stdout.splitlines() if line.endswith("FAIL")}
+    assert failed and all(case.startswith("zb-h1 M=") for case in failed), failed
+
+
 @pytest.mark.parametrize("n, flags, words", [
     (3, ["--n-layer", 2], ["--n-layer 2", "--pp 3", "at most 2"]),
     (2, ["--pp", 4], ["--pp 4", "2 ranks"]),
     (2, ["--microbatches", 3], ["--batch-size 8", "--microbatches 3"]),
     (1, ["--schedule", "zigzag"], ["--schedule", "zigzag"]),
+    (2, ["--schedule", "interleaved"], ["--schedule interleaved", "--virtual-stages 2 or more"]),
+    (2, ["--virtual-stages", 2], ["--virtual-stages 2", "--schedule interleaved"]),
+    (2, ["--schedule", "interleaved", "--virtual-stages", 2, "--microbatches", 1, "--batch-size", 8],
+     ["--microbatches 1", "multiple of 2"]),
+    (2, ["--schedule", "interleaved", "--virtual-stages", 3, "--microbatches", 2],
+     ["--n-layer 4", "--pp 2 x --virtual-stages 3 = 6 chunks"]),
 ])
 def test_bad_input_exits_2_on_every_rank_with_one_message(tiny_data, tmp_path, n, flags, words):
     result = run_mpi(n, [TRAIN, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, *flags], timeout=60)
@@ -100,16 +201,16 @@ def test_a_2_stage_checkpoint_resumed_on_4_stages_continues_exactly_as_single_co
     assert sample.returncode == 0 and sample.stdout.startswith("ANNA"), sample.stderr
 
 
-@pytest.mark.parametrize("kind", ["afab", "1f1b"])
-def test_the_timeline_records_every_instruction_of_every_stage(tiny_data, tmp_path, kind):
-    result = run_mpi(4, [TRAIN, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, "--max-iters", 2,
-                         "--schedule", kind, "--microbatches", 4])
+@pytest.mark.parametrize("kind, P, V", [("afab", 4, 1), ("1f1b", 4, 1), ("zb-h1", 4, 1), ("interleaved", 2, 2)])
+def test_the_timeline_records_every_instruction_of_every_stage(tiny_data, tmp_path, kind, P, V):
+    result = run_mpi(P, [TRAIN, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, "--max-iters", 2,
+                         "--schedule", kind, "--microbatches", 4, "--virtual-stages", V])
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "timeline.json").read_text())
-    assert (record["pp"], record["microbatches"], len(record["ranks"])) == (4, 4, 4)
+    assert (record["pp"], record["microbatches"], len(record["ranks"])) == (P, 4, P)
     for s, r in enumerate(record["ranks"]):
-        assert [tuple(op[:2]) for op in r["trace"]] == [tuple(op) for op in pipe.schedule(kind, 4, s, 4)]
-        assert all(0 <= start <= end for _, _, start, end in r["trace"])
-        assert r["peak"] == (4 if kind == "afab" else 4 - s)
+        assert [tuple(op[:3]) for op in r["trace"]] == pipe.schedule(kind, 4, s, P, V)
+        assert all(0 <= start <= end for *_, start, end in r["trace"])
+        assert r["peak"] == pipe.alive_bound(kind, 4, s, P, V)
         assert r["p2p"] == r["p2p_formula"] and 0 <= r["bubble"] < 1
     assert "bubble per stage" in result.stdout

@@ -17,9 +17,8 @@ def test_tensor_parallel_verify_refuses_ranks_that_do_not_split_the_heads_or_seq
     assert_refused(run_mpi(n, ["02_tensor_parallel/verify.py", *flags], timeout=60), words)
 
 
-@pytest.mark.parametrize("n", [5, 6])
-def test_pipeline_verify_refuses_more_stages_than_layers(n):
-    assert_refused(run_mpi(n, ["05_pipeline/verify.py"], timeout=60), [f"{n} stages > 4 layers", "-n 1 to 4"])
+def test_pipeline_verify_refuses_more_stages_than_layers():
+    assert_refused(run_mpi(9, ["05_pipeline/verify.py"], timeout=60), ["9 stages > 8 layers", "-n 1 to 8"])
 
 
 @pytest.mark.parametrize("n, flags, words", [
