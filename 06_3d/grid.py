@@ -79,9 +79,7 @@ def check(gpt_cfg, train_cfg, par, world_size):
         raise ConfigError(f"--tp {par.tp} x --pp {par.pp} x --dp {par.dp} = {par.tp * par.pp * par.dp} ranks but "
                           f"mpirun started {world_size}; choose sizes whose product is {world_size}")
     tp_lib.check_layout(gpt_cfg, par.tp, par.sequence_parallel)
-    if gpt_cfg.n_layer < par.pp:
-        raise ConfigError(f"--n-layer {gpt_cfg.n_layer} is fewer than --pp {par.pp} stages, and every stage needs "
-                          f"a block; choose --pp of at most {gpt_cfg.n_layer}")
+    pipe.check_layout(gpt_cfg, par)
     if train_cfg.batch_size % (par.dp * par.microbatches):
         raise ConfigError(f"--batch-size {train_cfg.batch_size} is not divisible by --dp {par.dp} x --microbatches "
                           f"{par.microbatches}; choose a multiple of {par.dp * par.microbatches}")
@@ -89,12 +87,15 @@ def check(gpt_cfg, train_cfg, par, world_size):
         raise ConfigError(f"--zero-stage {par.zero_stage} is not combined with --pp {par.pp} here: it would "
                           f"reduce-scatter{' and re-gather' if par.zero_stage == 3 else ''} a stage's gradients for "
                           f"every micro-batch between pipeline sends; use --zero-stage 1 with pipelines, or --pp 1")
+    if par.zero_stage > 1 and par.schedule == "zb-h1":
+        raise ConfigError(f"--zero-stage {par.zero_stage} reduce-scatters each micro-batch's gradients as its "
+                          "backward ends, but --schedule zb-h1 computes them later; use --zero-stage 1 or 0 with zb-h1")
 
 
-def local_layout(gpt_cfg, stage, pp_size, tp_size):
+def local_layout(gpt_cfg, stage, pp_size, tp_size, virtual=1):
     """The tensors of pipeline stage `stage`, each with its shape on one of the tp ranks."""
     shapes = tp_lib.tp_layout(gpt_cfg, tp_size).shapes
-    return Layout([(name, shapes[name]) for name in pipe.stage_layout(gpt_cfg, stage, pp_size).shapes])
+    return Layout([(name, shapes[name]) for name in pipe.stage_layout(gpt_cfg, stage, pp_size, virtual).shapes])
 
 
 # ----------------------------------------------------------------------------- one rank's part of the model
@@ -106,7 +107,7 @@ class Part:
     def __init__(self, gpt_cfg, train_cfg, par, grid, full):
         self.gpt_cfg, self.train_cfg, self.par, self.grid = gpt_cfg, train_cfg, par, grid
         self.stage, P, tp = grid.pp.rank, grid.pp.size, grid.tp
-        self.layout = local_layout(gpt_cfg, self.stage, P, tp.size)
+        self.layout = local_layout(gpt_cfg, self.stage, P, tp.size, par.virtual_stages)
         params = tp_lib.shard(gpt_layout(gpt_cfg).views(full), self.layout, gpt_cfg, tp.size, tp.rank, full.dtype)
         decay = self.layout.mask(decays)
         using = None
@@ -124,7 +125,8 @@ class Part:
         self.opt = AdamW(decay, train_cfg.beta1, train_cfg.beta2, train_cfg.weight_decay, dtype=full.dtype)
         sp = par.sequence_parallel
         self.st = pipe.Stage(gpt_cfg, self.stage, grid.pp, p, g, parts=tp_lib.tp_parts(tp, sp), using=using,
-                             seq_len=gpt_cfg.block_size // tp.size if sp else None, dtype=full.dtype)
+                             seq_len=gpt_cfg.block_size // tp.size if sp else None, dtype=full.dtype,
+                             virtual=par.virtual_stages)
         self.counted = self._counted()
 
     def _counted(self):
@@ -153,14 +155,15 @@ class Part:
                      ((self.params, self.zero.stage == 3), (opt.m, True), (opt.v, True))]
         if grid.dp.rank != 0:
             return None
-        stage_layout = pipe.stage_layout(self.gpt_cfg, self.stage, grid.pp.size)
+        V = self.par.virtual_stages
+        stage_layout = pipe.stage_layout(self.gpt_cfg, self.stage, grid.pp.size, V)
         whole = []
         for flat in flats:
             tensors = tp_lib.unshard(flat, self.layout, self.gpt_cfg, grid.tp)
             whole.append(np.empty(stage_layout.size, flat.dtype))
             for name, view in stage_layout.views(whole[-1]).items():
                 view[...] = tensors[name]
-        return pipe.whole_state(self.gpt_cfg, whole, grid.pp, root=0) if grid.tp.rank == 0 else None
+        return pipe.whole_state(self.gpt_cfg, whole, grid.pp, root=0, virtual=V) if grid.tp.rank == 0 else None
 
     def load(self, state):
         """Take this rank's shards of a consolidated state, whatever layout wrote it."""
@@ -177,19 +180,20 @@ def ledger_formula(gpt_cfg, par, stage, batch_size, itemsize):
     (chapters 02, 05 and 03/04's formulas): what the ledger of any rank of that stage measures."""
     e, M, sp = itemsize, par.microbatches, par.sequence_parallel
     b = batch_size // (par.dp * M)                            # rows of one micro-batch
-    layout = local_layout(gpt_cfg, stage, par.pp, par.tp)
+    V = par.virtual_stages
+    layout = local_layout(gpt_cfg, stage, par.pp, par.tp, V)
     first, last = stage == 0, stage == par.pp - 1
     out = {"tp": {}, "pp": {}, "dp": {}, "ends": {}}
     if par.tp > 1:
         replicated = sum(stop - start for name, (start, stop) in layout.offsets.items()
                          if tp_lib.kind(name) == "replicated") if sp else 0
-        blocks = len(pipe.split_layers(gpt_cfg.n_layer, par.pp)[stage])
+        blocks = sum(len(chunk) for chunk in pipe.chunk_layers(gpt_cfg.n_layer, stage, par.pp, V))
         want = tp_lib.comm_formula(gpt_cfg, b, e, sp, blocks, first, last, M, replicated,
                                    settles=M if par.zero_stage > 1 else 1)   # ZeRO-2/3 settle every micro-batch
         out["tp"] = {kind: nbytes for kind, (_, nbytes) in want.items()}
     if par.pp > 1:
         seq_len = gpt_cfg.block_size // par.tp if sp else None
-        out["pp"] = pipe.p2p_formula(gpt_cfg, batch_size // par.dp, stage, par.pp, e, seq_len)
+        out["pp"] = pipe.p2p_formula(gpt_cfg, batch_size // par.dp, stage, par.pp, e, seq_len, V)
         out["pp"]["bcast"] = 8
         if first or last:
             out["ends"] = {"allreduce": int(np.prod(layout.shapes["wte"])) * e}

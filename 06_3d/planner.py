@@ -43,7 +43,8 @@ def predict(gpt_cfg, train_cfg, par):
     itemsize = np.dtype(train_cfg.dtype).itemsize
     per_stage = [grid_lib.ledger_formula(gpt_cfg, par, s, train_cfg.batch_size, itemsize) for s in range(par.pp)]
     axes = {axis: max(sum(f[axis].values()) for f in per_stage) for axis in ("tp", "pp", "ends", "dp")}
-    return {"memory": memory, "axes": axes, "bubble": pipe.bubble_formula(par.microbatches, par.pp)}
+    return {"memory": memory, "axes": axes, "bubble": pipe.bubble_formula(par.schedule, par.microbatches, par.pp,
+                                                                          par.virtual_stages)}
 
 
 def tp_inside_host(tp, ranks_per_host):

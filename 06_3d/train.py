@@ -44,7 +44,7 @@ def memory_estimate(gpt_cfg, train_cfg, par, rank):
     its stage keeps, chapter 04), the activations its schedule keeps alive (chapter 05) of its rows, split over
     tp (chapter 02)."""
     _, stage, _ = grid_lib.coords(rank, par.tp, par.pp)
-    layout = grid_lib.local_layout(gpt_cfg, stage, par.pp, par.tp)
+    layout = grid_lib.local_layout(gpt_cfg, stage, par.pp, par.tp, par.virtual_stages)
     n, shard, M, e = layout.size, -(-layout.size // par.dp), par.microbatches, np.dtype(train_cfg.dtype).itemsize
     part = max(sum(int(np.prod(layout.shapes[name])) for name in names) for names in modules(gpt_cfg).values()
                if all(name in layout.shapes for name in names))
@@ -52,9 +52,9 @@ def memory_estimate(gpt_cfg, train_cfg, par, rank):
     return estimate(gpt_cfg, e, params=shard + part if par.zero_stage == 3 else n,
                     grads=shard + bucket if par.zero_stage > 1 else n, optimizer=shard if par.zero_stage else n,
                     rows=train_cfg.batch_size // (par.dp * M),
-                    blocks=len(pipe.split_layers(gpt_cfg.n_layer, par.pp)[stage]),
+                    blocks=max(len(c) for c in pipe.chunk_layers(gpt_cfg.n_layer, stage, par.pp, par.virtual_stages)),
                     first=stage == 0, last=stage == par.pp - 1,
-                    alive=M if par.schedule == "afab" else min(par.pp - stage, M), tp_size=par.tp,
+                    alive=pipe.alive_bound(par.schedule, M, stage, par.pp, par.virtual_stages), tp_size=par.tp,
                     sp=par.sequence_parallel)
 
 
@@ -73,7 +73,8 @@ def train_step(part, batch, lr):
         if name != "wte" or grid.pp.size == 1:
             sync.ready(name)
 
-    loss = st.run(pipe.schedule(par.schedule, M, st.stage, grid.pp.size), np.split(x, M), np.split(y, M),
+    ops = pipe.schedule(par.schedule, M, st.stage, grid.pp.size, par.virtual_stages)
+    loss = st.run(ops, np.split(x, M), np.split(y, M),
                   scale=1.0 / grid.dp.size, grads_ready=ready,
                   finish_each=sync.finish if sync.every_microbatch else None)
     pipe.sync_tied_embedding(st.g, grid.ends, st.stage, grid.pp.size)
@@ -89,7 +90,7 @@ def evaluate(part, batches):
     pipeline, and the last stage's sums are added over dp."""
     st, grid, M = part.st, part.grid, part.par.microbatches
     loss = dp_lib.mean_over_replicas(batches, grid.dp, lambda x, y: st.run(
-        pipe.schedule("forward", M, st.stage, grid.pp.size), np.split(x, M), np.split(y, M)))
+        pipe.schedule("forward", M, st.stage, grid.pp.size, part.par.virtual_stages), np.split(x, M), np.split(y, M)))
     return float(grid.pp.bcast(np.array([loss]), root=grid.pp.size - 1)[0])
 
 

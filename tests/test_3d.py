@@ -51,6 +51,8 @@ def test_verify_fails_when_one_axis_forgets_its_sum(tmp_path, patch, args):
     (4, ["--pp", 4, "--n-layer", 2], ["--n-layer 2", "--pp 4"]),
     (4, ["--dp", 4, "--batch-size", 4], ["--batch-size 4", "--dp 4", "multiple of 8"]),
     (4, ["--pp", 2, "--dp", 2, "--zero-stage", 2], ["--zero-stage 2", "--pp 2", "--zero-stage 1 with pipelines"]),
+    (2, ["--dp", 2, "--zero-stage", 3, "--schedule", "zb-h1"], ["--zero-stage 3", "zb-h1", "--zero-stage 1 or 0"]),
+    (4, ["--pp", 4, "--schedule", "interleaved", "--virtual-stages", 2], ["--n-layer 4", "8 chunks"]),
 ])
 def test_bad_input_exits_2_on_every_rank_with_one_message(tiny_data, tmp_path, n, flags, words):
     result = run_mpi(n, [TRAIN, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, *flags], timeout=60)
