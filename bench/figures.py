@@ -95,52 +95,85 @@ def zero_memory(out_root, work):
     save(fig, out_root / "04_zero" / "figures" / "memory.png")
 
 
-COLORS = {"forward": "tab:blue", "backward": "tab:orange", "send_fwd": "tab:red", "send_bwd": "tab:red"}
+COLORS = {"forward": "tab:blue", "backward": "tab:orange", "weights": "tab:green", "send_fwd": "tab:red",
+          "send_bwd": "tab:red"}
+SCHEDULES = {"afab": [], "1f1b": [], "interleaved": ["--virtual-stages", 2], "zb-h1": []}   # on 2 stages
+MICROBATCHES = (1, 2, 4, 8)
+
+
+def op_costs(traces):
+    """The median time of a forward, a backward and a W (0 if none) over every stage's trace."""
+    return [float(np.median([end - start for trace in traces for o, _, _, start, end in trace if o == op] or [0]))
+            for op in ("forward", "backward", "weights")]
+
+
+def draw_trace(ax, traces, title):
+    for s, trace in enumerate(traces):
+        for op, m, c, start, end in trace:
+            if op in COLORS:
+                ax.broken_barh([(start * 1e3, (end - start) * 1e3)], (s - 0.4, 0.8), color=COLORS[op])
+                if op in ("forward", "backward", "weights") and end - start > 2e-3:
+                    ax.text((start + end) / 2 * 1e3, s, f"{m}{chr(ord('a') + c) if c else ''}", ha="center",
+                            va="center", fontsize=6)
+    ax.set_yticks([0, 1], ["stage 0", "stage 1"])
+    ax.set_title(title, fontsize=8)
 
 
 def pipeline_figures(out_root, work):
-    """05: the real timelines of one step, and the measured bubble against M beside the formula."""
-    bubbles = {}
-    for kind in ("afab", "1f1b"):
-        for M in (1, 2, 4, 8):
+    """05: one step's real timeline of each schedule under its ideal one, and the measured bubble against M
+    beside each schedule's formula. Returns {schedule: {M: measured bubble}} and the formulas."""
+    records = {}
+    for kind, flags in SCHEDULES.items():
+        for M in MICROBATCHES:
+            if kind == "interleaved" and M % 2:
+                continue
             out = work / f"pipe_{kind}_{M}"
-            launch("05_pipeline/train.py", "--schedule", kind, "--microbatches", M, "--batch-size", 16,
+            launch("05_pipeline/train.py", "--schedule", kind, *flags, "--microbatches", M, "--batch-size", 16,
                    "--max-iters", 6, "--eval-interval", 1000, "--eval-iters", 1, "--out-dir", out, ranks=2,
                    quiet=True)
-            record = json.loads((out / "timeline.json").read_text())
-            bubbles[kind, M] = max(r["bubble"] for r in record["ranks"])
-            if M == 4:
-                bubbles[kind, "trace"] = [r["trace"] for r in record["ranks"]]
-    fig, axes = plt.subplots(4, 1, figsize=(8, 5.4), sharex=True)
-    for i, kind in enumerate(("afab", "1f1b")):
-        real = bubbles[kind, "trace"]
-        t_f, t_b = zip(*[[np.median([e - s for o, _, s, e in trace if o == op]) for op in ("forward", "backward")]
-                         for trace in real])
-        ideal = pipe.simulate(kind, 4, 2, t_f, t_b)          # the same instructions, each op its median time
-        for ax, traces, what in ((axes[2 * i], ideal, "ideal: each op its median time, no waiting but the schedule's"),
+            records[kind, M] = json.loads((out / "timeline.json").read_text())
+    fig, axes = plt.subplots(8, 1, figsize=(8, 10.5), sharex=True)
+    for i, kind in enumerate(SCHEDULES):
+        real = [r["trace"] for r in records[kind, 4]["ranks"]]
+        V = records[kind, 4]["virtual_stages"]
+        ideal = pipe.simulate(kind, 4, 2, *op_costs(real), virtual=V)   # the same instructions at median times
+        for ax, traces, what in ((axes[2 * i], ideal, "ideal: each op its median time"),
                                  (axes[2 * i + 1], real, "real, one step")):
-            for s, trace in enumerate(traces):
-                for op, m, start, end in trace:
-                    if op in COLORS:
-                        ax.broken_barh([(start * 1e3, (end - start) * 1e3)], (s - 0.4, 0.8), color=COLORS[op])
-                        if op in ("forward", "backward") and end - start > 2e-3:
-                            ax.text((start + end) / 2 * 1e3, s, str(m), ha="center", va="center", fontsize=7)
-            ax.set_yticks([0, 1], ["stage 0", "stage 1"])
-            ax.set_title(f"{kind}, 2 stages, M = 4, {what}", fontsize=8)
-    fig.suptitle("forwards (blue), backwards (orange), sends (red); white: the bubble", fontsize=9)
+            draw_trace(ax, traces, f"{kind}{f' (V = {V}: chunk b after a)' if V > 1 else ''}, 2 stages, M = 4, "
+                                   f"{what}")
+    fig.suptitle("forwards (blue), backwards (orange), zb-h1's deferred weight gradients W (green), sends (red); "
+                 "white: the bubble", fontsize=8)
     axes[-1].set_xlabel("ms into the step")
-    save(fig, out_root / "05_pipeline" / "figures" / "timeline.png")
-    fig, ax = plt.subplots(figsize=(6, 3))
-    Ms = np.array([1, 2, 4, 8])
-    for kind, marker in (("afab", "o"), ("1f1b", "s")):
-        ax.plot(Ms, [bubbles[kind, M] for M in Ms], marker, label=f"{kind}, measured (worst stage)")
+    save(fig, out_root / "05_pipeline" / "figures" / "timeline.png", rect=(0, 0, 1, 0.98))
+
+    measured = {kind: {M: max(r["bubble"] for r in records[kind, M]["ranks"]) for k, M in records if k == kind}
+                for kind in SCHEDULES}
+    costs = op_costs([r["trace"] for M in MICROBATCHES for r in records["zb-h1", M]["ranks"]])
+    formulas = {kind: {M: pipe.bubble_formula(kind, M, 2, 2 if kind == "interleaved" else 1, costs)
+                       for M in measured[kind]} for kind in SCHEDULES}
+    fig, ax = plt.subplots(figsize=(7, 3.6))
     grid = np.linspace(1, 8, 50)
-    ax.plot(grid, [pipe.bubble_formula(M, 2) for M in grid], "k-", lw=1, label="(p - 1) / (M + p - 1)")
+    for i, (kind, label) in enumerate((("afab", "afab and 1f1b: (p-1) / (M+p-1)"), ("1f1b", None),
+                                       ("interleaved", "interleaved, V = 2: (p-1) / (VM+p-1)"),
+                                       ("zb-h1", "zb-h1: (p-1)(F+B-W) / (M(F+B+W) + (p-1)(F+B-W))"))):
+        Ms = sorted(measured[kind])
+        ax.plot(Ms, [measured[kind][M] for M in Ms], "osD^"[i], color=f"C{i}", label=f"{kind}, measured")
+        if label:
+            V = 2 if kind == "interleaved" else 1
+            Ms = grid[grid >= 2] if kind == "zb-h1" else grid            # zb-h1's holds from M = P on
+            ax.plot(Ms, [pipe.bubble_formula(kind, M, 2, V, costs) for M in Ms], "-", lw=1, color=f"C{i}",
+                    label=label)
     ax.set_xlabel("micro-batches M")
-    ax.set_ylabel("idle fraction of the step")
-    ax.set_title("the bubble of 2 stages shrinks as M grows")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("idle fraction of the step (worst stage)")
+    ax.set_title("2 stages: the bubble against M, each schedule's formula drawn", fontsize=9)
+    ax.legend(fontsize=7)
     save(fig, out_root / "05_pipeline" / "figures" / "bubble.png")
+    print(f"zb-h1's median F, B, W here: {', '.join(f'{t * 1e3:.1f}' for t in costs)} ms")
+    print("M      " + "".join(f"{kind:>22}" for kind in SCHEDULES) + "   (measured / formula)")
+    for M in MICROBATCHES:
+        print(f"{M:<7}" + "".join(f"{measured[k][M]:>13.2f} / {formulas[k][M]:.2f}" if M in measured[k] else
+                                  f"{'-':>22}" for k in SCHEDULES))
+    return measured, formulas
 
 
 def grid_bytes(ledger, out_root):
