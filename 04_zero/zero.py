@@ -31,12 +31,11 @@ all-reduce of Psi counts 2 Psi here:
                                                                                              = M (3 Psi + V C - T C)
 """
 import contextlib
-import weakref
-from collections import defaultdict
 
 import numpy as np
 
 from common.chapters import import_chapter
+from common.memory import Transient
 from common.optim import clip_grad_norm, global_norm
 
 dp_lib = import_chapter("03_data_parallel.data_parallel")
@@ -73,28 +72,6 @@ def runs(layout, names):
         else:
             out.append((start, stop, [name]))
     return out
-
-
-class Transient:
-    """Buffers that live for part of a step (gathered weights, gradient buckets), tracked by weak reference:
-    a buffer counts for as long as anything still holds it, so a forgotten reference shows up in the peak."""
-
-    def __init__(self):
-        self.alive, self.peak = [], defaultdict(int)
-
-    def new(self, kind, size, dtype, zeroed=False):
-        buf = (np.zeros if zeroed else np.empty)(size, dtype)
-        self.alive = [(k, ref) for k, ref in self.alive if ref() is not None] + [(kind, weakref.ref(buf))]
-        now = defaultdict(int)
-        for k, ref in self.alive:
-            now[k] += ref().nbytes
-        for k, nbytes in now.items():
-            self.peak[k] = max(self.peak[k], nbytes)
-        self.peak["total"] = max(self.peak["total"], sum(now.values()))
-        return buf
-
-    def held(self):
-        return sum(ref().nbytes for _, ref in self.alive if ref() is not None)
 
 
 def owned_bytes(a):

@@ -33,6 +33,9 @@ def option(default, help, chapters=(), choices=None, group=None):
     return field(default=default, metadata={"help": help, "chapters": chapters, "choices": choices, "group": group})
 
 
+RECOMPUTE = ("none", "selective", "full")                                # common/model.py's Parts.recompute
+
+
 @dataclass
 class GPTConfig:
     n_layer: int = option(4, "transformer blocks")
@@ -75,6 +78,9 @@ class TrainConfig:
     log_interval: int = option(10, "steps between progress lines")
     dtype: str = option("float32", "float32 to train, float64 to check exactness", choices=("float32", "float64"))
     seed: int = option(1337, "seed of the initial weights and of the batch sampler")
+    recompute: str = option("none", "activations kept for the backward: none recomputes nothing; selective "
+                            "recomputes attention's (heads x T x T) probabilities in the backward; full keeps only "
+                            "each block's input and reruns the block's forward in its backward", choices=RECOMPUTE)
     resume: bool = option(False, "continue from <out-dir>/ckpt.npz where it stopped")
 
     def validate(self):
@@ -86,6 +92,8 @@ class TrainConfig:
                 raise ConfigError(f"--{flag(name)} must be zero or positive, got {getattr(self, name)}")
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        if self.recompute not in RECOMPUTE:
+            raise ConfigError(f"--recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
         if not 0 <= self.min_lr <= self.learning_rate:
             raise ConfigError(f"--min-lr {self.min_lr} must lie between 0 and --learning-rate {self.learning_rate}")
         for name in ("beta1", "beta2"):

@@ -106,11 +106,11 @@ def train(state, tokens, val_tokens, train_step, evaluate, budget, banner, threa
     """A chapter's main() once its `state` is built: resume from <out_dir>/ckpt.npz if asked, print the banner
     (what the chapter built, the threads, the memory), run the loop on batch k = f(seed, k) of `tokens` with
     train_step(state, (x, y), lr) and evaluate(state, val batches), save state.whole() (a collective) at every
-    evaluation, and print the measured memory. `state` has gpt_cfg, train_cfg and opt, whole() -> the
-    single-core {"params" | "adam_m" | "adam_v": {name: tensor}} on the rank that writes (None elsewhere),
-    and load(that). `comm`: every rank of the job (None: one process); before_step(step) and
-    after_step(step, first) run around each step (a ledger reset; a check of the replicas, the first step's
-    figures)."""
+    evaluation, and print the measured memory. `state` has gpt_cfg, train_cfg, opt, held (a
+    common.memory.Transient holding the caches train_step keeps), whole() -> the single-core
+    {"params" | "adam_m" | "adam_v": {name: tensor}} on the rank that writes (None elsewhere), and load(that).
+    `comm`: every rank of the job (None: one process); before_step(step) and after_step(step, first) run around
+    each step (a ledger reset; a check of the replicas, the first step's figures)."""
     gpt_cfg, train_cfg = state.gpt_cfg, state.train_cfg
     leader = comm is None or comm.rank == 0
     ckpt = Path(train_cfg.out_dir) / "ckpt.npz"
@@ -144,7 +144,7 @@ def train(state, tokens, val_tokens, train_step, evaluate, budget, banner, threa
     run_training(train_cfg, start, B * T, step_fn, evaluate=lambda: evaluate(state, val_batches), save=save,
                  metrics_path=Path(train_cfg.out_dir) / "metrics.jsonl" if leader else None, verbose=leader)
     if leader:
-        print(budget.summary())
+        print(budget.summary(state.held.peak["activations"]))
 
 
 def _checked(comm, fn, *args):

@@ -13,6 +13,8 @@ import ctypes.util
 import os
 import resource
 import sys
+import weakref
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +42,47 @@ def reuse_freed_memory():
 MiB, GiB = 2 ** 20, 2 ** 30
 
 
-def activation_bytes(gpt_cfg, rows, blocks, first=True, last=True, tp_size=1, sp=False, itemsize=4):
+def activation_bytes(gpt_cfg, rows, blocks, first=True, last=True, tp_size=1, sp=False, itemsize=4,
+                     recompute="none"):
     """Bytes the forward of one micro-batch of `rows` keeps for its backward: the caches of `blocks` blocks
-    (and of the head if `last`), as common/model.py builds them, on one of `tp_size` tensor-parallel ranks.
-    Per block: LayerNorm xhat and the inputs of c_attn and c_fc (replicated; split by sp), and the split parts
-    qkv (3C), the attention output (C), the MLP's c_fc output, GELU's tanh and output (3 x 4C), and the
-    (heads x T x T) attention probabilities."""
+    (and of the head if `last`), as common/model.py builds them, on one of `tp_size` tensor-parallel ranks;
+    the floating-point arrays, as the token ids are the batch's. Per block and row, Tl = T (T/tp with sp):
+        none       2 Tl C   LayerNorm xhat (two)            2 Tl     their rstd
+                   2 T C    the inputs of c_attn and c_fc (replicated: gathered under sp)
+                   16 T C / tp  the split parts: qkv (3C), the attention output (C), c_fc's output, GELU's
+                                tanh and output (3 x 4C)
+                   nh T T / tp  the attention probabilities
+        selective  the same without the probabilities, recomputed in the backward
+        full       Tl C     the block's input alone
+    and the head's: ln_f xhat (Tl C) and rstd (Tl), its output (T C), the probabilities (T V / tp, padded)."""
     T, C, nh, V = gpt_cfg.block_size, gpt_cfg.n_embd, gpt_cfg.n_head, gpt_cfg.vocab_size
     t = tp_size
-    replicated = 2 * T * C / t + 2 * T * C if sp else 4 * T * C            # two xhat, two linear inputs
-    block = replicated + 16 * T * C / t + nh * T * T / t + 2 * T             # + the two rstd (T, 1)
-    head = (2 * T * C + T + T * V / t) if last else 0                        # ln_f xhat and output, the probs
-    return int(rows * (blocks * block + head) * itemsize)
+    Tl = T // t if sp else T
+    whole = 2 * Tl * C + 2 * Tl + 2 * T * C + 16 * T * C // t + nh * T * T // t
+    block = {"none": whole, "selective": whole - nh * T * T // t, "full": Tl * C}[recompute]
+    head = (Tl * C + Tl + T * C + T * -(-V // t)) if last else 0
+    return rows * (blocks * block + head) * itemsize
+
+
+def deferred_bytes(gpt_cfg, rows, blocks, last=True, tp_size=1, sp=False, itemsize=4):
+    """What the cache of activation_bytes still holds between a backward that deferred its weight gradients
+    (zero-bubble's B) and their computation (W): what W reads. Per block and row: the two LayerNorms' xhat
+    (2 Tl C) and the inputs of the four linears (2 T C + 5 T C / tp); the head's ln_f xhat and output, and its
+    probabilities, which the loss's backward turns into the logits' gradient in place. (W's queue also holds
+    the output gradients it multiplies them with; those are not activations.)"""
+    T, C, V = gpt_cfg.block_size, gpt_cfg.n_embd, gpt_cfg.vocab_size
+    t = tp_size
+    Tl = T // t if sp else T
+    head = (Tl * C + T * C + T * -(-V // t)) if last else 0
+    return rows * (blocks * (2 * Tl * C + 2 * T * C + 5 * T * C // t) + head) * itemsize
+
+
+def recompute_bytes(gpt_cfg, rows, tp_size=1, sp=False, itemsize=4, recompute="none"):
+    """What full recomputation holds on top of the kept inputs: one block's whole cache of one micro-batch,
+    which the backward rebuilds (and the forward makes and drops) one block at a time; 0 otherwise."""
+    if recompute != "full":
+        return 0
+    return activation_bytes(gpt_cfg, rows, 1, last=False, tp_size=tp_size, sp=sp, itemsize=itemsize)
 
 
 def temporary_bytes(gpt_cfg, rows, tp_size=1, itemsize=4):
@@ -67,14 +98,75 @@ def temporary_bytes(gpt_cfg, rows, tp_size=1, itemsize=4):
     return int(largest + 4 * rows * T * C * e)
 
 
-def estimate(gpt_cfg, itemsize, *, params, grads, optimizer, rows, blocks, first=True, last=True, alive=1,
-             tp_size=1, sp=False):
+def estimate(gpt_cfg, itemsize, *, params, grads, optimizer, rows, blocks, first=True, last=True, tp_size=1,
+             sp=False, recompute="none", activations=None):
     """{kind: bytes} one rank will hold at its peak: `params`, `grads` and `optimizer` are element counts
-    (AdamW keeps m, v and a work array of `optimizer` elements); `alive` micro-batches of `rows` rows each
-    keep their activations at once."""
+    (AdamW keeps m, v and a work array of `optimizer` elements); one micro-batch of `rows` rows at a time keeps
+    its activations (activation_bytes and recompute_bytes), or, from a pipeline's schedule, `activations`."""
+    if activations is None:
+        activations = (activation_bytes(gpt_cfg, rows, blocks, first, last, tp_size, sp, itemsize, recompute) +
+                       recompute_bytes(gpt_cfg, rows, tp_size, sp, itemsize, recompute))
     return {"parameters": params * itemsize, "gradients": grads * itemsize, "optimizer": 3 * optimizer * itemsize,
-            "activations": alive * activation_bytes(gpt_cfg, rows, blocks, first, last, tp_size, sp, itemsize),
+            "activations": activations,
             "temporaries": temporary_bytes(gpt_cfg, rows, tp_size, itemsize)}
+
+
+# ----------------------------------------------------------------------------- the memory a run holds
+
+class Transient:
+    """Arrays that live for part of a step (gathered weights, gradient buckets, the activations a forward keeps
+    for its backward), tracked by weak reference and summed by kind: an array counts for as long as anything
+    still holds it, so a forgotten reference shows up in the peak."""
+
+    def __init__(self):
+        self.alive, self.peak = {}, defaultdict(int)             # id of an array -> (kind, weak reference)
+
+    def new(self, kind, size, dtype, zeroed=False):
+        """A new array of `size` elements, tracked as `kind`."""
+        buf = (np.zeros if zeroed else np.empty)(size, dtype)
+        self._track(kind, [buf])
+        return buf
+
+    def hold(self, kind, obj):
+        """Track as `kind` every floating-point array in `obj` (nested tuples and lists, such as a cache), each
+        counted once through the array that owns its memory."""
+        found, todo = [], [obj]
+        while todo:
+            item = todo.pop()
+            if isinstance(item, np.ndarray):
+                while isinstance(item.base, np.ndarray):
+                    item = item.base
+                if item.dtype.kind in "fc":
+                    found.append(item)
+            elif isinstance(item, (tuple, list)):
+                todo.extend(item)
+        self._track(kind, found)
+
+    def _track(self, kind, arrays):
+        self.alive = {key: (k, ref) for key, (k, ref) in self.alive.items() if ref() is not None}
+        for a in arrays:
+            self.alive.setdefault(id(a), (kind, weakref.ref(a)))
+        now = self.held_by_kind()
+        for k, nbytes in now.items():
+            self.peak[k] = max(self.peak[k], nbytes)
+        self.peak["total"] = max(self.peak["total"], sum(now.values()))
+
+    def held_by_kind(self):
+        now = defaultdict(int)
+        for k, ref in self.alive.values():
+            a = ref()
+            if a is not None:
+                now[k] += a.nbytes
+        return now
+
+    def held(self, kind=None):
+        """Bytes still alive (of one kind, or of all)."""
+        now = self.held_by_kind()
+        return now[kind] if kind else sum(now.values())
+
+    def reset(self):
+        """Peaks from now on (what is alive stays tracked)."""
+        self.peak = defaultdict(int)
 
 
 def available_bytes():
@@ -133,10 +225,13 @@ class Budget:
         room = f"; {size(self.available)} available on this host" if self.available is not None else ""
         return f"memory: ~{size(self.total)} {whose} estimated ({parts}){room}"
 
-    def summary(self):
+    def summary(self, activations=None):
+        """The last line of a run; `activations`: the peak bytes its caches held (Transient.peak), measured."""
         peak = peak_rss()
+        held = (f"; activations: peak {size(activations)} held by the caches, {size(self.estimate['activations'])} "
+                f"by the formula" if activations is not None else "")
         return (f"memory: peak {size(peak)} resident on rank 0, {size(max(0, peak - self.start_rss))} of it after "
-                f"start-up, against {size(self.total)} estimated")
+                f"start-up, against {size(self.total)} estimated{held}")
 
 
 def check_fits(estimate, host, state_hint="--n-layer or --n-embd"):

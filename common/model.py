@@ -4,8 +4,8 @@ parameters and their initialisation, and the driver that runs any slice of the m
 import contextlib
 import functools
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -17,11 +17,12 @@ from common.params import Layout, sub
 
 # ----------------------------------------------------------------------------- the transformer block
 
-def block_forward(x, p, n_head):
-    """x + attn(ln_1(x)), then + mlp(ln_2(.)); `p` holds this block's views ("ln_1.w", ...)."""
+def block_forward(x, p, n_head, keep_scores=True):
+    """x + attn(ln_1(x)), then + mlp(ln_2(.)); `p` holds this block's views ("ln_1.w", ...). keep_scores False:
+    attention's probabilities are left out of the cache and recomputed in the backward."""
     h, c_ln1 = layernorm_forward(x, p["ln_1.w"], p["ln_1.b"])
     h, c_qkv = linear_forward(h, p["attn.c_attn.w"], p["attn.c_attn.b"])   # (B,T,3C)
-    h, c_att = attention_forward(h, n_head)
+    h, c_att = attention_forward(h, n_head, keep_scores)
     h, c_proj = linear_forward(h, p["attn.c_proj.w"], p["attn.c_proj.b"])
     x = x + h
     h, c_ln2 = layernorm_forward(x, p["ln_2.w"], p["ln_2.b"])
@@ -119,20 +120,41 @@ def head_backward(dloss, cache, p, g):
 class Parts:
     """The functions the driver runs for each part of the model; tensor parallelism supplies its own.
     settle(part, g), if given, makes a part's gradients final (e.g. sums partial sums over ranks) before the
-    driver announces them through its grads_ready hook."""
+    driver announces them through its grads_ready hook.
+
+    recompute: "none" keeps every block's cache from its forward to its backward; "selective" leaves attention's
+    (heads, T, T) probabilities out and recomputes them in the backward; "full" keeps only each block's input
+    and runs the block's forward again at the start of its backward. hold(cache), if given, is told of every
+    cache the driver keeps, and of each block cache made (and dropped) under full recomputation: how the bytes
+    of activations are measured (common.memory.Transient.hold)."""
     embedding_forward: Callable     # (idx, p) -> (x, cache)
     embedding_backward: Callable    # (dx, cache, p, g) -> None
-    block_forward: Callable         # (x, p of the block, gpt_cfg) -> (x, cache)
+    block_forward: Callable         # (x, p of the block, gpt_cfg, keep_scores) -> (x, cache)
     block_backward: Callable        # (dx, cache, p, g of the block) -> dx
     head_forward: Callable          # (x, p, targets, gpt_cfg) -> (logits, loss, cache)
     head_backward: Callable         # (dloss, cache, p, g) -> dx
     settle: Callable = None         # (part, g) -> None
+    recompute: str = "none"
+    hold: Callable = None           # (cache) -> None
+
+
+def training_parts(parts, recompute="none", held=None):
+    """`parts` recomputing as asked, with every cache they keep counted as "activations" in `held` (a
+    common.memory.Transient), if given."""
+    return replace(parts, recompute=recompute, hold=functools.partial(held.hold, "activations") if held else None)
+
+
+class Rerun(NamedTuple):
+    """What a block keeps under full recomputation: its input, from which the backward runs its forward again."""
+    x: object
+    gpt_cfg: object
 
 
 # module-level names are looked up at call time, so a test that patches one of them reaches the driver
 SINGLE = Parts(embedding_forward=lambda idx, p: embedding_forward(idx, p["wte"], p["wpe"]),
                embedding_backward=lambda dx, cache, p, g: embedding_backward(dx, cache, g["wte"], g["wpe"]),
-               block_forward=lambda x, p, gpt_cfg: block_forward(x, p, gpt_cfg.n_head),
+               block_forward=lambda x, p, gpt_cfg, keep_scores=True: block_forward(x, p, gpt_cfg.n_head,
+                                                                                   keep_scores),
                block_backward=lambda dx, cache, p, g: block_backward(dx, cache, p, g),
                head_forward=lambda x, p, targets, gpt_cfg: head_forward(x, p, targets, gpt_cfg),
                head_backward=lambda dloss, cache, p, g: head_backward(dloss, cache, p, g))
@@ -151,15 +173,37 @@ def stage_forward(p, inp, targets, gpt_cfg, layers, first=True, last=True, using
     c_blocks = []
     for i in layers:
         with using(f"h.{i}"):
-            x, c = parts.block_forward(x, sub(p, f"h.{i}."), gpt_cfg)
+            x, c = _block_forward(parts, x, sub(p, f"h.{i}."), gpt_cfg)
         c_blocks.append(c)
     if not last:
-        return x, None, (parts, first, last, layers, c_emb, c_blocks, None)
+        return x, None, _kept(parts, (parts, first, last, layers, c_emb, c_blocks, None))
     with using("head"):
         logits, loss, c_head = parts.head_forward(x, p, targets, gpt_cfg)
     if targets is None:
         return logits, None, None
-    return logits, loss, (parts, first, last, layers, c_emb, c_blocks, c_head)
+    return logits, loss, _kept(parts, (parts, first, last, layers, c_emb, c_blocks, c_head))
+
+
+def _kept(parts, cache):
+    if parts.hold:
+        parts.hold(cache)
+    return cache
+
+
+def _block_forward(parts, x, p, gpt_cfg):
+    """A block's output and what its backward needs: its cache, or under full recomputation its input alone."""
+    out, cache = parts.block_forward(x, p, gpt_cfg, parts.recompute != "selective")
+    if parts.recompute != "full":
+        return out, cache
+    _kept(parts, cache)                                     # alive until this returns: the forward's working set
+    return out, Rerun(x, gpt_cfg)
+
+
+def _block_backward(parts, dx, cache, p, g):
+    if parts.recompute == "full":                           # the same forward on the same input: the same cache
+        _, cache = parts.block_forward(cache.x, p, cache.gpt_cfg, True)
+        _kept(parts, cache)
+    return parts.block_backward(dx, cache, p, g)
 
 
 def stage_backward(cache, p, g, dout, grads_ready=None, using=_no_hook, weights=None):
@@ -191,7 +235,7 @@ def stage_backward(cache, p, g, dout, grads_ready=None, using=_no_hook, weights=
         ready("head", "ln_f.w")
     for i, c in zip(reversed(layers), reversed(c_blocks)):
         with using(f"h.{i}"):
-            dx = parts.block_backward(dx, c, sub(p, f"h.{i}."), sub(gw, f"h.{i}."))
+            dx = _block_backward(parts, dx, c, sub(p, f"h.{i}."), sub(gw, f"h.{i}."))
         ready(f"h.{i}", f"h.{i}.ln_1.w")
     if not first:
         return dx
