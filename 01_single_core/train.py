@@ -14,8 +14,8 @@ from common.config import (ConfigError, GPTConfig, ParallelConfig, Parser, Train
                            config_from_args, exit_with)
 from common.data import load_meta, load_tokens
 from common.loop import train
-from common.memory import check_fits, estimate, reuse_freed_memory
-from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
+from common.memory import Transient, check_fits, estimate, reuse_freed_memory
+from common.model import SINGLE, gpt_backward, gpt_forward, gpt_layout, init_params, training_parts
 from common.optim import AdamW, clip_grad_norm, decays
 from common.params import Layout
 from common.threads import size_blas_pool
@@ -53,7 +53,8 @@ def setup(argv, chapter=CHAPTER, description=__doc__, defaults=None, shown=None,
 @dataclass
 class State:
     """One process's training state: the whole model in a flat buffer, its gradient (the same layout, `p` and
-    `g` are their named views) and AdamW."""
+    `g` are their named views) and AdamW; the model's parts as training runs them (--recompute), which hold
+    every cache they keep in `held`, so the bytes of activations are measured."""
     gpt_cfg: GPTConfig
     train_cfg: TrainConfig
     layout: Layout
@@ -62,7 +63,16 @@ class State:
     opt: AdamW
 
     def __post_init__(self):
-        self.p, self.g = self.layout.views(self.params), self.layout.views(self.grads)
+        self.p, self.g = self.views()
+        self.held = Transient()
+        self.parts = training_parts(self.model_parts(), self.train_cfg.recompute, self.held)
+
+    def views(self):
+        return self.layout.views(self.params), self.layout.views(self.grads)
+
+    def model_parts(self):
+        """What the model driver runs (common.model.Parts): the single-core layers."""
+        return SINGLE
 
     def whole(self):
         return single_core_state(self.layout, self.params, self.opt)
@@ -86,14 +96,14 @@ def memory_estimate(gpt_cfg, train_cfg):
     """{kind: bytes} this process will hold: the whole model, its gradient and AdamW, one batch's activations."""
     n = gpt_layout(gpt_cfg).size
     return estimate(gpt_cfg, np.dtype(train_cfg.dtype).itemsize, params=n, grads=n, optimizer=n,
-                    rows=train_cfg.batch_size, blocks=gpt_cfg.n_layer)
+                    rows=train_cfg.batch_size, blocks=gpt_cfg.n_layer, recompute=train_cfg.recompute)
 
 
 def train_step(state, batch, lr):
     """One optimizer step on one batch (x, y); returns the loss."""
     s, (x, y) = state, batch
     s.grads.fill(0)
-    _, loss, cache = gpt_forward(s.p, x, y, s.gpt_cfg)
+    _, loss, cache = gpt_forward(s.p, x, y, s.gpt_cfg, parts=s.parts)
     gpt_backward(cache, s.p, s.g)
     clip_grad_norm(s.grads, s.train_cfg.grad_clip)
     s.opt.step(s.params, s.grads, lr)

@@ -91,11 +91,11 @@ def leave_backward(dx, tp, sp):
     return gather_sequence(dx, tp) if sp else dx
 
 
-def block_forward(x, p, n_head_local, tp, sp):
+def block_forward(x, p, n_head_local, tp, sp, keep_scores=True):
     h, c_ln1 = layernorm_forward(x, p["ln_1.w"], p["ln_1.b"])
     h = enter(h, tp, sp)                                                      # f, or all-gather the sequence
     h, c_qkv = linear_forward(h, p["attn.c_attn.w"], p["attn.c_attn.b"])     # column-parallel: my heads' q|k|v
-    h, c_att = attention_forward(h, n_head_local)
+    h, c_att = attention_forward(h, n_head_local, keep_scores)
     h, c_proj = linear_forward(h, p["attn.c_proj.w"], None)                  # row-parallel: a partial sum
     h = leave(h, tp, sp)                                                      # g, or reduce-scatter the sequence
     h += p["attn.c_proj.b"]
@@ -204,16 +204,18 @@ def tp_parts(tp, sp=False):
     grads_ready hook; without a hook, call sync_replicated_grads once the backward is done)."""
     return Parts(embedding_forward=lambda idx, p: vocab_embedding_forward(idx, p["wte"], p["wpe"], tp, sp),
                  embedding_backward=lambda dx, c, p, g: vocab_embedding_backward(dx, c, g["wte"], g["wpe"], tp, sp),
-                 block_forward=lambda x, p, gpt_cfg: block_forward(x, p, gpt_cfg.n_head // tp.size, tp, sp),
+                 block_forward=lambda x, p, gpt_cfg, keep_scores=True: block_forward(x, p, gpt_cfg.n_head // tp.size,
+                                                                                    tp, sp, keep_scores),
                  block_backward=lambda dx, c, p, g: block_backward(dx, c, p, g, tp, sp),
                  head_forward=lambda x, p, targets, gpt_cfg: head_forward(x, p, targets, gpt_cfg, tp, sp),
                  head_backward=lambda dloss, c, p, g: head_backward(dloss, c, p, g, tp, sp),
                  settle=(lambda part, g: sync_replicated_grads(g, tp, part)) if sp else None)
 
 
-def tp_forward(p, idx, targets, gpt_cfg, tp, sp=False):
-    """This rank's logits (B,T,V_padded/N) and the loss, equal to the single-core model's on every rank."""
-    return gpt_forward(p, idx, targets, gpt_cfg, parts=tp_parts(tp, sp))
+def tp_forward(p, idx, targets, gpt_cfg, tp, sp=False, parts=None):
+    """This rank's logits (B,T,V_padded/N) and the loss, equal to the single-core model's on every rank
+    (`parts`: tp_parts(tp, sp) as training runs them, common.model.training_parts)."""
+    return gpt_forward(p, idx, targets, gpt_cfg, parts=parts or tp_parts(tp, sp))
 
 
 def tp_backward(cache, p, g, tp, sp=False, dloss=1.0):
@@ -263,14 +265,16 @@ def grad_norm(grads, layout, tp):
 # ----------------------------------------------------------------------------- the ledger
 
 def comm_formula(gpt_cfg, rows, itemsize, sp=False, blocks=None, first=True, last=True, microbatches=1,
-                 replicated=0, settles=1):
+                 replicated=0, settles=1, recompute="none"):
     """{kind: (calls, bytes)} one rank passes to tp collectives in a step of `microbatches` micro-batches of
     `rows` rows through `blocks` blocks (default all), the embedding if `first`, the head if `last` (see the
     module docstring). With sp, the `replicated` elements' gradients are all-reduced `settles` times, packed in
-    one call each time."""
+    one call each time. Full recomputation runs each block's forward twice, and its two g's (or sp's all-gather
+    and reduce-scatter pairs) with it."""
     e, T, C, M = itemsize, gpt_cfg.block_size, gpt_cfg.n_embd, microbatches
     blocks = gpt_cfg.n_layer if blocks is None else blocks
-    n = M * (4 * blocks + first + last)                   # f and g: two each way per block, g after the
+    forwards = 2 if recompute == "full" else 1
+    n = M * ((2 + 2 * forwards) * blocks + first + last)  # f and g: two each way per block, g after the
     big = rows * T * C * e                                # embedding, f before the head
     loss = (3 * M, 3 * M * rows * T * e) if last else (0, 0)
     if not sp:

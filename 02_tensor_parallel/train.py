@@ -36,7 +36,8 @@ def memory_estimate(gpt_cfg, train_cfg, par):
     """{kind: bytes} one rank will hold: its shards, their gradient and AdamW, its part of the activations."""
     n = tp_lib.tp_layout(gpt_cfg, par.tp).size
     return estimate(gpt_cfg, np.dtype(train_cfg.dtype).itemsize, params=n, grads=n, optimizer=n,
-                    rows=train_cfg.batch_size, blocks=gpt_cfg.n_layer, tp_size=par.tp, sp=par.sequence_parallel)
+                    rows=train_cfg.batch_size, blocks=gpt_cfg.n_layer, tp_size=par.tp, sp=par.sequence_parallel,
+                    recompute=train_cfg.recompute)
 
 
 @dataclass
@@ -44,6 +45,9 @@ class State(single.State):
     """Chapter 01's state holding this rank's shards: `layout` gives their per-rank shapes."""
     par: ParallelConfig = field(kw_only=True)
     tp: Comm = field(kw_only=True)
+
+    def model_parts(self):
+        return tp_lib.tp_parts(self.tp, self.par.sequence_parallel)
 
     def whole(self):
         """Every tensor whole, on every rank (an all-gather over tp)."""
@@ -70,7 +74,7 @@ def train_step(state, batch, lr):
     """One optimizer step; the same loss on every rank, each rank updating its own shards."""
     s, (x, y), sp = state, batch, state.par.sequence_parallel
     s.grads.fill(0)
-    _, loss, cache = tp_lib.tp_forward(s.p, x, y, s.gpt_cfg, s.tp, sp)
+    _, loss, cache = tp_lib.tp_forward(s.p, x, y, s.gpt_cfg, s.tp, sp, parts=s.parts)
     tp_lib.tp_backward(cache, s.p, s.g, s.tp, sp)
     clip_grad_norm(s.grads, s.train_cfg.grad_clip, tp_lib.grad_norm(s.grads, s.layout, s.tp))
     s.opt.step(s.params, s.grads, lr)

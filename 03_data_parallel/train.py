@@ -40,7 +40,8 @@ def memory_estimate(gpt_cfg, train_cfg, par):
     """{kind: bytes} one rank will hold: the whole model, gradient and AdamW, one micro-batch's activations."""
     n = single.gpt_layout(gpt_cfg).size
     return estimate(gpt_cfg, np.dtype(train_cfg.dtype).itemsize, params=n, grads=n, optimizer=n,
-                    rows=train_cfg.batch_size // (par.dp * par.grad_accum), blocks=gpt_cfg.n_layer)
+                    rows=train_cfg.batch_size // (par.dp * par.grad_accum), blocks=gpt_cfg.n_layer,
+                    recompute=train_cfg.recompute)
 
 
 @dataclass
@@ -70,10 +71,11 @@ def train_step(state, batch, lr):
     loss, M = np.zeros(1), par.grad_accum
     for micro in range(M):
         rows = dp_lib.micro_batch_rows(s.train_cfg.batch_size, dp.size, M, dp.rank, micro)
-        _, micro_loss, cache = gpt_forward(s.p, x[rows], y[rows], s.gpt_cfg, using=sync.forward_hook)
+        _, micro_loss, cache = gpt_forward(s.p, x[rows], y[rows], s.gpt_cfg, using=sync.forward_hook, parts=s.parts)
         communicate = micro == M - 1 or sync.every_microbatch       # once the sum is complete
         gpt_backward(cache, s.p, s.g, dloss=1.0 / (dp.size * M), grads_ready=sync.ready if communicate else None,
                      using=sync.backward_hook)
+        del cache                                # or it lives on through the next micro-batch's forward
         if communicate:
             sync.finish()
         loss += micro_loss / (dp.size * M)

@@ -49,7 +49,8 @@ def memory_estimate(gpt_cfg, train_cfg, par):
     bucket = int(par.bucket_mb * 2 ** 20) // np.dtype(train_cfg.dtype).itemsize
     return estimate(gpt_cfg, np.dtype(train_cfg.dtype).itemsize, params=shard + part if stage == 3 else psi,
                     grads=psi if stage == 1 else shard + bucket, optimizer=shard,
-                    rows=train_cfg.batch_size // (par.dp * par.grad_accum), blocks=gpt_cfg.n_layer)
+                    rows=train_cfg.batch_size // (par.dp * par.grad_accum), blocks=gpt_cfg.n_layer,
+                    recompute=train_cfg.recompute)
 
 
 @dataclass
@@ -58,8 +59,8 @@ class State(dp_train.State):
     (the whole model or its shard), `p` and `g` the views the model reads and writes, which stages 2-3 fill
     part by part."""
 
-    def __post_init__(self):
-        self.p, self.g = self.sync.p, self.sync.g
+    def views(self):
+        return self.sync.p, self.sync.g
 
     def whole(self):
         return self.sync.full_state(self.opt)                       # a collective: every rank takes part

@@ -30,11 +30,13 @@ boundaries (the model's two ends excepted). Plus wte's gradient (vocab x C) all-
 the grad norm (8 bytes) and the loss broadcast from the last stage (8 bytes).
 """
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from common.comm import wait_all
 from common.config import ConfigError
+from common.memory import activation_bytes, deferred_bytes, recompute_bytes
 from common.model import SINGLE, _no_hook, param_shapes, stage_backward, stage_forward, stage_weights
 from common.optim import global_norm
 from common.params import Layout
@@ -74,8 +76,8 @@ def stage_layout(gpt_cfg, stage, pp_size, virtual=1):
 SCHEDULES = ("afab", "1f1b", "interleaved", "zb-h1")
 
 
-def check_layout(gpt_cfg, par):
-    """A pipeline's sizes, checked: one ConfigError naming the flag to change."""
+def check_layout(gpt_cfg, par, recompute="none"):
+    """A pipeline's sizes and schedule, checked: one ConfigError naming the flag to change."""
     V, chunks = par.virtual_stages, par.pp * par.virtual_stages
     if gpt_cfg.n_layer < chunks:
         what = (f"--pp {par.pp} x --virtual-stages {V} = {chunks} chunks, and every chunk" if V > 1 else
@@ -86,6 +88,10 @@ def check_layout(gpt_cfg, par):
         raise ConfigError(f"--schedule interleaved sends micro-batches through the {par.pp} stages in groups of "
                           f"{par.pp}: --microbatches {par.microbatches} must be a multiple of {par.pp} (Megatron's "
                           "rule)")
+    if par.schedule == "zb-h1" and recompute == "full":
+        raise ConfigError("--recompute full with --schedule zb-h1 would keep each recomputed block alive until its "
+                          "deferred weight gradients run, undoing most of what recomputing saves; use --recompute "
+                          "selective with zb-h1, or --schedule 1f1b")
 
 
 def check_schedule_args(kind, M, pp_size, virtual):
@@ -196,6 +202,42 @@ def alive_bound(kind, M, stage, pp_size, virtual=1):
             "zb-h1": min(P, M), "forward": 0}[kind]
 
 
+def activation_peak(kind, M, stage, pp_size, virtual, kept, deferred=None, working=0):
+    """The most bytes of activations `stage` holds at once in one step of `schedule(kind, ...)`: each micro-batch
+    chunk's cache, kept(chunk) bytes, from its forward to its backward, or where the weight gradients wait (zb-h1),
+    deferred(chunk) bytes of it from there to its W; plus, under full recomputation, `working` (the one block
+    rebuilt) at each backward. Counted at the moments the measurement counts (common.memory.Transient.hold): as
+    each forward ends and as each backward rebuilds a block."""
+    alive, peak = {}, 0
+    for op, m, c in schedule(kind, M, stage, pp_size, virtual):
+        if op == "forward":
+            alive[m, c] = kept(c)
+            peak = max(peak, sum(alive.values()))
+        elif op == "backward":
+            peak = max(peak, sum(alive.values()) + working)
+            alive[m, c] = deferred(c) if kind == "zb-h1" else 0
+        elif op == "weights":
+            alive[m, c] = 0
+    return peak
+
+
+def activation_formula(gpt_cfg, rows, itemsize, par, stage, recompute="none", tp_size=1, sp=False):
+    """activation_peak of `stage` under par's schedule, micro-batches of `rows` rows, each chunk's cache by the
+    formulas of common.memory (its blocks, and the head if it is the model's last chunk)."""
+    P, V = par.pp, par.virtual_stages
+    chunks = chunk_layers(gpt_cfg.n_layer, stage, P, V)
+
+    def last(c):
+        return c * P + stage == P * V - 1
+
+    return activation_peak(
+        par.schedule, par.microbatches, stage, P, V,
+        kept=lambda c: activation_bytes(gpt_cfg, rows, len(chunks[c]), stage == 0, last(c), tp_size, sp, itemsize,
+                                        recompute),
+        deferred=lambda c: deferred_bytes(gpt_cfg, rows, len(chunks[c]), last(c), tp_size, sp, itemsize),
+        working=recompute_bytes(gpt_cfg, rows, tp_size, sp, itemsize, recompute))
+
+
 def check_schedule(kind, M, pp_size, virtual=1):
     """Prove one schedule a valid program on every stage, or raise AssertionError: each micro-batch chunk
     forwarded once, its backward after its forward and its W (zb-h1) after its backward; each receive
@@ -255,6 +297,7 @@ class Stage:
         self.chunks = chunk_layers(gpt_cfg.n_layer, stage, pp.size, virtual)
         self.first, self.last = stage == 0, stage == pp.size - 1
         self.parts = parts                                    # 06_3d passes tensor-parallel ones
+        self.evaluating = replace(parts, hold=None)           # forwards that keep nothing hold nothing
         self.using = using or (_no_hook, _no_hook)            # (forward, backward) hooks: 06_3d's ZeRO-3
         self.seq_len = seq_len or gpt_cfg.block_size              # positions of the activations sent between stages
         self.dtype = dtype or next(iter(p.values())).dtype    # ZeRO-3's `p` is empty between parts
@@ -284,9 +327,10 @@ class Stage:
             elif op == "forward":
                 act, loss, cache = stage_forward(self.p, x[m] if first else inp.pop((m, c)), y[m] if last else None,
                                                  self.gpt_cfg, self.chunks[c], first, last, self.using[0],
-                                                 self.parts)
+                                                 self.parts if keep else self.evaluating)
                 if keep:
                     caches[m, c] = cache
+                del cache                            # only `caches` may hold it, or it outlives its backward
                 if not last:                                             # the logits are not needed again
                     out[m, c] = act
                 elif loss is not None:

@@ -32,7 +32,7 @@ pipe = import_chapter("05_pipeline.pipeline")
 def setup(argv, world_size):
     gpt_cfg, train_cfg, tokens, val_tokens, par = single.setup(
         argv, Path(__file__).parent.name, __doc__, {"out_dir": "out/pipeline"}, axis="pp", world_size=world_size)
-    pipe.check_layout(gpt_cfg, par)
+    pipe.check_layout(gpt_cfg, par, train_cfg.recompute)
     if train_cfg.batch_size % par.microbatches:
         raise ConfigError(f"--batch-size {train_cfg.batch_size} is not divisible by --microbatches "
                           f"{par.microbatches}; choose a multiple of {par.microbatches}")
@@ -41,15 +41,12 @@ def setup(argv, world_size):
 
 def memory_estimate(gpt_cfg, train_cfg, par, stage):
     """{kind: bytes} stage `stage` will hold: its tensors, their gradient and AdamW, and the activations of
-    the micro-batch chunks its schedule keeps alive at once (pipeline.alive_bound: afab all M; 1f1b at most
-    P - stage), each chunk's blocks counted as the largest chunk's."""
-    V = par.virtual_stages
-    n = pipe.stage_layout(gpt_cfg, stage, par.pp, V).size
-    M = par.microbatches
-    blocks = max(len(chunk) for chunk in pipe.chunk_layers(gpt_cfg.n_layer, stage, par.pp, V))
-    return estimate(gpt_cfg, np.dtype(train_cfg.dtype).itemsize, params=n, grads=n, optimizer=n,
-                    rows=train_cfg.batch_size // M, blocks=blocks, first=stage == 0, last=stage == par.pp - 1,
-                    alive=pipe.alive_bound(par.schedule, M, stage, par.pp, V))
+    the micro-batch chunks its schedule keeps alive at once (pipeline.activation_formula: afab all M, 1f1b at
+    most P - stage, ...)."""
+    n = pipe.stage_layout(gpt_cfg, stage, par.pp, par.virtual_stages).size
+    rows, e = train_cfg.batch_size // par.microbatches, np.dtype(train_cfg.dtype).itemsize
+    return estimate(gpt_cfg, e, params=n, grads=n, optimizer=n, rows=rows, blocks=None,
+                    activations=pipe.activation_formula(gpt_cfg, rows, e, par, stage, train_cfg.recompute))
 
 
 @dataclass
@@ -62,7 +59,8 @@ class State(single.State):
     def __post_init__(self):
         super().__post_init__()
         stage = self.pp.rank
-        self.st = pipe.Stage(self.gpt_cfg, stage, self.pp, self.p, self.g, virtual=self.par.virtual_stages)
+        self.st = pipe.Stage(self.gpt_cfg, stage, self.pp, self.p, self.g, parts=self.parts,
+                             virtual=self.par.virtual_stages)
         self.ends = pipe.end_stages(self.pp, stage, self.pp.size)
 
     def whole(self):
@@ -112,7 +110,8 @@ def evaluate(state, batches):
 def timeline(state):
     """Every rank's record of one step, on rank 0 (None elsewhere)."""
     st, pp, par, train_cfg = state.st, state.pp, state.par, state.train_cfg
-    mine = {"stage": st.stage, "trace": st.trace, "peak": st.peak,
+    mine = {"stage": st.stage, "trace": st.trace, "peak": st.peak, "activations": state.held.peak["activations"],
+            "activations_formula": memory_estimate(state.gpt_cfg, train_cfg, par, st.stage)["activations"],
             "p2p": {k: v["bytes"] for k, v in pp.ledger.as_dict().items() if k in ("isend", "recv")},
             "p2p_formula": pipe.p2p_formula(state.gpt_cfg, train_cfg.batch_size, st.stage, pp.size,
                                             state.params.itemsize, virtual=par.virtual_stages)}

@@ -4,14 +4,18 @@ core computes.
     mpirun -n 2 python 05_pipeline/verify.py            # -n 1 to 4 (3: uneven stages); float64
 
 For each schedule and number of micro-batches M (afab, 1f1b and zb-h1 with M = 1, 4, 8; interleaved with 2
-chunks per stage, M = P and 2P, and with 3 chunks, M = P, where the 8 layers allow it), the real train_step
-of 05_pipeline/train.py and the single-core train_step of chapter 01 take the same AdamW steps on the same
-batches from the same weights. Rows: the losses (as every rank logs them); every parameter tensor, and
-Adam's m and v of each, after the steps, gathered from the stages (one row for the parameters and one for
-m and v, naming the worst tensor); the two copies of wte; the peak number of micro-batch chunks alive on
-each stage against the schedule's bound (pipeline.alive_bound: afab M, 1f1b min(P - stage, M), ...); each
+chunks per stage, M = P and 2P, and with 3 chunks, M = P, where the 8 layers allow it; and four runs with
+--recompute: afab selective, 1f1b full, zb-h1 selective, interleaved full), the real train_step of
+05_pipeline/train.py and the single-core train_step of chapter 01 (recomputing nothing) take the same AdamW
+steps on the same batches from the same weights. Rows: the losses (as every rank logs them); every parameter
+tensor, and Adam's m and v of each, after the steps, gathered from the stages (one row for the parameters and
+one for m and v, naming the worst tensor); the two copies of wte; the peak number of micro-batch chunks alive
+on each stage against the schedule's bound (pipeline.alive_bound: afab M, 1f1b min(P - stage, M), ...); the
+peak bytes of activations each stage's caches held against the formula (pipeline.activation_formula); each
 stage's point-to-point bytes of one step against the formula.
 """
+from dataclasses import replace
+
 import numpy as np
 
 from common.checks import Report, named
@@ -26,10 +30,12 @@ TOL = 1e-10
 
 
 def cases(P, n_layer):
-    """(schedule, virtual stages, M) of every run on P stages."""
-    out = [(kind, 1, M) for kind in ("afab", "1f1b", "zb-h1") for M in (1, 4, 8)]
-    out += [("interleaved", 2, M) for M in (P, 2 * P) if 2 * P <= n_layer]
-    return out + [("interleaved", 3, P)] * (3 * P <= n_layer)
+    """(schedule, virtual stages, M, recompute) of every run on P stages."""
+    out = [(kind, 1, M, "none") for kind in ("afab", "1f1b", "zb-h1") for M in (1, 4, 8)]
+    out += [("interleaved", 2, M, "none") for M in (P, 2 * P) if 2 * P <= n_layer]
+    out += [("interleaved", 3, P, "none")] * (3 * P <= n_layer)
+    out += [("afab", 1, 8, "selective"), ("1f1b", 1, 4, "full"), ("zb-h1", 1, 4, "selective")]
+    return out + [("interleaved", 2, P, "full")] * (2 * P <= n_layer)
 
 
 def setup(argv, world_size):
@@ -57,11 +63,12 @@ def main(argv=None):
     layout = pipe_train.gpt_layout(gpt_cfg)
 
     stage, P = pp.rank, pp.size
-    report, show = Report(TOL, width=44, detail=25), pp.rank == 0
-    for kind, V, M in cases(P, gpt_cfg.n_layer):
-        label = f"{kind}{f' V={V}' if V > 1 else ''} M={M}:"
+    report, show = Report(TOL, width=52, detail=25), pp.rank == 0
+    for kind, V, M, recompute in cases(P, gpt_cfg.n_layer):
+        label = f"{kind}{f' V={V}' if V > 1 else ''} M={M}{f' {recompute}' if recompute != 'none' else ''}:"
         par = ParallelConfig(pp=P, microbatches=M, schedule=kind, virtual_stages=V)
-        state = pipe_train.build(gpt_cfg, train_cfg, par, pp, full=start)
+        run_cfg = replace(train_cfg, recompute=recompute)
+        state = pipe_train.build(gpt_cfg, run_cfg, par, pp, full=start)
         slayout, params, opt, st = state.layout, state.params, state.opt, state.st
         losses, peaks = [], []
         for step, batch in enumerate(batches):
@@ -85,6 +92,9 @@ def main(argv=None):
                                                                                    (P, 1)), show)
         bound = [pipe.alive_bound(kind, M, s, P, V) for s in range(P)]
         report.compare(f"{label} peak alive per stage", every_rank(pp, [max(peaks)]).ravel(), bound, show)
+        want = [pipe_train.memory_estimate(gpt_cfg, run_cfg, par, s)["activations"] for s in range(P)]
+        report.compare(f"{label} activation bytes, every stage",
+                       every_rank(pp, [state.held.peak["activations"]]).ravel(), want, show)
     return report.finish(f"P={P}: ", show)
 
 

@@ -36,7 +36,8 @@ import numpy as np
 from common.chapters import import_chapter
 from common.comm import Comm
 from common.config import ConfigError
-from common.model import gpt_layout, modules
+from common.memory import Transient
+from common.model import gpt_layout, modules, training_parts
 from common.optim import AdamW, decays, global_norm
 from common.params import Layout
 
@@ -79,7 +80,7 @@ def check(gpt_cfg, train_cfg, par, world_size):
         raise ConfigError(f"--tp {par.tp} x --pp {par.pp} x --dp {par.dp} = {par.tp * par.pp * par.dp} ranks but "
                           f"mpirun started {world_size}; choose sizes whose product is {world_size}")
     tp_lib.check_layout(gpt_cfg, par.tp, par.sequence_parallel)
-    pipe.check_layout(gpt_cfg, par)
+    pipe.check_layout(gpt_cfg, par, train_cfg.recompute)
     if train_cfg.batch_size % (par.dp * par.microbatches):
         raise ConfigError(f"--batch-size {train_cfg.batch_size} is not divisible by --dp {par.dp} x --microbatches "
                           f"{par.microbatches}; choose a multiple of {par.dp * par.microbatches}")
@@ -124,7 +125,9 @@ class Part:
             self.sync = dp_lib.GradSync(par.dp_mode, self.layout, self.grads, grid.dp, par.bucket_mb, params)
         self.opt = AdamW(decay, train_cfg.beta1, train_cfg.beta2, train_cfg.weight_decay, dtype=full.dtype)
         sp = par.sequence_parallel
-        self.st = pipe.Stage(gpt_cfg, self.stage, grid.pp, p, g, parts=tp_lib.tp_parts(tp, sp), using=using,
+        self.held = Transient()                  # the activations' bytes, measured: every cache kept is held here
+        self.parts = training_parts(tp_lib.tp_parts(tp, sp), train_cfg.recompute, self.held)
+        self.st = pipe.Stage(gpt_cfg, self.stage, grid.pp, p, g, parts=self.parts, using=using,
                              seq_len=gpt_cfg.block_size // tp.size if sp else None, dtype=full.dtype,
                              virtual=par.virtual_stages)
         self.counted = self._counted()
@@ -175,7 +178,7 @@ class Part:
 
 # ----------------------------------------------------------------------------- the ledgers
 
-def ledger_formula(gpt_cfg, par, stage, batch_size, itemsize):
+def ledger_formula(gpt_cfg, par, stage, batch_size, itemsize, recompute="none"):
     """{axis: {kind: bytes}} of one training step on a rank of pipeline stage `stage`, from the sizes alone
     (chapters 02, 05 and 03/04's formulas): what the ledger of any rank of that stage measures."""
     e, M, sp = itemsize, par.microbatches, par.sequence_parallel
@@ -189,7 +192,8 @@ def ledger_formula(gpt_cfg, par, stage, batch_size, itemsize):
                          if tp_lib.kind(name) == "replicated") if sp else 0
         blocks = sum(len(chunk) for chunk in pipe.chunk_layers(gpt_cfg.n_layer, stage, par.pp, V))
         want = tp_lib.comm_formula(gpt_cfg, b, e, sp, blocks, first, last, M, replicated,
-                                   settles=M if par.zero_stage > 1 else 1)   # ZeRO-2/3 settle every micro-batch
+                                   settles=M if par.zero_stage > 1 else 1,   # ZeRO-2/3 settle every micro-batch
+                                   recompute=recompute)
         out["tp"] = {kind: nbytes for kind, (_, nbytes) in want.items()}
     if par.pp > 1:
         seq_len = gpt_cfg.block_size // par.tp if sp else None

@@ -16,7 +16,7 @@ import itertools
 import numpy as np
 
 from common.chapters import import_chapter
-from common.config import ConfigError, GPTConfig, ParallelConfig, TrainConfig, exit_with
+from common.config import RECOMPUTE, ConfigError, GPTConfig, ParallelConfig, TrainConfig, exit_with
 from common.memory import available_bytes, size
 
 grid_lib = import_chapter("06_3d.grid")
@@ -41,7 +41,8 @@ def predict(gpt_cfg, train_cfg, par):
     world = par.tp * par.pp * par.dp
     memory = max(sum(train3d.memory_estimate(gpt_cfg, train_cfg, par, rank).values()) for rank in range(world))
     itemsize = np.dtype(train_cfg.dtype).itemsize
-    per_stage = [grid_lib.ledger_formula(gpt_cfg, par, s, train_cfg.batch_size, itemsize) for s in range(par.pp)]
+    per_stage = [grid_lib.ledger_formula(gpt_cfg, par, s, train_cfg.batch_size, itemsize, train_cfg.recompute)
+                 for s in range(par.pp)]
     axes = {axis: max(sum(f[axis].values()) for f in per_stage) for axis in ("tp", "pp", "ends", "dp")}
     return {"memory": memory, "axes": axes, "bubble": pipe.bubble_formula(par.schedule, par.microbatches, par.pp,
                                                                           par.virtual_stages)}
@@ -79,13 +80,15 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32, help="global batch in sequences (default: 32)")
     parser.add_argument("--microbatches", type=int, default=4, help="micro-batches per replica (default: 4)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--recompute", default="none", choices=RECOMPUTE,
+                        help="activations kept for the backward, as train.py's --recompute (default: none)")
     parser.add_argument("--ranks-per-host", type=int, default=0,
                         help="ranks on each host, for placing tp inside one (default: 0, all on one host)")
     args = parser.parse_args(argv)
     try:
         gpt_cfg = GPTConfig(args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab_size)
         gpt_cfg.validate()
-        train_cfg = TrainConfig(batch_size=args.batch_size, dtype=args.dtype)
+        train_cfg = TrainConfig(batch_size=args.batch_size, dtype=args.dtype, recompute=args.recompute)
         if args.n < 1:
             raise ConfigError(f"-n must be a positive number of ranks, got {args.n}")
         available = available_bytes()

@@ -49,13 +49,12 @@ def memory_estimate(gpt_cfg, train_cfg, par, rank):
     part = max(sum(int(np.prod(layout.shapes[name])) for name in names) for names in modules(gpt_cfg).values()
                if all(name in layout.shapes for name in names))
     bucket = int(par.bucket_mb * 2 ** 20) // e
+    rows = train_cfg.batch_size // (par.dp * M)
     return estimate(gpt_cfg, e, params=shard + part if par.zero_stage == 3 else n,
                     grads=shard + bucket if par.zero_stage > 1 else n, optimizer=shard if par.zero_stage else n,
-                    rows=train_cfg.batch_size // (par.dp * M),
-                    blocks=max(len(c) for c in pipe.chunk_layers(gpt_cfg.n_layer, stage, par.pp, par.virtual_stages)),
-                    first=stage == 0, last=stage == par.pp - 1,
-                    alive=pipe.alive_bound(par.schedule, M, stage, par.pp, par.virtual_stages), tp_size=par.tp,
-                    sp=par.sequence_parallel)
+                    rows=rows, blocks=None, tp_size=par.tp,
+                    activations=pipe.activation_formula(gpt_cfg, rows, e, par, stage, train_cfg.recompute, par.tp,
+                                                        par.sequence_parallel))
 
 
 def train_step(part, batch, lr):
@@ -95,9 +94,9 @@ def evaluate(part, batches):
 
 
 def ledger(part, batch_size):
-    """Every rank's coordinates, host (as MPI groups ranks) and BLAS threads, model-state bytes, peak resident
-    memory and the bytes its first step passed to each axis's communicator beside grid.ledger_formula: on rank 0
-    (None elsewhere)."""
+    """Every rank's coordinates, host (as MPI groups ranks) and BLAS threads, model-state bytes, the peak bytes
+    of activations its caches held beside their formula (common.memory), peak resident memory and the bytes its
+    first step passed to each axis's communicator beside grid.ledger_formula: on rank 0 (None elsewhere)."""
     grid, opt = part.grid, part.opt
     comms = {"tp": grid.tp, "pp": grid.pp, "dp": grid.dp, "ends": grid.ends}
     host = grid.world.host
@@ -105,11 +104,14 @@ def ledger(part, batch_size):
             "host": host.index, "host_ranks": host.comm.size, "blas_threads": host.threads.blas,
             "parameters": zero_lib.owned_bytes(part.params), "gradients": zero_lib.owned_bytes(part.grads),
             "optimizer": zero_lib.owned_bytes(opt.m) + zero_lib.owned_bytes(opt.v),
+            "activations": part.held.peak["activations"],
+            "activations_formula": memory_estimate(part.gpt_cfg, part.train_cfg, part.par,
+                                                   grid.world.rank)["activations"],
             "peak_rss": peak_rss(),
             "comm": {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()} for axis, c in comms.items()},
             "comm_seconds": {axis: dict(c.ledger.seconds) for axis, c in comms.items()},   # with --network
             "comm_formula": grid_lib.ledger_formula(part.gpt_cfg, part.par, part.stage, batch_size,
-                                                    part.params.itemsize)}
+                                                    part.params.itemsize, part.train_cfg.recompute)}
     return grid.world.gather_object(mine)
 
 

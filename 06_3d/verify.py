@@ -7,13 +7,16 @@ single core computes.
 For each layout (tp x pp x dp = the number of ranks, tp dividing the 4 heads, pp at most the 4 layers), and
 each of plain, --sequence-parallel (tp > 1), --zero-stage 1 (dp > 1; with pp = 1 also 2 and 3) and SP with each
 stage, with the pipeline schedules taken in turn (interleaved over 2 chunks where the layers allow, zb-h1,
-1f1b, afab; zb-h1 not with ZeRO-2/3), the real train_step of 06_3d/train.py and the single-core train_step
-of chapter 01 take the same AdamW steps on the same batches from the same weights, in float64. Rows: the
-losses on every rank; every parameter tensor, and Adam's m and v of each, after the steps, consolidated
-from the grid (one row naming the worst tensor); and every rank's bytes
-per axis (tp, pp, ends, dp) in one step against grid.ledger_formula.
+1f1b, afab; zb-h1 not with ZeRO-2/3) and --recompute none, full and selective taken in turn likewise, the
+real train_step of 06_3d/train.py and the single-core train_step of chapter 01 (recomputing nothing) take the
+same AdamW steps on the same batches from the same weights, in float64. Rows: the losses on every rank; every
+parameter tensor, and Adam's m and v of each, after the steps, consolidated from the grid (one row naming the
+worst tensor); every rank's bytes per axis (tp, pp, ends, dp) in one step against grid.ledger_formula; and
+whether every rank's caches held at their peak the bytes of activations the formula gives (train.py's
+memory_estimate).
 """
 import itertools
+from dataclasses import replace
 
 import numpy as np
 
@@ -71,19 +74,26 @@ def variants(tp, pp, dp):
     return [(sp, z) for sp in ((False, True) if tp > 1 else (False,)) for z in stages]
 
 
+def next_fitting(cycle, fits):
+    """The first item of `cycle` that `fits`, moved to the back of the queue."""
+    item = next(item for item in cycle if fits(item))
+    cycle.append(cycle.pop(cycle.index(item)))
+    return item
+
+
 def schedules(runs):
-    """A pipeline schedule (and its virtual stages) for each (layout, variant) run: taken in turn from a cycle,
-    each run getting the next one that fits it (interleaved: pp > 1 and 2 chunks of the 4 layers per stage,
-    dividing the 2 micro-batches; zb-h1: not with ZeRO-2/3), so every schedule meets several axes."""
+    """A pipeline schedule, its virtual stages and a --recompute mode for each (layout, variant) run, each taken
+    in turn from a cycle, each run getting the next one that fits it (interleaved: pp > 1 and 2 chunks of the 4
+    layers per stage, dividing the 2 micro-batches; zb-h1: not with ZeRO-2/3, nor with full recomputation), so
+    every schedule and every mode meets several axes."""
     cycles = {True: ["interleaved", "zb-h1", "1f1b", "afab"], False: ["1f1b", "afab", "zb-h1"]}
+    modes = ["none", "full", "selective"]
     out = []
     for (_, pp, _), (_, zero) in runs:
-        cycle = cycles[pp > 1]
-        fits = [kind for kind in cycle if (kind != "interleaved" or (2 * pp <= GPT.n_layer and 2 % pp == 0))
-                and (kind != "zb-h1" or zero < 2)]
-        kind = fits[0]
-        cycle.append(cycle.pop(cycle.index(kind)))              # to the back of the queue
-        out.append((kind, 2 if kind == "interleaved" else 1))
+        kind = next_fitting(cycles[pp > 1], lambda k: (k != "interleaved" or (2 * pp <= GPT.n_layer and 2 % pp == 0))
+                            and (k != "zb-h1" or zero < 2))
+        recompute = next_fitting(modes, lambda mode: kind != "zb-h1" or mode != "full")
+        out.append((kind, 2 if kind == "interleaved" else 1, recompute))
     return out
 
 
@@ -104,12 +114,14 @@ def main(argv=None):
 
     report, show = Report(TOL, width=41, detail=25), comm.rank == 0
     runs = [(layout, variant) for layout in args.layouts for variant in variants(*layout)]
-    for ((tp, pp, dp), (sp, zero)), (schedule, virtual) in zip(runs, schedules(runs)):
-        label = f"({tp},{pp},{dp}){' sp' if sp else ''}{f' z{zero}' if zero else ''} {schedule}:"
+    for ((tp, pp, dp), (sp, zero)), (schedule, virtual, recompute) in zip(runs, schedules(runs)):
+        label = (f"({tp},{pp},{dp}){' sp' if sp else ''}{f' z{zero}' if zero else ''} {schedule}"
+                 f"{f' {recompute}' if recompute != 'none' else ''}:")
         par = ParallelConfig(tp=tp, pp=pp, dp=dp, sequence_parallel=sp, zero_stage=zero, microbatches=2,
                              schedule=schedule, virtual_stages=virtual, bucket_mb=0.005)
+        run_cfg = replace(train_cfg, recompute=recompute)
         grid = grid_lib.Grid.build(comm, tp, pp, dp)
-        part = grid_lib.Part(GPT, train_cfg, par, grid, start)
+        part = grid_lib.Part(GPT, run_cfg, par, grid, start)
         losses, ledger_ok = [], True
         for step, (x, y) in enumerate(batches):
             for c in (grid.tp, grid.pp, grid.dp, grid.ends):
@@ -118,17 +130,20 @@ def main(argv=None):
             if step == 0:
                 got = {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()}
                        for axis, c in (("tp", grid.tp), ("pp", grid.pp), ("dp", grid.dp), ("ends", grid.ends))}
-                ledger_ok = got == grid_lib.ledger_formula(GPT, par, part.stage, train_cfg.batch_size, 8)
+                ledger_ok = got == grid_lib.ledger_formula(GPT, par, part.stage, train_cfg.batch_size, 8, recompute)
         state = part.whole()
         flat = np.concatenate([state[k][name].ravel() for k in ("params", "adam_m", "adam_v")
                                for name in layout.shapes]) if comm.rank == 0 else np.empty(ref.size)
         comm.bcast(flat)
-        every = comm.allgather(np.array([losses[-1], float(ledger_ok)]), np.empty(2 * comm.size)).reshape(-1, 2)
+        held_ok = part.held.peak["activations"] == train3d.memory_estimate(GPT, run_cfg, par, comm.rank)["activations"]
+        every = comm.allgather(np.array([losses[-1], float(ledger_ok), float(held_ok)]),
+                               np.empty(3 * comm.size)).reshape(-1, 3)
         report.compare(f"{label} losses", losses, ref_losses, show)
         report.compare(f"{label} last loss, every rank", every[:, 0], np.full(comm.size, ref_losses[-1]), show)
         report.compare_tensors(label, state_tensors(layout, flat), state_tensors(layout, ref), show,
                                group="params, m, v")
         report.compare(f"{label} ledger, every rank", every[:, 1], np.ones(comm.size), show)
+        report.compare(f"{label} activation bytes, every rank", every[:, 2], np.ones(comm.size), show)
     return report.finish(f"{comm.size} ranks: ", show)
 
 
