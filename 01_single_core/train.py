@@ -15,7 +15,8 @@ from common.config import (ConfigError, GPTConfig, ParallelConfig, Parser, Train
 from common.data import load_meta, load_tokens
 from common.loop import train
 from common.memory import Transient, check_fits, estimate, reuse_freed_memory
-from common.model import SINGLE, gpt_backward, gpt_forward, gpt_layout, init_params, training_parts
+from common.model import (SINGLE, evaluation_parts, gpt_backward, gpt_forward, gpt_layout, init_params,
+                          training_parts)
 from common.optim import AdamW, clip_grad_norm, decays
 from common.params import Layout
 from common.threads import size_blas_pool
@@ -66,6 +67,7 @@ class State:
         self.p, self.g = self.views()
         self.held = Transient()
         self.parts = training_parts(self.model_parts(), self.train_cfg.recompute, self.held)
+        self.evaluating = evaluation_parts(self.parts)
 
     def views(self):
         return self.layout.views(self.params), self.layout.views(self.grads)
@@ -111,7 +113,7 @@ def train_step(state, batch, lr):
 
 
 def evaluate(state, batches):
-    return float(np.mean([gpt_forward(state.p, x, y, state.gpt_cfg)[1] for x, y in batches]))
+    return float(np.mean([gpt_forward(state.p, x, y, state.gpt_cfg, parts=state.evaluating)[1] for x, y in batches]))
 
 
 def main(argv=None):

@@ -82,7 +82,7 @@ def train_step(state, batch, lr):
 
 
 def evaluate(state, batches):
-    return float(np.mean([tp_lib.tp_forward(state.p, x, y, state.gpt_cfg, state.tp, state.par.sequence_parallel)[1]
+    return float(np.mean([tp_lib.tp_forward(state.p, x, y, state.gpt_cfg, state.tp, parts=state.evaluating)[1]
                           for x, y in batches]))
 
 

@@ -86,7 +86,7 @@ def train_step(state, batch, lr):
 
 def evaluate(state, batches):
     return dp_lib.mean_over_replicas(batches, state.dp, lambda x, y: gpt_forward(
-        state.p, x, y, state.gpt_cfg, using=state.sync.forward_hook)[1])
+        state.p, x, y, state.gpt_cfg, using=state.sync.forward_hook, parts=state.evaluating)[1])
 
 
 def check_replicas(state, step):

@@ -30,14 +30,14 @@ boundaries (the model's two ends excepted). Plus wte's gradient (vocab x C) all-
 the grad norm (8 bytes) and the loss broadcast from the last stage (8 bytes).
 """
 import time
-from dataclasses import replace
 
 import numpy as np
 
 from common.comm import wait_all
 from common.config import ConfigError
 from common.memory import activation_bytes, deferred_bytes, recompute_bytes
-from common.model import SINGLE, _no_hook, param_shapes, stage_backward, stage_forward, stage_weights
+from common.model import (SINGLE, _no_hook, evaluation_parts, param_shapes, stage_backward, stage_forward,
+                          stage_weights)
 from common.optim import global_norm
 from common.params import Layout
 
@@ -297,7 +297,7 @@ class Stage:
         self.chunks = chunk_layers(gpt_cfg.n_layer, stage, pp.size, virtual)
         self.first, self.last = stage == 0, stage == pp.size - 1
         self.parts = parts                                    # 06_3d passes tensor-parallel ones
-        self.evaluating = replace(parts, hold=None)           # forwards that keep nothing hold nothing
+        self.evaluating = evaluation_parts(parts)             # forwards no backward follows
         self.using = using or (_no_hook, _no_hook)            # (forward, backward) hooks: 06_3d's ZeRO-3
         self.seq_len = seq_len or gpt_cfg.block_size              # positions of the activations sent between stages
         self.dtype = dtype or next(iter(p.values())).dtype    # ZeRO-3's `p` is empty between parts

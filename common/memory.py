@@ -228,8 +228,8 @@ class Budget:
     def summary(self, activations=None):
         """The last line of a run; `activations`: the peak bytes its caches held (Transient.peak), measured."""
         peak = peak_rss()
-        held = (f"; activations: peak {size(activations)} held by the caches, {size(self.estimate['activations'])} "
-                f"by the formula" if activations is not None else "")
+        held = (f"; activations: peak {activations / MiB:.1f} MiB held by the caches, "
+                f"{self.estimate['activations'] / MiB:.1f} MiB by the formula" if activations is not None else "")
         return (f"memory: peak {size(peak)} resident on rank 0, {size(max(0, peak - self.start_rss))} of it after "
                 f"start-up, against {size(self.total)} estimated{held}")
 

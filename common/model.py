@@ -144,6 +144,12 @@ def training_parts(parts, recompute="none", held=None):
     return replace(parts, recompute=recompute, hold=functools.partial(held.hold, "activations") if held else None)
 
 
+def evaluation_parts(parts):
+    """`parts` for a forward no backward follows (evaluation): each block's cache is dropped as the block ends,
+    as full recomputation's forward drops it, so evaluating holds no more than training; nothing is held."""
+    return replace(parts, recompute="full", hold=None)
+
+
 class Rerun(NamedTuple):
     """What a block keeps under full recomputation: its input, from which the backward runs its forward again."""
     x: object
