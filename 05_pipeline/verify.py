@@ -93,7 +93,7 @@ def main(argv=None):
         bound = [pipe.alive_bound(kind, M, s, P, V) for s in range(P)]
         report.compare(f"{label} peak alive per stage", every_rank(pp, [max(peaks)]).ravel(), bound, show)
         want = [pipe_train.memory_estimate(gpt_cfg, run_cfg, par, s)["activations"] for s in range(P)]
-        report.compare(f"{label} activation bytes, every stage",
+        report.compare(f"{label} activation bytes per stage",
                        every_rank(pp, [state.held.peak["activations"]]).ravel(), want, show)
     return report.finish(f"P={P}: ", show)
 

@@ -112,7 +112,7 @@ def main(argv=None):
     layout = train3d.gpt_layout(GPT)
     ref = np.concatenate([ref_params, ref_opt.m, ref_opt.v])
 
-    report, show = Report(TOL, width=41, detail=25), comm.rank == 0
+    report, show = Report(TOL, width=62, detail=25), comm.rank == 0
     runs = [(layout, variant) for layout in args.layouts for variant in variants(*layout)]
     for ((tp, pp, dp), (sp, zero)), (schedule, virtual, recompute) in zip(runs, schedules(runs)):
         label = (f"({tp},{pp},{dp}){' sp' if sp else ''}{f' z{zero}' if zero else ''} {schedule}"
@@ -143,7 +143,7 @@ def main(argv=None):
         report.compare_tensors(label, state_tensors(layout, flat), state_tensors(layout, ref), show,
                                group="params, m, v")
         report.compare(f"{label} ledger, every rank", every[:, 1], np.ones(comm.size), show)
-        report.compare(f"{label} activation bytes, every rank", every[:, 2], np.ones(comm.size), show)
+        report.compare(f"{label} activations, every rank", every[:, 2], np.ones(comm.size), show)
     return report.finish(f"{comm.size} ranks: ", show)
 
 

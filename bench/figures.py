@@ -5,9 +5,10 @@
 
 Every chapter trains the same small model (2 layers x 64 channels, batch 16, float32) as one core does, on the
 same batches, and its loss is drawn over one core's with the difference below; each chapter adds what it is
-about (ZeRO's memory against the formula, the pipeline's timelines and bubble, the bytes on each 3D axis and
-every layout of 4 ranks, the data-parallel modes and one step's overlap on a simulated network) and its bug
-from bench/gallery.py, replayed beside the correct run, with verify.py's verdict (figures/gallery.json).
+about (what each --recompute mode holds and costs, ZeRO's memory against the formula, the pipeline's timelines
+and bubble, the bytes on each 3D axis and every layout of 4 ranks, the data-parallel modes and one step's
+overlap on a simulated network) and its bug from bench/gallery.py, replayed beside the correct run, with
+verify.py's verdict (figures/gallery.json).
 """
 import argparse
 import json
@@ -30,6 +31,7 @@ from common.notebook import launch  # noqa: E402
 
 pipe = import_chapter("05_pipeline.pipeline")
 gallery = import_chapter("bench.gallery")
+recompute = import_chapter("bench.recompute")
 losses = gallery.losses
 DPI = 80
 PARALLEL = {                                 # chapter: (ranks, flags, label)
@@ -180,6 +182,30 @@ def pipeline_figures(out_root, work, repeats=3):
     return measured, formulas
 
 
+def recompute_figure(out_root, work, rounds):
+    """01: the bytes of activations the caches held at their peak and ms/step for each --recompute mode, the
+    default model on one core (bench/recompute.py's runs, the median of `rounds`)."""
+    rows = recompute.modes_table("cpu", 20, rounds, work)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7, 2.8))
+    modes, colors = list(rows), ["C0", "C1", "C2"]
+    left.bar(modes, [rows[m]["activations"] / 2 ** 20 for m in modes], color=colors)
+    for i, m in enumerate(modes):
+        left.plot([i - 0.4, i + 0.4], [rows[m]["formula"] / 2 ** 20] * 2, "k-", lw=2,
+                  label="formula" if i == 0 else None)
+        right.text(i, rows[m]["ms"], f"x{rows[m]['ms'] / rows['none']['ms']:.2f}", ha="center", va="bottom",
+                   fontsize=8)
+    left.set_ylabel("MiB held by the caches")
+    left.set_title("activations at their peak (bars), formula (lines)", fontsize=8)
+    left.legend(fontsize=7)
+    right.bar(modes, [rows[m]["ms"] for m in modes], color=colors)
+    right.set_ylabel("ms per step")
+    right.set_ylim(0, max(r["ms"] for r in rows.values()) * 1.25)
+    right.set_title("the training step, measured", fontsize=8)
+    fig.suptitle("--recompute on the default model (4 x 128, context 64, batch 12), one core, float32", fontsize=9)
+    save(fig, out_root / "01_single_core" / "figures" / "recompute.png", rect=(0, 0, 1, 0.95))
+    return rows
+
+
 def grid_bytes(ledger, out_root):
     """06: the bytes each rank passed to each axis's communicator in one step, measured against the formula."""
     axes_names = ("tp", "pp", "ends", "dp")
@@ -280,6 +306,7 @@ def main(argv=None):
         import_chapter("bench.dp_timeline").overlap_timeline(args.out_root, work)
         zero_memory(args.out_root, work)
         pipeline_figures(args.out_root, work, repeats=1 if args.steps < 50 else 3)
+        recompute_figure(args.out_root, work, rounds=1 if args.steps < 50 else 3)
         network_modes(args.out_root, args.steps)
     for path in sorted(args.out_root.glob("**/figures/*.png")):
         print(f"{path.relative_to(args.out_root)}  {path.stat().st_size // 1024} KiB")

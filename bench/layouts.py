@@ -88,12 +88,15 @@ def draw(rows, best, path):
         est = row["estimate"]
         state = predicted_state(est) / MiB
         record = next(r for r in row["ledger"]["ranks"] if r["rank"] == row["rank"])
+        acts, total = est["activations"] / MiB, sum(est.values()) / MiB
         mem.bar(i - w / 2, state, w, color="C0", alpha=0.4)
-        total = sum(est.values()) / MiB
-        mem.bar(i - w / 2, total - state, w, bottom=state, color="0.85", hatch="////", edgecolor="0.55", lw=0,
-                label="activations + temporaries (planner only)" if i == 0 else None)
+        mem.bar(i - w / 2, acts, w, bottom=state, color="C2", alpha=0.4)
+        mem.bar(i - w / 2, total - state - acts, w, bottom=state + acts, color="0.85", hatch="////",
+                edgecolor="0.55", lw=0, label="temporaries (planner only)" if i == 0 else None)
         mem.bar(i + w / 2, model_state(record) / MiB, w, color="C0",
                 label="parameters, gradients, AdamW m and v" if i == 0 else None)
+        mem.bar(i + w / 2, record["activations"] / MiB, w, bottom=model_state(record) / MiB, color="C2",
+                label="activations the caches held" if i == 0 else None)
         mem.text(i - w / 2, total, f"{total:.1f}", ha="center", va="bottom", fontsize=6)
         predicted, got = row["axes"], ledger_axes(row["ledger"])
         for offset, values, alpha in ((-w / 2, predicted, 0.4), (w / 2, got, 1.0)):

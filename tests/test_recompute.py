@@ -120,7 +120,7 @@ def test_verify_fails_when_a_stage_keeps_its_caches_past_their_backward(tmp_path
     result = run_mpi(2, [sabotaged(tmp_path, patch, "05_pipeline.verify")])
     assert result.returncode == 1, result.stdout + result.stderr
     last = verdict(result)
-    assert last.startswith("P=2: FAIL:") and "activation bytes, every stage" in last, last
+    assert last.startswith("P=2: FAIL:") and "activation bytes per stage" in last, last
     failed = [line for line in result.stdout.splitlines() if line.endswith("FAIL")]
     assert failed and all("activation bytes" in line for line in failed), failed    # the gradients are right
 
