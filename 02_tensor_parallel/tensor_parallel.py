@@ -31,7 +31,7 @@ gradients, which now see only a part of the sequence each.
 import numpy as np
 
 from common.chapters import import_chapter
-from common.layers import (accumulate, attention_backward, attention_forward, colsum, gelu_backward, gelu_forward,
+from common.layers import (ATTENTION, accumulate, colsum, gelu_backward, gelu_forward,
                            layernorm_backward, layernorm_forward, linear_backward, linear_forward, lm_head_backward,
                            lm_head_forward, rowsum, scatter_add_rows)
 from common.model import Parts, gpt_backward, gpt_forward
@@ -91,11 +91,11 @@ def leave_backward(dx, tp, sp):
     return gather_sequence(dx, tp) if sp else dx
 
 
-def block_forward(x, p, n_head_local, tp, sp, keep_scores=True):
+def block_forward(x, p, n_head_local, tp, sp, keep_scores=True, attention=ATTENTION):
     h, c_ln1 = layernorm_forward(x, p["ln_1.w"], p["ln_1.b"])
     h = enter(h, tp, sp)                                                      # f, or all-gather the sequence
     h, c_qkv = linear_forward(h, p["attn.c_attn.w"], p["attn.c_attn.b"])     # column-parallel: my heads' q|k|v
-    h, c_att = attention_forward(h, n_head_local, keep_scores)
+    h, c_att = attention.forward(h, n_head_local, keep_scores)               # my heads, on my positions
     h, c_proj = linear_forward(h, p["attn.c_proj.w"], None)                  # row-parallel: a partial sum
     h = leave(h, tp, sp)                                                      # g, or reduce-scatter the sequence
     h += p["attn.c_proj.b"]
@@ -110,7 +110,7 @@ def block_forward(x, p, n_head_local, tp, sp, keep_scores=True):
     return x + h, (c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj)
 
 
-def block_backward(dout, cache, p, g, tp, sp):
+def block_backward(dout, cache, p, g, tp, sp, attention=ATTENTION):
     c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj = cache
     accumulate(g["mlp.c_proj.b"], colsum, dout)   # the bias is added after g (or the reduce-scatter): my positions
     dh = leave_backward(dout, tp, sp)
@@ -122,7 +122,7 @@ def block_backward(dout, cache, p, g, tp, sp):
     accumulate(g["attn.c_proj.b"], colsum, dx)
     dh = leave_backward(dx, tp, sp)
     dh = linear_backward(dh, c_proj, p["attn.c_proj.w"], g["attn.c_proj.w"], None)
-    dh = attention_backward(dh, c_att)
+    dh = attention.backward(dh, c_att)
     dh = linear_backward(dh, c_qkv, p["attn.c_attn.w"], g["attn.c_attn.w"], g["attn.c_attn.b"])
     dh = enter_backward(dh, tp, sp)
     return dx + layernorm_backward(dh, c_ln1, p["ln_1.w"], g["ln_1.w"], g["ln_1.b"])
@@ -134,21 +134,24 @@ def positions(T, tp, sp):
     return slice(tp.rank * Tl, tp.rank * Tl + Tl) if sp else slice(0, T)
 
 
-def vocab_embedding_forward(idx, wte, wpe, tp, sp):
+def vocab_embedding_forward(idx, wte, wpe, tp, sp, pos=None):
     """Each rank looks up the tokens of its vocabulary slice (zeros elsewhere), then g (or the sequence
-    reduce-scatter) sums the slices."""
+    reduce-scatter) sums the slices. `pos`: the positions of idx's columns in the whole sequence (default
+    0..T-1; context parallelism gives each rank its own)."""
     local = idx - tp.rank * wte.shape[0]
     mine = (local >= 0) & (local < wte.shape[0])
     x = wte[np.where(mine, local, 0)]                                         # (B,T,C)
     x[~mine] = 0.0
     x = leave(x, tp, sp)
-    x += wpe[positions(idx.shape[1], tp, sp)]
-    return x, (local, mine)
+    where = positions(idx.shape[1], tp, sp)
+    x += wpe[where if pos is None else pos[where]]
+    return x, (local, mine, pos)
 
 
 def vocab_embedding_backward(dout, cache, dwte, dwpe, tp, sp):
-    local, mine = cache
-    dwpe[positions(local.shape[1], tp, sp)] += dout.sum(axis=0)
+    local, mine, pos = cache
+    where = positions(local.shape[1], tp, sp)
+    dwpe[where if pos is None else pos[where]] += dout.sum(axis=0)
     dout = leave_backward(dout, tp, sp)
     scatter_add_rows(dwte, local[mine], dout[mine])                           # only my vocabulary's rows
 
@@ -197,16 +200,17 @@ def head_backward(dloss, cache, p, g, tp, sp):
     return layernorm_backward(dx, c_lnf, p["ln_f.w"], g["ln_f.w"], g["ln_f.b"])
 
 
-def tp_parts(tp, sp=False):
+def tp_parts(tp, sp=False, attention=ATTENTION, pos=None):
     """What common.model's driver runs on this rank's shards: the vocab-parallel embedding, the blocks with f
     and g written in, the vocab-parallel head and loss (its logits are this rank's (B,T,V_padded/N)). With sp,
     a part's replicated gradients are partial sums until settled over tp (the driver does so before its
-    grads_ready hook; without a hook, call sync_replicated_grads once the backward is done)."""
-    return Parts(embedding_forward=lambda idx, p: vocab_embedding_forward(idx, p["wte"], p["wpe"], tp, sp),
+    grads_ready hook; without a hook, call sync_replicated_grads once the backward is done). `attention` and
+    `pos` (the sequence positions this rank's tokens hold) are what context parallelism changes."""
+    return Parts(embedding_forward=lambda idx, p: vocab_embedding_forward(idx, p["wte"], p["wpe"], tp, sp, pos),
                  embedding_backward=lambda dx, c, p, g: vocab_embedding_backward(dx, c, g["wte"], g["wpe"], tp, sp),
-                 block_forward=lambda x, p, gpt_cfg, keep_scores=True: block_forward(x, p, gpt_cfg.n_head // tp.size,
-                                                                                    tp, sp, keep_scores),
-                 block_backward=lambda dx, c, p, g: block_backward(dx, c, p, g, tp, sp),
+                 block_forward=lambda x, p, gpt_cfg, keep_scores=True: block_forward(
+                     x, p, gpt_cfg.n_head // tp.size, tp, sp, keep_scores, attention),
+                 block_backward=lambda dx, c, p, g: block_backward(dx, c, p, g, tp, sp, attention),
                  head_forward=lambda x, p, targets, gpt_cfg: head_forward(x, p, targets, gpt_cfg, tp, sp),
                  head_backward=lambda dloss, c, p, g: head_backward(dloss, c, p, g, tp, sp),
                  settle=(lambda part, g: sync_replicated_grads(g, tp, part)) if sp else None)
