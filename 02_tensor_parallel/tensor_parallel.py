@@ -269,13 +269,13 @@ def grad_norm(grads, layout, tp):
 # ----------------------------------------------------------------------------- the ledger
 
 def comm_formula(gpt_cfg, rows, itemsize, sp=False, blocks=None, first=True, last=True, microbatches=1,
-                 replicated=0, settles=1, recompute="none"):
+                 replicated=0, settles=1, recompute="none", seq_len=None):
     """{kind: (calls, bytes)} one rank passes to tp collectives in a step of `microbatches` micro-batches of
     `rows` rows through `blocks` blocks (default all), the embedding if `first`, the head if `last` (see the
     module docstring). With sp, the `replicated` elements' gradients are all-reduced `settles` times, packed in
     one call each time. Full recomputation runs each block's forward twice, and its two g's (or sp's all-gather
-    and reduce-scatter pairs) with it."""
-    e, T, C, M = itemsize, gpt_cfg.block_size, gpt_cfg.n_embd, microbatches
+    and reduce-scatter pairs) with it. `seq_len`: the positions a row holds here (context parallelism's T/cp)."""
+    e, T, C, M = itemsize, seq_len or gpt_cfg.block_size, gpt_cfg.n_embd, microbatches
     blocks = gpt_cfg.n_layer if blocks is None else blocks
     forwards = 2 if recompute == "full" else 1
     n = M * ((2 + 2 * forwards) * blocks + first + last)  # f and g: two each way per block, g after the

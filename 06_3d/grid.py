@@ -45,13 +45,20 @@ tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
 dp_lib = import_chapter("03_data_parallel.data_parallel")
 zero_lib = import_chapter("04_zero.zero")
 pipe = import_chapter("05_pipeline.pipeline")
+cp_lib = import_chapter("06_3d.context_parallel")
 
 
 # ----------------------------------------------------------------------------- the grid
 
-def coords(rank, tp_size, pp_size):
-    """(tp, pp, dp) coordinates of a world rank: tp innermost."""
-    return rank % tp_size, (rank // tp_size) % pp_size, rank // (tp_size * pp_size)
+def coords(rank, tp_size, pp_size, cp_size=1):
+    """(tp, pp, dp) coordinates of a world rank: tp innermost, then cp (cp_rank), then pp, then dp."""
+    inner = tp_size * cp_size
+    return rank % tp_size, (rank // inner) % pp_size, rank // (inner * pp_size)
+
+
+def cp_rank(rank, tp_size, cp_size):
+    """The context-parallel coordinate of a world rank (next to tp, inside pp)."""
+    return (rank // tp_size) % cp_size
 
 
 @dataclass(frozen=True)
@@ -60,26 +67,35 @@ class Grid:
     tp: Comm
     pp: Comm
     dp: Comm
-    ends: Comm              # first and last stage of one (dp, tp) pipeline: wte's two copies
+    ends: Comm              # first and last stage of one (dp, cp, tp) pipeline: wte's two copies
+    cp: Comm = None         # the ranks holding one micro-batch's other positions (ring attention)
+    dcp: Comm = None        # dp x cp: the ranks whose gradients are summed (dp itself when cp = 1)
 
     @classmethod
-    def build(cls, world, tp_size, pp_size, dp_size):
-        t, p, d = coords(world.rank, tp_size, pp_size)
-        assert tp_size * pp_size * dp_size == world.size
-        pipeline = world.split(color=d * tp_size + t, key=p, name="pp")
-        return cls(world, world.split(color=d * pp_size + p, key=t, name="tp"), pipeline,
-                   world.split(color=p * tp_size + t, key=d, name="dp"),
-                   pipe.end_stages(pipeline, p, pp_size))
+    def build(cls, world, tp_size, pp_size, dp_size, cp_size=1):
+        t, p, d = coords(world.rank, tp_size, pp_size, cp_size)
+        c = cp_rank(world.rank, tp_size, cp_size)
+        assert tp_size * cp_size * pp_size * dp_size == world.size
+        tp = world.split(color=(d * pp_size + p) * cp_size + c, key=t, name="tp")
+        cp = world.split(color=(d * pp_size + p) * tp_size + t, key=c, name="cp")
+        pipeline = world.split(color=(d * cp_size + c) * tp_size + t, key=p, name="pp")
+        dp = world.split(color=(p * cp_size + c) * tp_size + t, key=d, name="dp")
+        dcp = dp if cp_size == 1 else world.split(color=p * tp_size + t, key=d * cp_size + c, name="dcp")
+        return cls(world, tp, pipeline, dp, pipe.end_stages(pipeline, p, pp_size), cp, dcp)
 
 
 def check(gpt_cfg, train_cfg, par, world_size):
     """Every axis's constraint, as one ConfigError naming the flag; --dp defaults to the ranks left over."""
-    if par.dp == 1 and world_size % (par.tp * par.pp) == 0:
-        par.dp = world_size // (par.tp * par.pp)
-    if par.tp * par.pp * par.dp != world_size:
-        raise ConfigError(f"--tp {par.tp} x --pp {par.pp} x --dp {par.dp} = {par.tp * par.pp * par.dp} ranks but "
-                          f"mpirun started {world_size}; choose sizes whose product is {world_size}")
+    model = par.tp * par.cp * par.pp
+    if par.dp == 1 and world_size % model == 0:
+        par.dp = world_size // model
+    if model * par.dp != world_size:
+        cp = f" x --cp {par.cp}" if par.cp > 1 else ""
+        raise ConfigError(f"--tp {par.tp}{cp} x --pp {par.pp} x --dp {par.dp} = {model * par.dp} ranks but mpirun "
+                          f"started {world_size}; choose sizes whose product is {world_size}")
     tp_lib.check_layout(gpt_cfg, par.tp, par.sequence_parallel)
+    if par.cp > 1:
+        cp_lib.check_layout(gpt_cfg, par.cp, par.cp_split, par.tp, par.sequence_parallel)
     pipe.check_layout(gpt_cfg, par, train_cfg.recompute)
     if train_cfg.batch_size % (par.dp * par.microbatches):
         raise ConfigError(f"--batch-size {train_cfg.batch_size} is not divisible by --dp {par.dp} x --microbatches "
@@ -103,7 +119,8 @@ def local_layout(gpt_cfg, stage, pp_size, tp_size, virtual=1):
 
 class Part:
     """This rank's training state: the shards of its stage, their gradients and optimizer, the pipeline engine
-    and the gradient synchronisation over dp (buckets, or ZeRO); whole() and load() for checkpoints."""
+    and the gradient synchronisation over dp (x cp: buckets, or ZeRO); whole() and load() for checkpoints.
+    With cp > 1, `pos` are the sequence positions this rank holds and `ring` its ring attention."""
 
     def __init__(self, gpt_cfg, train_cfg, par, grid, full):
         self.gpt_cfg, self.train_cfg, self.par, self.grid = gpt_cfg, train_cfg, par, grid
@@ -113,7 +130,7 @@ class Part:
         decay = self.layout.mask(decays)
         using = None
         if par.zero_stage:
-            self.zero = zero_lib.Zero(par.zero_stage, self.layout, modules(gpt_cfg), params, grid.dp, par.bucket_mb)
+            self.zero = zero_lib.Zero(par.zero_stage, self.layout, modules(gpt_cfg), params, grid.dcp, par.bucket_mb)
             self.sync, p, g = self.zero, self.zero.p, self.zero.g
             self.params = params if par.zero_stage < 3 else self.zero.pshard
             self.grads = self.zero.grads if par.zero_stage == 1 else self.zero.gshard
@@ -122,23 +139,28 @@ class Part:
         else:
             self.zero, self.params, self.grads = None, params, np.zeros_like(params)
             p, g = self.layout.views(params), self.layout.views(self.grads)
-            self.sync = dp_lib.GradSync(par.dp_mode, self.layout, self.grads, grid.dp, par.bucket_mb, params)
+            self.sync = dp_lib.GradSync(par.dp_mode, self.layout, self.grads, grid.dcp, par.bucket_mb, params)
         self.opt = AdamW(decay, train_cfg.beta1, train_cfg.beta2, train_cfg.weight_decay, dtype=full.dtype)
-        sp = par.sequence_parallel
+        sp, T = par.sequence_parallel, gpt_cfg.block_size
         self.held = Transient()                  # the activations' bytes, measured: every cache kept is held here
-        self.parts = training_parts(tp_lib.tp_parts(tp, sp), train_cfg.recompute, self.held)
+        parts, self.pos, self.ring = tp_lib.tp_parts(tp, sp), None, None
+        if par.cp > 1:                           # the same parts on this rank's positions, ring attention inside
+            self.pos = cp_lib.positions(T, par.cp, grid.cp.rank, par.cp_split)
+            self.ring = cp_lib.Ring(grid.cp, T, par.cp_split)
+            parts = tp_lib.tp_parts(tp, sp, attention=self.ring, pos=self.pos)
+        self.parts = training_parts(parts, train_cfg.recompute, self.held)
         self.st = pipe.Stage(gpt_cfg, self.stage, grid.pp, p, g, parts=self.parts, using=using,
-                             seq_len=gpt_cfg.block_size // tp.size if sp else None, dtype=full.dtype,
+                             seq_len=T // par.cp // (tp.size if sp else 1), dtype=full.dtype,
                              virtual=par.virtual_stages)
         self.counted = self._counted()
 
     def _counted(self):
         """[start, stop) ranges of the gradient (ZeRO: of its shard) this rank adds to the global norm: what
-        chapters 02 and 05 count once, and without ZeRO on dp rank 0 only (the replicas are equal)."""
+        chapters 02 and 05 count once, and without ZeRO on dp x cp rank 0 only (the replicas are equal)."""
         grid, lo, hi = self.grid, 0, self.layout.size
         if self.zero:
             lo, hi = self.zero.lo, self.zero.hi
-        elif grid.dp.rank != 0:
+        elif grid.dcp.rank != 0:
             return []
         return self.layout.ranges(lambda name: tp_lib.counts_once(name, grid.tp.rank) and
                                   pipe.counts_once(name, self.stage, grid.pp.size), lo, hi)
@@ -156,7 +178,7 @@ class Part:
         if self.zero:
             flats = [self.zero.gather_flat(shard) if sharded else shard for shard, sharded in
                      ((self.params, self.zero.stage == 3), (opt.m, True), (opt.v, True))]
-        if grid.dp.rank != 0:
+        if grid.dcp.rank != 0:
             return None
         V = self.par.virtual_stages
         stage_layout = pipe.stage_layout(self.gpt_cfg, self.stage, grid.pp.size, V)
@@ -186,22 +208,23 @@ def ledger_formula(gpt_cfg, par, stage, batch_size, itemsize, recompute="none"):
     V = par.virtual_stages
     layout = local_layout(gpt_cfg, stage, par.pp, par.tp, V)
     first, last = stage == 0, stage == par.pp - 1
-    out = {"tp": {}, "pp": {}, "dp": {}, "ends": {}}
+    T = gpt_cfg.block_size // par.cp                          # the positions a rank holds
+    blocks = sum(len(chunk) for chunk in pipe.chunk_layers(gpt_cfg.n_layer, stage, par.pp, V))
+    out = {"tp": {}, "cp": {}, "pp": {}, "dp": {}, "ends": {}}
     if par.tp > 1:
         replicated = sum(stop - start for name, (start, stop) in layout.offsets.items()
                          if tp_lib.kind(name) == "replicated") if sp else 0
-        blocks = sum(len(chunk) for chunk in pipe.chunk_layers(gpt_cfg.n_layer, stage, par.pp, V))
         want = tp_lib.comm_formula(gpt_cfg, b, e, sp, blocks, first, last, M, replicated,
                                    settles=M if par.zero_stage > 1 else 1,   # ZeRO-2/3 settle every micro-batch
-                                   recompute=recompute)
+                                   recompute=recompute, seq_len=T)
         out["tp"] = {kind: nbytes for kind, (_, nbytes) in want.items()}
+    out["cp"] = cp_lib.comm_formula(gpt_cfg, b, e, par.cp, par.tp, blocks, M, recompute)
     if par.pp > 1:
-        seq_len = gpt_cfg.block_size // par.tp if sp else None
-        out["pp"] = pipe.p2p_formula(gpt_cfg, batch_size // par.dp, stage, par.pp, e, seq_len, V)
+        out["pp"] = pipe.p2p_formula(gpt_cfg, batch_size // par.dp, stage, par.pp, e, T // par.tp if sp else T, V)
         out["pp"]["bcast"] = 8
         if first or last:
             out["ends"] = {"allreduce": int(np.prod(layout.shapes["wte"])) * e}
-    if par.dp > 1:
+    if par.dp * par.cp > 1:                                   # the gradient's sum, over dp x cp
         if par.zero_stage:
             out["dp"] = {**zero_lib.comm_formula(par.zero_stage, layout, M, e), "allreduce": 8}   # + the loss
         else:

@@ -4,10 +4,12 @@
     mpirun -n 8 python 06_3d/train.py --tp 2 --pp 2 --sequence-parallel --zero-stage 1   # --dp: the ranks left
     mpirun -n 4 python 06_3d/train.py --tp 2 --zero-stage 3 --sequence-parallel           # FSDP + TP (pp = 1)
     mpirun -n 4 python 06_3d/train.py --pp 4 --schedule afab --microbatches 8
+    mpirun -n 4 python 06_3d/train.py --cp 2 --tp 2 --block-size 256                    # ring attention over cp
     mpirun --hostfile hosts -n 16 python 06_3d/train.py --tp 2 --pp 2 --dp 4             # across machines
 
 Each data-parallel replica takes its rows of the batch, in --microbatches pieces that flow through the
-pipeline stages; inside a stage, the tensor-parallel ranks split every weight matrix. See grid.py.
+pipeline stages; each context-parallel rank takes its positions of those rows; inside a stage, the
+tensor-parallel ranks split every weight matrix. See grid.py and context_parallel.py.
 The default batch is 32 rows (chapter 01: 12), so that it splits over 1, 2, 4 or 8 replicas x 4 micro-batches.
 Checkpoints hold whole tensors: they resume under any other layout, or on one core. After the first step,
 rank 0 writes <out_dir>/ledger.json: every rank's grid coordinates, host and BLAS threads, model-state bytes,
@@ -43,7 +45,7 @@ def memory_estimate(gpt_cfg, train_cfg, par, rank):
     """{kind: bytes} world rank `rank` will hold: its shards of its stage, their gradient and AdamW (ZeRO: what
     its stage keeps, chapter 04), the activations its schedule keeps alive (chapter 05) of its rows, split over
     tp (chapter 02)."""
-    _, stage, _ = grid_lib.coords(rank, par.tp, par.pp)
+    _, stage, _ = grid_lib.coords(rank, par.tp, par.pp, par.cp)
     layout = grid_lib.local_layout(gpt_cfg, stage, par.pp, par.tp, par.virtual_stages)
     n, shard, M, e = layout.size, -(-layout.size // par.dp), par.microbatches, np.dtype(train_cfg.dtype).itemsize
     part = max(sum(int(np.prod(layout.shapes[name])) for name in names) for names in modules(gpt_cfg).values()
@@ -54,15 +56,23 @@ def memory_estimate(gpt_cfg, train_cfg, par, rank):
                     grads=shard + bucket if par.zero_stage > 1 else n, optimizer=shard if par.zero_stage else n,
                     rows=rows, blocks=None, tp_size=par.tp,
                     activations=pipe.activation_formula(gpt_cfg, rows, e, par, stage, train_cfg.recompute, par.tp,
-                                                        par.sequence_parallel))
+                                                        par.sequence_parallel, par.cp))
+
+
+def my_share(part, x, y):
+    """This rank's rows of a batch (by its dp coordinate) and, with cp > 1, its positions of them."""
+    grid = part.grid
+    x, y = (np.split(a, grid.dp.size)[grid.dp.rank] for a in (x, y))
+    return (x, y) if part.pos is None else (x[:, part.pos], y[:, part.pos])
 
 
 def train_step(part, batch, lr):
-    """One optimizer step: this replica's rows through the pipeline (the tensor-parallel sums inside it), the
-    tied-embedding sum, the data-parallel sum (or ZeRO's reduce-scatter), the global norm, AdamW."""
+    """One optimizer step: this replica's rows (this cp rank's positions of them) through the pipeline (the
+    tensor-parallel sums and the ring inside it), the tied-embedding sum, the sum over dp x cp (or ZeRO's
+    reduce-scatter), the global norm, AdamW."""
     grid, st, sync, par = part.grid, part.st, part.sync, part.par
     sync.zero_grad()
-    x, y = (np.split(a, grid.dp.size)[grid.dp.rank] for a in batch)
+    x, y = my_share(part, *batch)
     M = par.microbatches
     grid.pp.barrier()
 
@@ -74,23 +84,30 @@ def train_step(part, batch, lr):
 
     ops = pipe.schedule(par.schedule, M, st.stage, grid.pp.size, par.virtual_stages)
     loss = st.run(ops, np.split(x, M), np.split(y, M),
-                  scale=1.0 / grid.dp.size, grads_ready=ready,
+                  scale=1.0 / grid.dcp.size, grads_ready=ready,             # the loss: a mean over dp x cp
                   finish_each=sync.finish if sync.every_microbatch else None)
     pipe.sync_tied_embedding(st.g, grid.ends, st.stage, grid.pp.size)
     if not sync.every_microbatch:
         sync.finish()
     sync.step(part.opt, lr, part.train_cfg.grad_clip, norm=part.grad_norm(sync.gshard))
-    loss = grid.dp.allreduce(np.array([(loss or 0.0) / grid.dp.size]))
+    loss = grid.dcp.allreduce(np.array([(loss or 0.0) / grid.dcp.size]))
     return float(grid.pp.bcast(loss, root=grid.pp.size - 1)[0])
 
 
 def evaluate(part, batches):
-    """The mean val loss over `batches`: each data-parallel replica runs its rows of every batch through the
-    pipeline, and the last stage's sums are added over dp."""
+    """The mean val loss over `batches`: each data-parallel replica runs its rows of every batch (each cp rank its
+    positions of them) through the pipeline, and the last stage's sums are added over dp (and cp)."""
     st, grid, M = part.st, part.grid, part.par.microbatches
-    loss = dp_lib.mean_over_replicas(batches, grid.dp, lambda x, y: st.run(
-        pipe.schedule("forward", M, st.stage, grid.pp.size, part.par.virtual_stages), np.split(x, M), np.split(y, M)))
-    return float(grid.pp.bcast(np.array([loss]), root=grid.pp.size - 1)[0])
+    ops = pipe.schedule("forward", M, st.stage, grid.pp.size, part.par.virtual_stages)
+
+    def loss_of(x, y):
+        if part.pos is not None:
+            x, y = x[:, part.pos], y[:, part.pos]
+        return st.run(ops, np.split(x, M), np.split(y, M))
+
+    loss = dp_lib.mean_over_replicas(batches, grid.dp, loss_of)
+    loss = grid.cp.allreduce(np.array([loss / grid.cp.size]))
+    return float(grid.pp.bcast(loss, root=grid.pp.size - 1)[0])
 
 
 def ledger(part, batch_size):
@@ -98,9 +115,10 @@ def ledger(part, batch_size):
     of activations its caches held beside their formula (common.memory), peak resident memory and the bytes its
     first step passed to each axis's communicator beside grid.ledger_formula: on rank 0 (None elsewhere)."""
     grid, opt = part.grid, part.opt
-    comms = {"tp": grid.tp, "pp": grid.pp, "dp": grid.dp, "ends": grid.ends}
+    comms = {"tp": grid.tp, "cp": grid.cp, "pp": grid.pp, "dp": grid.dcp, "ends": grid.ends}   # dp: over dp x cp
     host = grid.world.host
-    mine = {"rank": grid.world.rank, "tp": grid.tp.rank, "pp": grid.pp.rank, "dp": grid.dp.rank,
+    mine = {"rank": grid.world.rank, "tp": grid.tp.rank, "cp": grid.cp.rank, "pp": grid.pp.rank, "dp": grid.dp.rank,
+            "attention_work": part.ring.work if part.ring else None,
             "host": host.index, "host_ranks": host.comm.size, "blas_threads": host.threads.blas,
             "parameters": zero_lib.owned_bytes(part.params), "gradients": zero_lib.owned_bytes(part.grads),
             "optimizer": zero_lib.owned_bytes(opt.m) + zero_lib.owned_bytes(opt.v),
@@ -116,8 +134,10 @@ def ledger(part, batch_size):
 
 
 def rank_map(par):
-    return "\n".join(f"  world rank {r}: tp {t}, pp {p}, dp {d}"
-                     for r in range(par.tp * par.pp * par.dp) for t, p, d in [grid_lib.coords(r, par.tp, par.pp)])
+    def where(r):
+        t, p, d = grid_lib.coords(r, par.tp, par.pp, par.cp)
+        return f"tp {t}, " + (f"cp {grid_lib.cp_rank(r, par.tp, par.cp)}, " if par.cp > 1 else "") + f"pp {p}, dp {d}"
+    return "\n".join(f"  world rank {r}: {where(r)}" for r in range(par.tp * par.cp * par.pp * par.dp))
 
 
 def after_step(part, step, first):
@@ -128,10 +148,10 @@ def after_step(part, step, first):
         if part.grid.world.rank == 0:
             par = part.par
             (Path(part.train_cfg.out_dir) / "ledger.json").write_text(
-                json.dumps({"layout": [par.tp, par.pp, par.dp], "ranks": ranks}, indent=1))
+                json.dumps({"layout": [par.tp, par.pp, par.dp], "cp": par.cp, "ranks": ranks}, indent=1))
     every = part.par.check_replicas
     if part.par.zero_stage < 3 and every and (step + 1) % every == 0:
-        dp_lib.check_replicas(part.params, part.grid.dp, step)
+        dp_lib.check_replicas(part.params, part.grid.dcp, step)
 
 
 def main(argv=None):
@@ -139,18 +159,21 @@ def main(argv=None):
     (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(
         comm, setup, argv, lambda *configs: memory_estimate(*configs, rank=comm.rank),
         "--n-layer or --n-embd, or raise --tp, --pp or --zero-stage")
-    grid = grid_lib.Grid.build(comm, par.tp, par.pp, par.dp)
+    grid = grid_lib.Grid.build(comm, par.tp, par.pp, par.dp, par.cp)
     part = grid_lib.Part(gpt_cfg, train_cfg, par, grid, init_params(gpt_cfg, train_cfg.seed,
                                                                     np.dtype(train_cfg.dtype)))
     zero = f", ZeRO-{par.zero_stage}" if par.zero_stage else ""
 
     def before_step(step):
-        for c in (grid.tp, grid.pp, grid.dp, grid.ends):
+        for c in (grid.tp, grid.cp, grid.pp, grid.dcp, grid.ends):
             c.ledger.reset()
+        if part.ring:
+            part.ring.work = 0                   # the ledger's attention work: one step's
 
     train(part, tokens, val_tokens, train_step, evaluate, budget, threads=comm.host.threads, comm=comm,
           before_step=before_step, after_step=lambda step, first: after_step(part, step, first),
-          banner=f"{gpt_layout(gpt_cfg).size:,} parameters on a grid of tp {par.tp} x pp {par.pp} x dp {par.dp}"
+          banner=f"{gpt_layout(gpt_cfg).size:,} parameters on a grid of tp {par.tp}"
+                 f"{f' x cp {par.cp} ({par.cp_split})' if par.cp > 1 else ''} x pp {par.pp} x dp {par.dp}"
                  f"{' (sequence parallel)' if par.sequence_parallel else ''}{zero}, {train_cfg.dtype}, batch "
                  f"{train_cfg.batch_size} x {gpt_cfg.block_size} tokens, {par.microbatches} micro-batches per "
                  f"replica, {par.schedule}\n" + rank_map(par))

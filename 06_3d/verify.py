@@ -1,17 +1,19 @@
-"""Prove that every 3D layout of the job's ranks, with and without sequence parallelism and ZeRO, computes what
-single core computes.
+"""Prove that every 3D layout of the job's ranks, with and without sequence parallelism, ZeRO and context
+parallelism, computes what single core computes.
 
     mpirun -n 8 python 06_3d/verify.py            # every (tp, pp, dp) of 8 ranks; any -n has at least (1, 1, n)
     mpirun -n 8 python 06_3d/verify.py --tp 2 --pp 2 --dp 2
+    mpirun -n 4 python 06_3d/verify.py --cp 4     # context parallelism alone
 
 For each layout (tp x pp x dp = the number of ranks, tp dividing the 4 heads, pp at most the 4 layers), and
 each of plain, --sequence-parallel (tp > 1), --zero-stage 1 (dp > 1; with pp = 1 also 2 and 3) and SP with each
-stage, with the pipeline schedules taken in turn (interleaved over 2 chunks where the layers allow, zb-h1,
+stage; and for each layout with cp = 2 or 4 as well (tp x cp x pp x dp ranks), once, with SP, ZeRO and the
+zig-zag or contiguous split taken in turn; with the pipeline schedules taken in turn (interleaved over 2 chunks where the layers allow, zb-h1,
 1f1b, afab; zb-h1 not with ZeRO-2/3) and --recompute none, full and selective taken in turn likewise, the
 real train_step of 06_3d/train.py and the single-core train_step of chapter 01 (recomputing nothing) take the
 same AdamW steps on the same batches from the same weights, in float64. Rows: the losses on every rank; every
 parameter tensor, and Adam's m and v of each, after the steps, consolidated from the grid (one row naming the
-worst tensor); every rank's bytes per axis (tp, pp, ends, dp) in one step against grid.ledger_formula; and
+worst tensor); every rank's bytes per axis (tp, cp, pp, ends, dp) in one step against grid.ledger_formula; and
 whether every rank's caches held at their peak the bytes of activations the formula gives (train.py's
 memory_estimate).
 """
@@ -31,6 +33,7 @@ grid_lib = import_chapter("06_3d.grid")
 tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
 TOL = 1e-10
 GPT = GPTConfig(n_layer=4, n_head=4, n_embd=16, block_size=8, vocab_size=11)
+CP_SIZES = (1, 2, 4)                                  # 8 positions split into 2 cp chunks of 2 or 1
 
 
 def grids(tp=None, pp=None):
@@ -43,10 +46,10 @@ def grids(tp=None, pp=None):
 def setup(argv, world_size):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="AdamW steps both models take (default: 3)")
-    for axis in ("tp", "pp", "dp"):
+    for axis in ("tp", "cp", "pp", "dp"):
         parser.add_argument(f"--{axis}", type=int, help="only layouts with this size (default: all)")
     args = parser.parse_args(argv)
-    given = {axis: getattr(args, axis) for axis in ("tp", "pp", "dp") if getattr(args, axis) is not None}
+    given = {axis: getattr(args, axis) for axis in ("tp", "cp", "pp", "dp") if getattr(args, axis) is not None}
     for axis, size in given.items():
         if size < 1:
             raise ConfigError(f"--{axis} must be a positive integer, got {size}")
@@ -55,23 +58,40 @@ def setup(argv, world_size):
     if args.pp is not None and args.pp > GPT.n_layer:
         raise ConfigError(f"--pp {args.pp} stages > {GPT.n_layer} layers: every stage needs a block; choose --pp of "
                           f"at most {GPT.n_layer}")
-    pairs = grids(args.tp, args.pp)
-    args.layouts = [(t, p, world_size // (t * p)) for t, p in pairs
-                    if world_size % (t * p) == 0 and args.dp in (None, world_size // (t * p))]
+    if args.cp is not None and args.cp not in CP_SIZES:
+        raise ConfigError(f"--cp {args.cp}: the 8 positions split into 2 cp equal chunks for cp in {CP_SIZES}")
+    pairs = [(t, p, c) for t, p in grids(args.tp, args.pp) for c in CP_SIZES if args.cp in (None, c)]
+    args.layouts = [(t, p, world_size // (t * p * c), c) for t, p, c in pairs
+                    if world_size % (t * p * c) == 0 and args.dp in (None, world_size // (t * p * c))]
     if not args.layouts:
-        sizes = sorted({t * p * args.dp for t, p in pairs}) if args.dp else []
-        fits = (f"with a multiple of {min(t * p for t, p in pairs)}" if not sizes else
+        sizes = sorted({t * p * c * args.dp for t, p, c in pairs}) if args.dp else []
+        fits = (f"with a multiple of {min(t * p * c for t, p, c in pairs)}" if not sizes else
                 f"{sizes[0]}" if len(sizes) == 1 else f"with one of {sizes}")
-        raise ConfigError(f"{' '.join(f'--{axis} {size}' for axis, size in given.items())} fits no tp x pp x dp of "
-                          f"{world_size} ranks (pp at most {GPT.n_layer}); run mpirun -n {fits}")
+        raise ConfigError(f"{' '.join(f'--{axis} {size}' for axis, size in given.items())} fits no tp x cp x pp x dp "
+                          f"of {world_size} ranks (pp at most {GPT.n_layer}); run mpirun -n {fits}")
     return args
 
 
-def variants(tp, pp, dp):
+def variants(tp, pp, dp, cp=1):
     """(sequence_parallel, zero_stage) pairs that differ on this layout: ZeRO needs dp > 1, and stages 2-3
     come without pipeline stages (pp = 1), where they meet tp as FSDP + TP."""
     stages = (0,) if dp == 1 else (0, 1) if pp > 1 else (0, 1, 2, 3)
     return [(sp, z) for sp in ((False, True) if tp > 1 else (False,)) for z in stages]
+
+
+def runs_of(layouts):
+    """Every (layout, (sequence_parallel, zero_stage, cp split)) run: each variant of a layout without cp; one
+    of a layout with cp > 1, the variants and the two splits taken in turn."""
+    runs, cycle, splits = [], [], ["zigzag", "contiguous"]
+    for layout in layouts:
+        if layout[3] == 1:
+            runs += [(layout, (sp, z, "zigzag")) for sp, z in variants(*layout)]
+            continue
+        options = variants(*layout)
+        cycle += [v for v in options if v not in cycle]
+        sp, z = next_fitting(cycle, lambda v: v in options)
+        runs.append((layout, (sp, z, next_fitting(splits, lambda s: True))))
+    return runs
 
 
 def next_fitting(cycle, fits):
@@ -89,7 +109,7 @@ def schedules(runs):
     cycles = {True: ["interleaved", "zb-h1", "1f1b", "afab"], False: ["1f1b", "afab", "zb-h1"]}
     modes = ["none", "full", "selective"]
     out = []
-    for (_, pp, _), (_, zero) in runs:
+    for (_, pp, _, _), (_, zero, _) in runs:
         kind = next_fitting(cycles[pp > 1], lambda k: (k != "interleaved" or (2 * pp <= GPT.n_layer and 2 % pp == 0))
                             and (k != "zb-h1" or zero < 2))
         recompute = next_fitting(modes, lambda mode: kind != "zb-h1" or mode != "full")
@@ -112,24 +132,25 @@ def main(argv=None):
     layout = train3d.gpt_layout(GPT)
     ref = np.concatenate([ref_params, ref_opt.m, ref_opt.v])
 
-    report, show = Report(TOL, width=62, detail=25), comm.rank == 0
-    runs = [(layout, variant) for layout in args.layouts for variant in variants(*layout)]
-    for ((tp, pp, dp), (sp, zero)), (schedule, virtual, recompute) in zip(runs, schedules(runs)):
-        label = (f"({tp},{pp},{dp}){' sp' if sp else ''}{f' z{zero}' if zero else ''} {schedule}"
+    report, show = Report(TOL, width=72, detail=25), comm.rank == 0
+    runs = runs_of(args.layouts)
+    for ((tp, pp, dp, cp), (sp, zero, split)), (schedule, virtual, recompute) in zip(runs, schedules(runs)):
+        label = (f"({tp},{pp},{dp}){f' cp{cp}' if cp > 1 else ''}{' contiguous' if split != 'zigzag' else ''}"
+                 f"{' sp' if sp else ''}{f' z{zero}' if zero else ''} {schedule}"
                  f"{f' {recompute}' if recompute != 'none' else ''}:")
-        par = ParallelConfig(tp=tp, pp=pp, dp=dp, sequence_parallel=sp, zero_stage=zero, microbatches=2,
-                             schedule=schedule, virtual_stages=virtual, bucket_mb=0.005)
+        par = ParallelConfig(tp=tp, pp=pp, dp=dp, cp=cp, cp_split=split, sequence_parallel=sp, zero_stage=zero,
+                             microbatches=2, schedule=schedule, virtual_stages=virtual, bucket_mb=0.005)
         run_cfg = replace(train_cfg, recompute=recompute)
-        grid = grid_lib.Grid.build(comm, tp, pp, dp)
+        grid = grid_lib.Grid.build(comm, tp, pp, dp, cp)
         part = grid_lib.Part(GPT, run_cfg, par, grid, start)
         losses, ledger_ok = [], True
         for step, (x, y) in enumerate(batches):
-            for c in (grid.tp, grid.pp, grid.dp, grid.ends):
+            for c in (grid.tp, grid.cp, grid.pp, grid.dcp, grid.ends):
                 c.ledger.reset()
             losses.append(train3d.train_step(part, (x, y), train_cfg.learning_rate))
             if step == 0:
-                got = {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()}
-                       for axis, c in (("tp", grid.tp), ("pp", grid.pp), ("dp", grid.dp), ("ends", grid.ends))}
+                got = {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()} for axis, c in
+                       (("tp", grid.tp), ("cp", grid.cp), ("pp", grid.pp), ("dp", grid.dcp), ("ends", grid.ends))}
                 ledger_ok = got == grid_lib.ledger_formula(GPT, par, part.stage, train_cfg.batch_size, 8, recompute)
         state = part.whole()
         flat = np.concatenate([state[k][name].ravel() for k in ("params", "adam_m", "adam_v")

@@ -108,6 +108,7 @@ class TrainConfig:
 TP, DP, ZERO, PP, GRID = "02_tensor_parallel", "03_data_parallel", "04_zero", "05_pipeline", "06_3d"
 PARALLEL, NET = (TP, DP, ZERO, PP, GRID), "simulated network"
 SCHEDULES = ("afab", "1f1b", "interleaved", "zb-h1")                    # 05_pipeline/pipeline.py's
+CP_SPLITS = ("zigzag", "contiguous")                                    # 06_3d/context_parallel.py's
 NETWORKS = ("nvlink", "infiniband", "ethernet-10g", "ethernet-1g")      # common/network.py's presets
 
 
@@ -129,6 +130,10 @@ class ParallelConfig:
                                  "(0: never)", (DP, ZERO, GRID))
     zero_stage: int = option(0, "ZeRO shards the optimizer state (1), also the gradients (2), also the "
                              "parameters (3)", (ZERO, GRID), (0, 1, 2, 3))
+    cp: int = option(1, "context-parallel ranks, each holding 1/cp of the sequence's positions, attention by ring "
+                     "attention", (GRID,))
+    cp_split: str = option("zigzag", "with --cp: each rank holds chunks r and 2 cp - 1 - r of 2 cp (equal causal "
+                           "work), or chunk r of cp", (GRID,), CP_SPLITS)
     pp: int = option(1, "pipeline stages, each holding consecutive blocks", (PP, GRID))
     microbatches: int = option(4, "micro-batches per replica and step, flowing through the pipeline stages "
                                "(chapter 03's --grad-accum, pipelined)", (PP, GRID))
@@ -154,7 +159,7 @@ class ParallelConfig:
                               f"-n {getattr(self, axis)} (or leave --{axis} out to use every rank)")
 
     def validate(self):
-        for name in ("tp", "dp", "grad_accum", "pp", "microbatches", "virtual_stages"):
+        for name in ("tp", "cp", "dp", "grad_accum", "pp", "microbatches", "virtual_stages"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{flag(name)} must be a positive integer, got {getattr(self, name)}")
         if self.dp_mode not in ("naive", "bucketed", "overlapped"):
@@ -163,6 +168,8 @@ class ParallelConfig:
             raise ConfigError(f"--bucket-mb must be positive, got {self.bucket_mb}")
         if self.check_replicas < 0:
             raise ConfigError(f"--check-replicas must be zero (never) or positive, got {self.check_replicas}")
+        if self.cp_split not in CP_SPLITS:
+            raise ConfigError(f"--cp-split must be one of {', '.join(CP_SPLITS)}, got {self.cp_split!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.schedule == "interleaved" and self.virtual_stages < 2:

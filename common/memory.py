@@ -43,46 +43,52 @@ MiB, GiB = 2 ** 20, 2 ** 30
 
 
 def activation_bytes(gpt_cfg, rows, blocks, first=True, last=True, tp_size=1, sp=False, itemsize=4,
-                     recompute="none"):
+                     recompute="none", cp_size=1):
     """Bytes the forward of one micro-batch of `rows` keeps for its backward: the caches of `blocks` blocks
-    (and of the head if `last`), as common/model.py builds them, on one of `tp_size` tensor-parallel ranks;
-    the floating-point arrays, as the token ids are the batch's. Per block and row, Tl = T (T/tp with sp):
+    (and of the head if `last`), as common/model.py builds them, on one of `tp_size` tensor-parallel and
+    `cp_size` context-parallel ranks; the floating-point arrays, as the token ids are the batch's. With Tq = T/cp
+    the positions a rank holds and Tl = Tq (Tq/tp with sp), per block and row:
         none       2 Tl C   LayerNorm xhat (two)            2 Tl     their rstd
-                   2 T C    the inputs of c_attn and c_fc (replicated: gathered under sp)
-                   16 T C / tp  the split parts: qkv (3C), the attention output (C), c_fc's output, GELU's
-                                tanh and output (3 x 4C)
-                   nh T T / tp  the attention probabilities
+                   2 Tq C   the inputs of c_attn and c_fc (replicated: gathered under sp)
+                   16 Tq C / tp  the split parts: qkv (3C), the attention output (C), c_fc's output, GELU's
+                                 tanh and output (3 x 4C)
+                   nh T T / tp   the attention probabilities (with cp > 1 none: ring attention keeps their
+                                 log-sum-exp, nh Tq / tp)
         selective  the same without the probabilities, recomputed in the backward
         full       Tl C     the block's input alone
-    and the head's: ln_f xhat (Tl C) and rstd (Tl), its output (T C), the probabilities (T V / tp, padded)."""
+    and the head's: ln_f xhat (Tl C) and rstd (Tl), its output (Tq C), the probabilities (Tq V / tp, padded)."""
     T, C, nh, V = gpt_cfg.block_size, gpt_cfg.n_embd, gpt_cfg.n_head, gpt_cfg.vocab_size
     t = tp_size
-    Tl = T // t if sp else T
-    whole = 2 * Tl * C + 2 * Tl + 2 * T * C + 16 * T * C // t + nh * T * T // t
-    block = {"none": whole, "selective": whole - nh * T * T // t, "full": Tl * C}[recompute]
-    head = (Tl * C + Tl + T * C + T * -(-V // t)) if last else 0
+    Tq = T // cp_size
+    Tl = Tq // t if sp else Tq
+    scores = nh * T * T // t if cp_size == 1 else 0
+    whole = 2 * Tl * C + 2 * Tl + 2 * Tq * C + 16 * Tq * C // t + (scores or nh * Tq // t)
+    block = {"none": whole, "selective": whole - scores, "full": Tl * C}[recompute]
+    head = (Tl * C + Tl + Tq * C + Tq * -(-V // t)) if last else 0
     return rows * (blocks * block + head) * itemsize
 
 
-def deferred_bytes(gpt_cfg, rows, blocks, last=True, tp_size=1, sp=False, itemsize=4):
+def deferred_bytes(gpt_cfg, rows, blocks, last=True, tp_size=1, sp=False, itemsize=4, cp_size=1):
     """What the cache of activation_bytes still holds between a backward that deferred its weight gradients
     (zero-bubble's B) and their computation (W): what W reads. Per block and row: the two LayerNorms' xhat
-    (2 Tl C) and the inputs of the four linears (2 T C + 5 T C / tp); the head's ln_f xhat and output, and its
+    (2 Tl C) and the inputs of the four linears (2 Tq C + 5 Tq C / tp); the head's ln_f xhat and output, and its
     probabilities, which the loss's backward turns into the logits' gradient in place. (W's queue also holds
     the output gradients it multiplies them with; those are not activations.)"""
     T, C, V = gpt_cfg.block_size, gpt_cfg.n_embd, gpt_cfg.vocab_size
     t = tp_size
-    Tl = T // t if sp else T
-    head = (Tl * C + T * C + T * -(-V // t)) if last else 0
-    return rows * (blocks * (2 * Tl * C + 2 * T * C + 5 * T * C // t) + head) * itemsize
+    Tq = T // cp_size
+    Tl = Tq // t if sp else Tq
+    head = (Tl * C + Tq * C + Tq * -(-V // t)) if last else 0
+    return rows * (blocks * (2 * Tl * C + 2 * Tq * C + 5 * Tq * C // t) + head) * itemsize
 
 
-def recompute_bytes(gpt_cfg, rows, tp_size=1, sp=False, itemsize=4, recompute="none"):
+def recompute_bytes(gpt_cfg, rows, tp_size=1, sp=False, itemsize=4, recompute="none", cp_size=1):
     """What full recomputation holds on top of the kept inputs: one block's whole cache of one micro-batch,
     which the backward rebuilds (and the forward makes and drops) one block at a time; 0 otherwise."""
     if recompute != "full":
         return 0
-    return activation_bytes(gpt_cfg, rows, 1, last=False, tp_size=tp_size, sp=sp, itemsize=itemsize)
+    return activation_bytes(gpt_cfg, rows, 1, last=False, tp_size=tp_size, sp=sp, itemsize=itemsize,
+                            cp_size=cp_size)
 
 
 def temporary_bytes(gpt_cfg, rows, tp_size=1, itemsize=4):

@@ -12,6 +12,7 @@ TRAIN = "06_3d/train.py"
 TINY = ["--n-layer", 4, "--n-head", 4, "--n-embd", 16, "--block-size", 8, "--batch-size", 8, "--eval-iters", 2,
         "--dtype", "float64", "--eval-interval", 5, "--microbatches", 2]
 grid_lib = import_chapter("06_3d.grid")
+pipe = import_chapter("05_pipeline.pipeline")
 
 
 def test_tp_is_innermost_in_the_rank_map():
@@ -35,6 +36,12 @@ def test_verify_passes_for_every_layout_of_n_ranks_and_each_zero_stage_that_fits
         assert not any(case.split()[0].split(",")[1] != "1" and case.endswith(("z2", "z3")) for case in cases)
     if n == 4:
         assert {"(2,1,2) z2", "(2,1,2) sp z3", "(1,1,4) z3"} <= cases
+    # context parallelism: cp 2 and 4 (n >= 4), alone and with tp, pp, dp, SP and ZeRO, both splits
+    runs = {" ".join(w for w in line.split(":")[0].split() if w not in (*pipe.SCHEDULES, "full", "selective"))
+            for line in result.stdout.splitlines() if line.startswith("(")}
+    if n == 8:
+        assert {"(1,1,4) cp2", "(2,1,1) cp4", "(2,2,1) cp2 contiguous sp", "(2,1,2) cp2 contiguous z2",
+                "(1,4,1) cp2"} <= runs, runs
 
 
 @pytest.mark.parametrize("patch, args", [                       # and pp's tied embedding: the bug gallery's

@@ -1,0 +1,168 @@
+"""Context parallelism (chapter 06): ring attention on each rank's positions trains exactly as one core, its
+traffic and activations are their formulas, the zig-zag split balances the causal work, and a ring that merges
+its blocks wrongly fails verify."""
+import json
+
+import numpy as np
+import pytest
+
+from common.chapters import import_chapter
+from common.config import GPTConfig
+from common.layers import attention_backward, attention_forward
+from conftest import assert_one_error, assert_same_run, run, run_mpi, sabotaged, verdict
+
+cp_lib = import_chapter("06_3d.context_parallel")
+TRAIN, VERIFY = "06_3d/train.py", "06_3d/verify.py"
+TINY = ["--n-layer", 4, "--n-head", 4, "--n-embd", 16, "--block-size", 8, "--batch-size", 8, "--eval-iters", 2,
+        "--dtype", "float64", "--eval-interval", 5, "--microbatches", 2]
+
+
+@pytest.mark.parametrize("cp, split", [(2, "zigzag"), (4, "zigzag"), (2, "contiguous"), (4, "contiguous")])
+def test_the_ranks_positions_cover_the_sequence_once_in_chunks(cp, split):
+    T = 16
+    held = [cp_lib.positions(T, cp, r, split) for r in range(cp)]
+    assert sorted(np.concatenate(held)) == list(range(T))
+    assert all(len(p) == T // cp and list(p) == sorted(p) for p in held)
+    if split == "zigzag":                                   # rank r: chunks r and 2 cp - 1 - r
+        assert list(held[0][:T // (2 * cp)]) == list(range(T // (2 * cp))) and held[0][-1] == T - 1
+
+
+def test_zigzag_gives_every_rank_the_same_causal_work_and_contiguous_cp_times_the_first_to_the_last():
+    for cp in (2, 4, 8):
+        zigzag, contiguous = cp_lib.attention_work(64, cp, "zigzag"), cp_lib.attention_work(64, cp, "contiguous")
+        assert len(set(zigzag)) == 1
+        assert contiguous == sorted(contiguous) and contiguous[-1] == cp * contiguous[0]
+        assert 64 * 65 // 2 <= sum(zigzag) <= sum(contiguous)   # the causal triangle, and the diagonal's waste:
+                                                                  # smaller chunks waste less of it
+
+
+def one_ring_simulated(qkv, n_head, cp, split):
+    """The ring's merge and block backward run for every rank and step in one process, the other ranks' K and V
+    read directly: what Ring does, without MPI. Returns (y, the function from dy to dqkv)."""
+    B, T, _ = qkv.shape
+    hs = qkv.shape[-1] // (3 * n_head)
+    q, k, v = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)
+    n = T // (2 * cp if split == "zigzag" else cp)
+    chunk = lambda c: slice(c * n, (c + 1) * n)            # noqa: E731
+    every = [c for r in range(cp) for c in cp_lib.chunks_of(r, cp, split)]
+    y, lse = np.zeros((B, n_head, T, hs)), np.zeros((B, n_head, T, 1))
+
+    def scores(qc, kc):
+        s = q[:, :, chunk(qc)] @ k[:, :, chunk(kc)].transpose(0, 1, 3, 2) / np.sqrt(hs)
+        return s + (np.triu(np.full((n, n), -np.inf), 1) if qc == kc else 0.0)
+
+    for qc in every:
+        m, l, o = np.full((B, n_head, n, 1), -np.inf), np.zeros((B, n_head, n, 1)), np.zeros((B, n_head, n, hs))
+        for kc in every:
+            if kc <= qc:
+                cp_lib.merge(m, l, o, scores(qc, kc), v[:, :, chunk(kc)])
+        y[:, :, chunk(qc)], lse[:, :, chunk(qc)] = o / l, m + np.log(l)
+
+    def backward(dy):
+        g = dy.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
+        D = (g * y).sum(-1, keepdims=True)
+        dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+        for qc in every:
+            for kc in every:
+                if kc <= qc:
+                    q_, k_ = chunk(qc), chunk(kc)
+                    cp_lib.block_backward(scores(qc, kc), q[:, :, q_], k[:, :, k_], v[:, :, k_], g[:, :, q_],
+                                          lse[:, :, q_], D[:, :, q_], dq[:, :, q_], dk[:, :, k_], dv[:, :, k_])
+        return np.stack([dq, dk, dv], 2).transpose(0, 3, 2, 1, 4).reshape(B, T, -1)
+
+    return y.transpose(0, 2, 1, 3).reshape(B, T, -1), backward
+
+
+@pytest.mark.parametrize("cp, split", [(1, "zigzag"), (2, "zigzag"), (4, "zigzag"), (4, "contiguous")])
+def test_the_online_softmax_merge_and_its_backward_equal_attention_in_float64(cp, split):
+    rng = np.random.default_rng(0)
+    qkv, dy = rng.normal(size=(2, 16, 3 * 2 * 4)), rng.normal(size=(2, 16, 2 * 4))
+    want, cache = attention_forward(qkv, 2)
+    y, backward = one_ring_simulated(qkv, 2, cp, split)
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(backward(dy), attention_backward(dy, cache), rtol=0, atol=1e-13)
+
+
+def test_the_ledger_formula_counts_each_block_s_k_and_v_round_the_ring_three_times_less_one():
+    gpt_cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
+    one = 2 * 3 * (8 // 4) * (16 // 2) * 8                  # K and V of 3 rows, 2 positions, 8 channels, float64
+    got = cp_lib.comm_formula(gpt_cfg, 3, 8, cp_size=4, tp_size=2, microbatches=1)
+    assert got == {"isend": 2 * one * (3 + 3 + 4), "irecv": 2 * one * (3 + 3 + 4)}
+    full = cp_lib.comm_formula(gpt_cfg, 3, 8, cp_size=4, tp_size=2, recompute="full")
+    assert full["isend"] == 2 * one * (2 * 3 + 3 + 4)
+    assert cp_lib.comm_formula(gpt_cfg, 3, 8, cp_size=1) == {}
+
+
+@pytest.mark.parametrize("flags", [
+    ["--cp", 2],
+    ["--cp", 4, "--cp-split", "contiguous"],
+    ["--cp", 2, "--tp", 2, "--sequence-parallel"],
+    ["--cp", 2, "--dp", 2, "--zero-stage", 3],
+    ["--cp", 2, "--pp", 2, "--schedule", "zb-h1"],
+], ids=["cp2", "cp4-contiguous", "cp2-tp2-sp", "cp2-dp2-zero3", "cp2-pp2-zb-h1"])
+def test_context_parallel_training_is_single_core_training_and_its_ledger_the_formula(tiny_data, tmp_path, flags):
+    common = ["--data-dir", tiny_data, *TINY]
+    straight, grid = tmp_path / "straight", tmp_path / "grid"
+    assert run(["01_single_core/train.py", *common[:-2], "--max-iters", 10, "--out-dir", straight]).returncode == 0
+    result = run_mpi(4, [TRAIN, *common, *flags, "--max-iters", 10, "--out-dir", grid], timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "cp 1, pp" in result.stdout                      # the rank map shows the cp coordinate
+    ledger = json.loads((grid / "ledger.json").read_text())
+    for r in ledger["ranks"]:
+        assert r["comm"] == r["comm_formula"], r
+        assert r["activations"] == r["activations_formula"], r
+    assert_same_run(grid, straight, 10)
+
+
+def test_the_ledger_shows_zigzag_balanced_and_contiguous_not(tiny_data, tmp_path):
+    work = {}
+    for split in ("zigzag", "contiguous"):
+        result = run_mpi(4, [TRAIN, "--data-dir", tiny_data, "--out-dir", tmp_path / split, *TINY, "--cp", 4,
+                             "--cp-split", split, "--max-iters", 1])
+        assert result.returncode == 0, result.stdout + result.stderr
+        ranks = json.loads((tmp_path / split / "ledger.json").read_text())["ranks"]
+        work[split] = [r["attention_work"] for r in sorted(ranks, key=lambda r: r["cp"])]
+    # one step: 2 micro-batches x 4 blocks, forward and backward, each counting its chunk pairs' n^2
+    for split, got in work.items():
+        assert got == [2 * 4 * 2 * w for w in cp_lib.attention_work(8, 4, split)], (split, got)
+    assert max(work["zigzag"]) == min(work["zigzag"]) and max(work["contiguous"]) == 4 * min(work["contiguous"])
+
+
+def test_a_checkpoint_moves_from_cp_2_to_one_core_exactly(tiny_data, tmp_path):
+    common = ["--data-dir", tiny_data, *TINY]
+    straight, grid = tmp_path / "straight", tmp_path / "grid"
+    assert run(["01_single_core/train.py", *common[:-2], "--max-iters", 10, "--out-dir", straight]).returncode == 0
+    first = run_mpi(2, [TRAIN, *common, "--cp", 2, "--max-iters", 5, "--out-dir", grid])
+    assert first.returncode == 0, first.stderr
+    result = run(["01_single_core/train.py", *common[:-2], "--max-iters", 10, "--out-dir", grid, "--resume"])
+    assert result.returncode == 0, result.stderr
+    assert_same_run(grid, straight, 10)
+
+
+def test_verify_fails_when_the_ring_forgets_to_rescale_what_it_merged(tmp_path):
+    # the bug: a new block's larger row max is not applied to the sums and outputs already merged
+    patch = ("cp_lib = import_chapter('06_3d.context_parallel')\n"
+             "np = cp_lib.np\n"
+             "def merge(m, l, o, s, v):\n"
+             "    new = np.maximum(m, s.max(axis=-1, keepdims=True))\n"
+             "    np.exp(s - new, out=s)\n"
+             "    l += cp_lib.rowsum(s)\n"
+             "    o += s @ v\n"
+             "    m[...] = new\n"
+             "cp_lib.merge = merge\n")
+    result = run_mpi(2, [sabotaged(tmp_path, patch, "06_3d.verify", ["--cp", 2])], timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    last = verdict(result)
+    assert last.startswith("2 ranks: FAIL:") and "cp2" in last, last
+
+
+@pytest.mark.parametrize("n, flags, words", [
+    (2, ["--cp", 2, "--block-size", 6], ["--block-size 6", "4 equal chunks", "--cp 2"]),
+    (4, ["--cp", 2, "--tp", 2, "--sequence-parallel", "--block-size", 2, "--cp-split", "contiguous"],
+     ["--sequence-parallel", "--tp 2", "multiple of 4"]),
+    (2, ["--cp", 4], ["--cp 4", "started 2"]),
+])
+def test_bad_context_parallel_input_exits_2_on_every_rank_with_one_message(tiny_data, tmp_path, n, flags, words):
+    result = run_mpi(n, [TRAIN, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, *flags, "--max-iters", 1],
+                     timeout=60)
+    assert_one_error(result, words)
