@@ -221,21 +221,22 @@ def activation_peak(kind, M, stage, pp_size, virtual, kept, deferred=None, worki
     return peak
 
 
-def activation_formula(gpt_cfg, rows, itemsize, par, stage, recompute="none", tp_size=1, sp=False):
+def activation_formula(gpt_cfg, rows, itemsize, par, stage, recompute="none", tp_size=1, sp=False, cp_size=1):
     """activation_peak of `stage` under par's schedule, micro-batches of `rows` rows, each chunk's cache by the
     formulas of common.memory (its blocks, and the head if it is the model's last chunk)."""
     P, V = par.pp, par.virtual_stages
     chunks = chunk_layers(gpt_cfg.n_layer, stage, P, V)
+    sizes = dict(tp_size=tp_size, sp=sp, itemsize=itemsize, cp_size=cp_size)
 
     def last(c):
         return c * P + stage == P * V - 1
 
     return activation_peak(
         par.schedule, par.microbatches, stage, P, V,
-        kept=lambda c: activation_bytes(gpt_cfg, rows, len(chunks[c]), stage == 0, last(c), tp_size, sp, itemsize,
-                                        recompute),
-        deferred=lambda c: deferred_bytes(gpt_cfg, rows, len(chunks[c]), last(c), tp_size, sp, itemsize),
-        working=recompute_bytes(gpt_cfg, rows, tp_size, sp, itemsize, recompute))
+        kept=lambda c: activation_bytes(gpt_cfg, rows, len(chunks[c]), stage == 0, last(c), recompute=recompute,
+                                        **sizes),
+        deferred=lambda c: deferred_bytes(gpt_cfg, rows, len(chunks[c]), last(c), **sizes),
+        working=recompute_bytes(gpt_cfg, rows, recompute=recompute, **sizes))
 
 
 def check_schedule(kind, M, pp_size, virtual=1):

@@ -121,14 +121,14 @@ def draw_trace(ax, traces, title):
     ax.set_title(title, fontsize=8)
 
 
-def pipeline_figures(out_root, work, repeats=3):
+def pipeline_figures(out_root, work, repeats=3, microbatches=MICROBATCHES):
     """05: one step's real timeline of each schedule under its ideal one, and the measured bubble against M
     beside each schedule's formula; each measured bubble is the median over `repeats` runs of the worst stage's
     in the last step (one step on a shared machine is noisy). Returns {schedule: {M: measured bubble}} and the
     formulas."""
     records, bubbles = {}, {}
     for kind, flags in SCHEDULES.items():
-        for M in MICROBATCHES:
+        for M in microbatches:
             if kind == "interleaved" and M % 2:
                 continue
             for r in range(repeats):
@@ -154,7 +154,7 @@ def pipeline_figures(out_root, work, repeats=3):
     save(fig, out_root / "05_pipeline" / "figures" / "timeline.png", rect=(0, 0, 1, 0.98))
 
     measured = {kind: {M: float(np.median(bubbles[kind, M])) for k, M in records if k == kind} for kind in SCHEDULES}
-    costs = op_costs([r["trace"] for M in MICROBATCHES for r in records["zb-h1", M]["ranks"]])
+    costs = op_costs([r["trace"] for M in microbatches for r in records["zb-h1", M]["ranks"]])
     formulas = {kind: {M: pipe.bubble_formula(kind, M, 2, 2 if kind == "interleaved" else 1, costs)
                        for M in measured[kind]} for kind in SCHEDULES}
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -176,16 +176,16 @@ def pipeline_figures(out_root, work, repeats=3):
     save(fig, out_root / "05_pipeline" / "figures" / "bubble.png")
     print(f"zb-h1's median F, B, W here: {', '.join(f'{t * 1e3:.1f}' for t in costs)} ms")
     print("M      " + "".join(f"{kind:>22}" for kind in SCHEDULES) + "   (measured / formula)")
-    for M in MICROBATCHES:
+    for M in microbatches:
         print(f"{M:<7}" + "".join(f"{measured[k][M]:>13.2f} / {formulas[k][M]:.2f}" if M in measured[k] else
                                   f"{'-':>22}" for k in SCHEDULES))
     return measured, formulas
 
 
-def recompute_figure(out_root, work, rounds):
+def recompute_figure(out_root, work, rounds, steps=20):
     """01: the bytes of activations the caches held at their peak and ms/step for each --recompute mode, the
     default model on one core (bench/recompute.py's runs, the median of `rounds`)."""
-    rows = recompute.modes_table("cpu", 20, rounds, work)
+    rows = recompute.modes_table("cpu", steps, rounds, work)
     fig, (left, right) = plt.subplots(1, 2, figsize=(7, 2.8))
     modes, colors = list(rows), ["C0", "C1", "C2"]
     left.bar(modes, [rows[m]["activations"] / 2 ** 20 for m in modes], color=colors)
@@ -228,7 +228,8 @@ def network_modes(out_root, steps):
     """03: the data-parallel modes on a simulated network (bench/network.py's runs)."""
     bench = import_chapter("bench.network")
     quick = steps < 50
-    rows = bench.chapter_03(argparse.Namespace(steps=10 if quick else 30, skip=4, rounds=1 if quick else 3))
+    rows = bench.chapter_03(argparse.Namespace(steps=6 if quick else 30, skip=2 if quick else 4,
+                                               rounds=1 if quick else 3))
     fig, ax = plt.subplots(figsize=(7, 3))
     for i, net in enumerate(("off", "ethernet-10g", "ethernet-1g")):
         for j, mode in enumerate(("naive", "bucketed", "overlapped")):
@@ -305,8 +306,9 @@ def main(argv=None):
         import_chapter("bench.layouts").layout_comparison(args.out_root, work)
         import_chapter("bench.dp_timeline").overlap_timeline(args.out_root, work)
         zero_memory(args.out_root, work)
-        pipeline_figures(args.out_root, work, repeats=1 if args.steps < 50 else 3)
-        recompute_figure(args.out_root, work, rounds=1 if args.steps < 50 else 3)
+        quick = args.steps < 50                                     # the tests' setting: each figure made, fast
+        pipeline_figures(args.out_root, work, repeats=1 if quick else 3, microbatches=(1, 4) if quick else MICROBATCHES)
+        recompute_figure(args.out_root, work, rounds=1 if quick else 3, steps=6 if quick else 20)
         network_modes(args.out_root, args.steps)
     for path in sorted(args.out_root.glob("**/figures/*.png")):
         print(f"{path.relative_to(args.out_root)}  {path.stat().st_size // 1024} KiB")
