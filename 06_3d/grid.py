@@ -1,33 +1,40 @@
-"""3D parallelism: tensor, pipeline and data parallelism (optionally ZeRO) on one grid of tp x pp x dp ranks.
+"""3D parallelism: tensor, pipeline and data parallelism (optionally ZeRO, and context parallelism as a fourth
+axis) on one grid of tp x cp x pp x dp ranks.
 
-The grid. World rank r sits at tp = r % tp, pp = (r // tp) % pp, dp = r // (tp pp): the tp ranks of one
-pipeline stage are neighbours, so on real machines they share a node and its fast links, which tensor
-parallelism needs (two all-reduces of activations per block and micro-batch); the pipeline sends one
-activation per micro-batch and stage boundary; data parallelism reduces gradients once per step. Each axis
-gets its own communicator (MPI Split): ranks that differ only along that axis.
+The grid. World rank r sits at tp = r % tp, cp = (r // tp) % cp, pp = (r // (tp cp)) % pp, dp = r // (tp cp pp):
+the tp ranks of one pipeline stage are neighbours, so on real machines they share a node and its fast links,
+which tensor parallelism needs (two all-reduces of activations per block and micro-batch); the cp ranks come
+next (every block passes keys and values round their ring); the pipeline sends one activation per micro-batch
+and stage boundary; data parallelism reduces gradients once per step. Each axis gets its own communicator (MPI
+Split): ranks that differ only along that axis; and dcp, the ranks that differ in dp or cp, which hold the same
+weights and sum their gradients.
 
 Composed, without copies, from the chapters before:
     02  inside each stage, every weight matrix split over the tp ranks (tp_parts: the model driver's parts
         with f and g written in), with optional sequence parallelism (activations between stages are then
         (b, T/tp, C) per rank; a part's replicated gradients are summed over tp before they are announced)
+    06  with --cp, each rank holds T/cp positions of every activation, and tp_parts' attention is the ring of
+        context_parallel.py
     05  stages run a 1F1B or AFAB schedule over M micro-batches; wte's gradient is summed between the
         first and last stage (each holding the same vocabulary shard)
-    03  each (tp, pp) position's gradient summed over the dp replicas, in buckets started during the last
+    03  each (tp, pp) position's gradient summed over the dp (x cp) replicas, in buckets started during the last
         micro-batch's backward
-    04  or, with --zero-stage 1, reduce-scattered, each dp rank updating its shard, then all-gathered; with
+    04  or, with --zero-stage 1, reduce-scattered, each rank updating its shard, then all-gathered; with
         --pp 1 also ZeRO-2 (gradient buckets reduce-scattered every micro-batch) and ZeRO-3 (each part's
-        weights gathered over dp just in time): the "FSDP + TP" layout
+        weights gathered just in time): the "FSDP + TP" layout
 
-The loss is the mean over dp x M micro-batches of b = B/(dp M) rows, so the last stage seeds each backward
-with 1/(dp M). The grad norm is one world all-reduce of squares, each element counted once: a replicated
-tensor on tp rank 0 only, wte on the first stage only, and without ZeRO on dp rank 0 only.
+The loss is the mean over dp x cp x M micro-batches of b = B/(dp M) rows and T/cp positions, so the last stage
+seeds each backward with 1/(dp cp M). The grad norm is one world all-reduce of squares, each element counted
+once: a replicated tensor on tp rank 0 only, wte on the first stage only, and without ZeRO on dcp rank 0 only.
 
-Communication per step, as chapters 02, 05 and 03/04 derive it, on each axis's communicator:
+Communication per step, as chapters 02, 05, 03/04 and context_parallel.py derive it, on each axis's communicator
+(T here the positions a rank holds, T/cp):
     tp  per micro-batch: (4 L_s + first + last) all-reduces of b T C e (with sp: as many all-gathers and
         reduce-scatters), plus 3 of b T e on the last stage; with sp the replicated gradients once (ZeRO-2/3:
         once per micro-batch)
+    cp  per micro-batch and block: K and V round the ring, 3 cp - 2 times (dK and dV included), 2 b T (C/tp) e
     pp  per micro-batch and boundary b (T/tp with sp) C e each way; the loss broadcast; wte's all-reduce
-    dp  the stage's local gradient once: an all-reduce (or ZeRO's collectives, chapter 04's comm_formula)
+    dp  the stage's local gradient once, over dcp: an all-reduce (or ZeRO's collectives, chapter 04's formula)
 """
 from dataclasses import dataclass
 

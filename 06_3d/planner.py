@@ -3,12 +3,14 @@ axis and pipeline bubble, predicted from the formulas the grid's ledgers are che
 
     python 06_3d/planner.py -n 8                                  # the default model, batch 32, 4 micro-batches
     python 06_3d/planner.py -n 16 --n-layer 8 --n-embd 256 --batch-size 64 --ranks-per-host 8
+    python 06_3d/planner.py -n 8 --block-size 4096 --batch-size 8 --microbatches 1     # long context: cp
 
 The choice follows the usual procedure: keep the layouts whose ranks fit in memory, then split the model as
 little as possible (tp x pp), since data parallelism's one gradient sum per step hides behind the backward while
-tp's all-reduces and the pipeline's bubble do not; shard the optimizer (ZeRO) before splitting the model; and
-within a split, prefer tensor parallelism inside a host (--ranks-per-host a multiple of tp) and pipeline stages
-across hosts. The global batch is micro-batch x micro-batches x dp.
+tp's all-reduces and the pipeline's bubble do not; shard the optimizer (ZeRO) before splitting the model; split
+the sequence (cp) only when nothing else fits, as for long contexts; and within a split, prefer tensor
+parallelism inside a host (--ranks-per-host a multiple of tp) and pipeline stages across hosts. The global batch
+is micro-batch x micro-batches x dp.
 """
 import argparse
 import itertools
@@ -22,28 +24,30 @@ from common.memory import available_bytes, size
 grid_lib = import_chapter("06_3d.grid")
 pipe = import_chapter("05_pipeline.pipeline")
 train3d = import_chapter("06_3d.train")
+AXES = ("tp", "cp", "pp", "ends", "dp")
 
 
 def layouts(gpt_cfg, batch_size, world_size, microbatches):
-    """Every (tp, pp, dp, zero_stage) the grid accepts for these sizes (ZeRO-2/3 only without a pipeline)."""
-    for tp, pp in itertools.product(range(1, world_size + 1), repeat=2):
-        dp = world_size // (tp * pp)
-        if tp * pp * dp != world_size or gpt_cfg.n_head % tp or pp > gpt_cfg.n_layer:
+    """Every (tp, cp, pp, dp, zero_stage) the grid accepts for these sizes (ZeRO-2/3 only without a pipeline;
+    cp where the context splits into 2 cp chunks, for the zig-zag split)."""
+    for tp, cp, pp in itertools.product(range(1, world_size + 1), repeat=3):
+        dp = world_size // (tp * cp * pp)
+        if tp * cp * pp * dp != world_size or gpt_cfg.n_head % tp or pp > gpt_cfg.n_layer:
             continue
-        if batch_size % (dp * microbatches):
+        if batch_size % (dp * microbatches) or (cp > 1 and gpt_cfg.block_size % (2 * cp)):
             continue
-        for zero in (0,) if dp == 1 else (0, 1) if pp > 1 else (0, 1, 2, 3):
-            yield tp, pp, dp, zero
+        for zero in (0,) if dp * cp == 1 else (0, 1) if pp > 1 else (0, 1, 2, 3):
+            yield tp, cp, pp, dp, zero
 
 
 def predict(gpt_cfg, train_cfg, par):
     """{memory: the largest rank's estimated bytes, axes: {axis: the largest stage's bytes per step}, bubble}."""
-    world = par.tp * par.pp * par.dp
+    world = par.tp * par.cp * par.pp * par.dp
     memory = max(sum(train3d.memory_estimate(gpt_cfg, train_cfg, par, rank).values()) for rank in range(world))
     itemsize = np.dtype(train_cfg.dtype).itemsize
     per_stage = [grid_lib.ledger_formula(gpt_cfg, par, s, train_cfg.batch_size, itemsize, train_cfg.recompute)
                  for s in range(par.pp)]
-    axes = {axis: max(sum(f[axis].values()) for f in per_stage) for axis in ("tp", "pp", "ends", "dp")}
+    axes = {axis: max(sum(f[axis].values()) for f in per_stage) for axis in AXES}
     return {"memory": memory, "axes": axes, "bubble": pipe.bubble_formula(par.schedule, par.microbatches, par.pp,
                                                                           par.virtual_stages)}
 
@@ -55,13 +59,13 @@ def tp_inside_host(tp, ranks_per_host):
 def plan(gpt_cfg, train_cfg, world_size, microbatches, ranks_per_host=0, budget=None):
     """The table (one dict per layout, in preference order) and the recommended row (None if none fits)."""
     rows = []
-    for tp, pp, dp, zero in layouts(gpt_cfg, train_cfg.batch_size, world_size, microbatches):
-        par = ParallelConfig(tp=tp, pp=pp, dp=dp, zero_stage=zero, microbatches=microbatches)
-        row = {"tp": tp, "pp": pp, "dp": dp, "zero": zero, **predict(gpt_cfg, train_cfg, par)}
+    for tp, cp, pp, dp, zero in layouts(gpt_cfg, train_cfg.batch_size, world_size, microbatches):
+        par = ParallelConfig(tp=tp, cp=cp, pp=pp, dp=dp, zero_stage=zero, microbatches=microbatches)
+        row = {"tp": tp, "cp": cp, "pp": pp, "dp": dp, "zero": zero, **predict(gpt_cfg, train_cfg, par)}
         row["fits"] = budget is None or row["memory"] <= budget
         row["tp_inside"] = tp_inside_host(tp, ranks_per_host)
         rows.append(row)
-    rows.sort(key=lambda r: (not r["fits"], not r["tp_inside"], r["tp"] * r["pp"], r["zero"], r["pp"]))
+    rows.sort(key=lambda r: (not r["fits"], not r["tp_inside"], r["cp"], r["tp"] * r["pp"], r["zero"], r["pp"]))
     return rows, next((r for r in rows if r["fits"]), None)
 
 
@@ -103,18 +107,20 @@ def main(argv=None):
         exit_with(e)
     print(f"{args.n} ranks, batch {args.batch_size} x {args.block_size} in {args.microbatches} micro-batches "
           f"per replica, {args.dtype}" + (f"; {size(budget)} of memory per rank" if budget else ""))
-    print(f"{'tp':>3} {'pp':>3} {'dp':>3} {'ZeRO':>4} {'memory/rank':>12} {'tp MiB':>8} {'pp MiB':>8} "
-          f"{'ends MiB':>8} {'dp MiB':>8} {'bubble':>7}  note")
+    print(f"{'tp':>3} {'cp':>3} {'pp':>3} {'dp':>3} {'ZeRO':>4} {'memory/rank':>12} "
+          + " ".join(f"{a + ' MiB':>8}" for a in AXES) + f" {'bubble':>7}  note")
     for r in rows:
         note = "does not fit" if not r["fits"] else "" if r["tp_inside"] else "tp crosses hosts"
         note += "  <- recommended" if r is best else ""
-        print(f"{r['tp']:>3} {r['pp']:>3} {r['dp']:>3} {r['zero']:>4} {size(r['memory']):>12} "
-              + " ".join(f"{mib(r['axes'][a]):>8}" for a in ("tp", "pp", "ends", "dp"))
-              + f" {r['bubble']:>7.2f}  {note}")
+        print(f"{r['tp']:>3} {r['cp']:>3} {r['pp']:>3} {r['dp']:>3} {r['zero']:>4} {size(r['memory']):>12} "
+              + " ".join(f"{mib(r['axes'][a]):>8}" for a in AXES) + f" {r['bubble']:>7.2f}  {note}")
     if best:
         zero = f" --zero-stage {best['zero']}" if best["zero"] else ""
-        print(f"recommended: mpirun -n {args.n} python 06_3d/train.py --tp {best['tp']} --pp {best['pp']} "
-              f"--dp {best['dp']}{zero} --batch-size {args.batch_size} --microbatches {args.microbatches}")
+        cp = f" --cp {best['cp']}" if best["cp"] > 1 else ""
+        print(f"recommended: mpirun -n {args.n} python 06_3d/train.py --tp {best['tp']}{cp} --pp {best['pp']} "
+              f"--dp {best['dp']}{zero} --batch-size {args.batch_size} --microbatches {args.microbatches}"
+              + (f" --block-size {args.block_size}" if args.block_size != 64 else "")
+              + (f" --recompute {args.recompute}" if args.recompute != "none" else ""))
     else:
         print("no layout fits in memory: shrink the model or the batch, or add ranks")
 

@@ -8,8 +8,9 @@ parallelism, computes what single core computes.
 For each layout (tp x pp x dp = the number of ranks, tp dividing the 4 heads, pp at most the 4 layers), and
 each of plain, --sequence-parallel (tp > 1), --zero-stage 1 (dp > 1; with pp = 1 also 2 and 3) and SP with each
 stage; and for each layout with cp = 2 or 4 as well (tp x cp x pp x dp ranks), once, with SP, ZeRO and the
-zig-zag or contiguous split taken in turn; with the pipeline schedules taken in turn (interleaved over 2 chunks where the layers allow, zb-h1,
-1f1b, afab; zb-h1 not with ZeRO-2/3) and --recompute none, full and selective taken in turn likewise, the
+zig-zag or contiguous split taken in turn; with the pipeline schedules taken in turn (interleaved over 2
+chunks where the layers allow, zb-h1, 1f1b, afab; zb-h1 not with ZeRO-2/3) and --recompute none, full and
+selective taken in turn likewise, the
 real train_step of 06_3d/train.py and the single-core train_step of chapter 01 (recomputing nothing) take the
 same AdamW steps on the same batches from the same weights, in float64. Rows: the losses on every rank; every
 parameter tensor, and Adam's m and v of each, after the steps, consolidated from the grid (one row naming the

@@ -6,9 +6,9 @@
 Every chapter trains the same small model (2 layers x 64 channels, batch 16, float32) as one core does, on the
 same batches, and its loss is drawn over one core's with the difference below; each chapter adds what it is
 about (what each --recompute mode holds and costs, ZeRO's memory against the formula, the pipeline's timelines
-and bubble, the bytes on each 3D axis and every layout of 4 ranks, the data-parallel modes and one step's
-overlap on a simulated network) and its bug from bench/gallery.py, replayed beside the correct run, with
-verify.py's verdict (figures/gallery.json).
+and bubble, the bytes on each 3D axis, every layout of 4 ranks and context parallelism's balance and memory, the
+data-parallel modes and one step's overlap on a simulated network) and its bug from bench/gallery.py, replayed
+beside the correct run, with verify.py's verdict (figures/gallery.json).
 """
 import argparse
 import json
@@ -32,6 +32,7 @@ from common.notebook import launch  # noqa: E402
 pipe = import_chapter("05_pipeline.pipeline")
 gallery = import_chapter("bench.gallery")
 recompute = import_chapter("bench.recompute")
+context = import_chapter("bench.context")
 losses = gallery.losses
 DPI = 80
 PARALLEL = {                                 # chapter: (ranks, flags, label)
@@ -206,6 +207,30 @@ def recompute_figure(out_root, work, rounds, steps=20):
     return rows
 
 
+def context_figure(out_root, work, block_size):
+    """06: context parallelism's attention work per rank, zig-zag against contiguous, and a long context's
+    activations per rank against cp (bench/context.py's runs)."""
+    found = context.balance(work)
+    rows = context.long_context(work, block_size)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
+    for i, (split, got) in enumerate(found.items()):
+        left.bar(np.arange(4) + (i - 0.5) * 0.4, [w / 1e3 for w in got], 0.4, color=f"C{i}",
+                 label=f"{split}: max/min {max(got) / min(got):.2f}")
+    left.set_xticks(range(4), [f"cp rank {r}" for r in range(4)], fontsize=8)
+    left.set_ylabel("score entries per row, thousands")
+    left.set_title("attention work of each rank, cp = 4 (one step)", fontsize=8)
+    left.legend(fontsize=7)
+    labels = [f"cp {cp}" + (f"\n{recompute}" if cp == 1 else "") for cp, recompute in rows]
+    right.bar(range(len(rows)), [held / 2 ** 20 for held, *_ in rows.values()], color="C2")
+    for i, (held, formula, _, _) in enumerate(rows.values()):
+        right.plot([i - 0.4, i + 0.4], [formula / 2 ** 20] * 2, "k-", lw=2, label="formula" if i == 0 else None)
+    right.set_xticks(range(len(rows)), labels, fontsize=8)
+    right.set_ylabel("MiB held by the caches (fullest rank)")
+    right.set_title(f"activations per rank at context {block_size}, batch 4", fontsize=8)
+    right.legend(fontsize=7)
+    save(fig, out_root / "06_3d" / "figures" / "context.png")
+
+
 def grid_bytes(ledger, out_root):
     """06: the bytes each rank passed to each axis's communicator in one step, measured against the formula."""
     axes_names = ("tp", "pp", "ends", "dp")
@@ -309,6 +334,7 @@ def main(argv=None):
         quick = args.steps < 50                                     # the tests' setting: each figure made, fast
         pipeline_figures(args.out_root, work, repeats=1 if quick else 3, microbatches=(1, 4) if quick else MICROBATCHES)
         recompute_figure(args.out_root, work, rounds=1 if quick else 3, steps=6 if quick else 20)
+        context_figure(args.out_root, work, block_size=256 if quick else 1024)
         network_modes(args.out_root, args.steps)
     for path in sorted(args.out_root.glob("**/figures/*.png")):
         print(f"{path.relative_to(args.out_root)}  {path.stat().st_size // 1024} KiB")

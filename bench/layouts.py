@@ -67,7 +67,7 @@ def measure(work):
     available = available_bytes()
     rows, best = planner.plan(gpt_cfg, train_cfg, RANKS, MICROBATCHES,
                               budget=available / RANKS if available else None)
-    rows = [r for r in rows if r["zero"] == 0]
+    rows = [r for r in rows if r["zero"] == 0 and r["cp"] == 1]
     for row in rows:
         out = work / f"layout_{row['tp']}{row['pp']}{row['dp']}"
         launch("06_3d/train.py", "--n-layer", N_LAYER, "--n-embd", N_EMBD, "--batch-size", BATCH, "--microbatches",

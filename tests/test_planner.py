@@ -48,8 +48,9 @@ def test_the_predicted_bytes_model_state_and_activations_are_what_a_real_run_mea
 
 def test_every_layout_the_grid_accepts_is_planned_and_a_fitting_one_recommended():
     rows, best = planner.plan(GPT, TrainConfig(batch_size=16), 8, 2, ranks_per_host=4, budget=2 ** 40)
-    got = {(r["tp"], r["pp"], r["dp"]) for r in rows}
+    got = {(r["tp"], r["pp"], r["dp"]) for r in rows if r["cp"] == 1}
     assert got == {(1, 1, 8), (1, 2, 4), (1, 4, 2), (2, 1, 4), (2, 2, 2), (2, 4, 1), (4, 1, 2), (4, 2, 1)}
+    assert {r["cp"] for r in rows} == {1, 2, 4}                        # 8 positions: 2 cp chunks of 2 or 1
     assert not any(r["zero"] > 1 and r["pp"] > 1 for r in rows)        # the grid refuses those
     assert (best["tp"], best["pp"], best["dp"], best["zero"]) == (1, 1, 8, 0)   # plenty of memory: plain DP
     small = min(r["memory"] for r in rows)
@@ -72,4 +73,14 @@ def test_the_layout_figure_reads_each_axis_of_a_ledger_from_its_busiest_rank_as_
     layouts = import_chapter("bench.layouts")                      # pp 4: the middle stages send the most on pp,
     par = ParallelConfig(tp=1, pp=4, dp=1, microbatches=2)         # the end stages alone sum wte (ends)
     ledger = {"ranks": [{"rank": r, "comm": grid_lib.ledger_formula(GPT, par, r, 8, 4)} for r in range(4)]}
-    assert layouts.ledger_axes(ledger) == planner.predict(GPT, TrainConfig(batch_size=8), par)["axes"]
+    predicted = planner.predict(GPT, TrainConfig(batch_size=8), par)["axes"]
+    assert layouts.ledger_axes(ledger) == {axis: predicted[axis] for axis in layouts.AXES}   # (the figure has no cp)
+
+
+def test_a_context_too_long_for_every_unsplit_sequence_is_planned_with_context_parallelism():
+    gpt_cfg = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=512, vocab_size=11)
+    rows, best = planner.plan(gpt_cfg, TrainConfig(batch_size=4), 4, 1, budget=2 ** 40)
+    assert best["cp"] == 1                                            # memory to spare: no sequence split
+    unsplit = min(r["memory"] for r in rows if r["cp"] == 1)
+    rows, best = planner.plan(gpt_cfg, TrainConfig(batch_size=4), 4, 1, budget=unsplit - 1)
+    assert best is not None and best["cp"] > 1 and best["memory"] < unsplit, best
