@@ -70,6 +70,15 @@ def attention_work(T, cp_size, split):
 
 # ----------------------------------------------------------------------------- forward and backward
 
+def scores(q, k, diagonal):
+    """q k^T / sqrt(hs) of one chunk pair, causally masked when the two chunks are one: (B,nh,n,n)."""
+    s = q @ k.transpose(0, 1, 3, 2)
+    s *= 1.0 / math.sqrt(q.shape[-1])
+    if diagonal:
+        s += causal_mask(s.shape[-1], s.dtype)
+    return s
+
+
 def merge(m, l, o, s, v):
     """Fold one block of scores s (B,nh,n,n') and its values v (B,nh,n',hs) into the running softmax of its
     query rows, in place: row max m, sum l (B,nh,n,1) and unnormalised output o (B,nh,n,hs)."""
@@ -119,13 +128,8 @@ class Ring:
                 if kc <= qc]
 
     def scores(self, q, k, diagonal):
-        """q k^T / sqrt(hs) of one chunk pair, causally masked on the diagonal: (B,nh,n,n)."""
-        s = q @ k.transpose(0, 1, 3, 2)
-        s *= 1.0 / math.sqrt(q.shape[-1])
-        if diagonal:
-            s += causal_mask(s.shape[-1], s.dtype)
-        self.work += s.shape[-2] * s.shape[-1]
-        return s
+        self.work += q.shape[-2] * k.shape[-2]
+        return scores(q, k, diagonal)
 
     def rotate(self, buf, step, tag):
         """Start passing `buf` to the next rank and receiving the previous rank's: (its receive buffer, the
@@ -187,6 +191,35 @@ class Ring:
         dqkv[:, :, 1] = dkv[0].transpose(0, 2, 1, 3)
         dqkv[:, :, 2] = dkv[1].transpose(0, 2, 1, 3)
         return dqkv.reshape(B, Tl, 3 * nh * hs)
+
+
+def simulate(qkv, n_head, cp_size, split="zigzag"):
+    """The ring's arithmetic for every rank in one process, each rank's chunk pairs merged (merge) and their
+    gradients taken (block_backward) as Ring does, the other ranks' K and V read directly instead of received:
+    causal attention of the whole qkv (B,T,3C) without MPI. Returns (y, a function from dy to dqkv)."""
+    B, T, _ = qkv.shape
+    hs = qkv.shape[-1] // (3 * n_head)
+    q, k, v = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)         # each (B,nh,T,hs)
+    n = T // (2 * cp_size if split == "zigzag" else cp_size)
+    pairs = [(slice(qc * n, (qc + 1) * n), slice(kc * n, (kc + 1) * n), qc == kc)
+             for r in range(cp_size) for qc in chunks_of(r, cp_size, split)
+             for step in range(cp_size) for kc in chunks_of((r - step) % cp_size, cp_size, split) if kc <= qc]
+    m = np.full((B, n_head, T, 1), -np.inf)
+    l, o = np.zeros_like(m), np.zeros((B, n_head, T, hs))
+    for qs, ks, diagonal in pairs:
+        merge(m[:, :, qs], l[:, :, qs], o[:, :, qs], scores(q[:, :, qs], k[:, :, ks], diagonal), v[:, :, ks])
+    y, lse = o / l, m + np.log(l)
+
+    def backward(dy):
+        g = dy.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
+        D = rowsum(g * y)
+        dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+        for qs, ks, diagonal in pairs:
+            block_backward(scores(q[:, :, qs], k[:, :, ks], diagonal), q[:, :, qs], k[:, :, ks], v[:, :, ks],
+                           g[:, :, qs], lse[:, :, qs], D[:, :, qs], dq[:, :, qs], dk[:, :, ks], dv[:, :, ks])
+        return np.stack([dq, dk, dv], 2).transpose(0, 3, 2, 1, 4).reshape(B, T, -1)
+
+    return y.transpose(0, 2, 1, 3).reshape(B, T, -1), backward
 
 
 # ----------------------------------------------------------------------------- the ledger

@@ -36,49 +36,12 @@ def test_zigzag_gives_every_rank_the_same_causal_work_and_contiguous_cp_times_th
                                                                   # smaller chunks waste less of it
 
 
-def one_ring_simulated(qkv, n_head, cp, split):
-    """The ring's merge and block backward run for every rank and step in one process, the other ranks' K and V
-    read directly: what Ring does, without MPI. Returns (y, the function from dy to dqkv)."""
-    B, T, _ = qkv.shape
-    hs = qkv.shape[-1] // (3 * n_head)
-    q, k, v = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)
-    n = T // (2 * cp if split == "zigzag" else cp)
-    chunk = lambda c: slice(c * n, (c + 1) * n)            # noqa: E731
-    every = [c for r in range(cp) for c in cp_lib.chunks_of(r, cp, split)]
-    y, lse = np.zeros((B, n_head, T, hs)), np.zeros((B, n_head, T, 1))
-
-    def scores(qc, kc):
-        s = q[:, :, chunk(qc)] @ k[:, :, chunk(kc)].transpose(0, 1, 3, 2) / np.sqrt(hs)
-        return s + (np.triu(np.full((n, n), -np.inf), 1) if qc == kc else 0.0)
-
-    for qc in every:
-        m, l, o = np.full((B, n_head, n, 1), -np.inf), np.zeros((B, n_head, n, 1)), np.zeros((B, n_head, n, hs))
-        for kc in every:
-            if kc <= qc:
-                cp_lib.merge(m, l, o, scores(qc, kc), v[:, :, chunk(kc)])
-        y[:, :, chunk(qc)], lse[:, :, chunk(qc)] = o / l, m + np.log(l)
-
-    def backward(dy):
-        g = dy.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
-        D = (g * y).sum(-1, keepdims=True)
-        dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
-        for qc in every:
-            for kc in every:
-                if kc <= qc:
-                    q_, k_ = chunk(qc), chunk(kc)
-                    cp_lib.block_backward(scores(qc, kc), q[:, :, q_], k[:, :, k_], v[:, :, k_], g[:, :, q_],
-                                          lse[:, :, q_], D[:, :, q_], dq[:, :, q_], dk[:, :, k_], dv[:, :, k_])
-        return np.stack([dq, dk, dv], 2).transpose(0, 3, 2, 1, 4).reshape(B, T, -1)
-
-    return y.transpose(0, 2, 1, 3).reshape(B, T, -1), backward
-
-
 @pytest.mark.parametrize("cp, split", [(1, "zigzag"), (2, "zigzag"), (4, "zigzag"), (4, "contiguous")])
 def test_the_online_softmax_merge_and_its_backward_equal_attention_in_float64(cp, split):
     rng = np.random.default_rng(0)
     qkv, dy = rng.normal(size=(2, 16, 3 * 2 * 4)), rng.normal(size=(2, 16, 2 * 4))
     want, cache = attention_forward(qkv, 2)
-    y, backward = one_ring_simulated(qkv, 2, cp, split)
+    y, backward = cp_lib.simulate(qkv, 2, cp, split)
     np.testing.assert_allclose(y, want, rtol=0, atol=1e-14)
     np.testing.assert_allclose(backward(dy), attention_backward(dy, cache), rtol=0, atol=1e-13)
 
