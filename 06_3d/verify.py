@@ -64,7 +64,8 @@ def setup(argv, world_size):
     pairs = [(t, p, c) for t, p in grids(args.tp, args.pp) for c in CP_SIZES if args.cp in (None, c)]
     args.layouts = [(t, p, world_size // (t * p * c), c) for t, p, c in pairs
                     if world_size % (t * p * c) == 0 and args.dp in (None, world_size // (t * p * c))]
-    if not args.layouts:
+    if not args.layouts:                        # name the -n that would fit, without cp unless --cp says
+        pairs = [(t, p, c) for t, p, c in pairs if c == (args.cp or 1)]
         sizes = sorted({t * p * c * args.dp for t, p, c in pairs}) if args.dp else []
         fits = (f"with a multiple of {min(t * p * c for t, p, c in pairs)}" if not sizes else
                 f"{sizes[0]}" if len(sizes) == 1 else f"with one of {sizes}")
