@@ -75,11 +75,11 @@ def save(fig, path, **layout):
     plt.close(fig)
 
 
-def zero_memory(out_root, work):
+def zero_memory(out_root, work, ranks=(2, 4)):
     """04: model-state bytes per rank, measured from the arrays, against the paper's formula (float32)."""
     fig, ax = plt.subplots(figsize=(7, 3))
     x = 0
-    for n in (2, 4):
+    for n in ranks:
         for stage in (1, 2, 3):
             out = work / f"zero_{n}_{stage}"
             launch("04_zero/train.py", "--zero-stage", stage, "--max-iters", 1, "--eval-interval", 1000,
@@ -91,7 +91,7 @@ def zero_memory(out_root, work):
             ax.plot([x - 0.4, x + 0.4], [want, want], "k-", lw=2, label="formula" if x == 0 else None)
             x += 1
         x += 1
-    ax.set_xticks([1, 5], ["N = 2 ranks", "N = 4 ranks"])
+    ax.set_xticks([1 + 4 * i for i in range(len(ranks))], [f"N = {n} ranks" for n in ranks])
     ax.set_ylabel("MiB per rank")
     ax.set_title("model state per rank: measured (bars) and the ZeRO paper's formula (lines)")
     ax.legend(fontsize=8)
@@ -207,11 +207,11 @@ def recompute_figure(out_root, work, rounds, steps=20):
     return rows
 
 
-def context_figure(out_root, work, block_size):
+def context_figure(out_root, work, block_size, sizes=(1, 2, 4)):
     """06: context parallelism's attention work per rank, zig-zag against contiguous, and a long context's
     activations per rank against cp (bench/context.py's runs)."""
     found = context.balance(work)
-    rows = context.long_context(work, block_size)
+    rows = context.long_context(work, block_size, sizes=sizes)
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
     for i, (split, got) in enumerate(found.items()):
         left.bar(np.arange(4) + (i - 0.5) * 0.4, [w / 1e3 for w in got], 0.4, color=f"C{i}",
@@ -329,12 +329,12 @@ def main(argv=None):
         (args.out_root / "figures" / "gallery.json").write_text(json.dumps(bugs, indent=1) + "\n")
         grid_bytes(json.loads((work / "06_3d" / "ledger.json").read_text()), args.out_root)
         import_chapter("bench.layouts").layout_comparison(args.out_root, work)
-        import_chapter("bench.dp_timeline").overlap_timeline(args.out_root, work)
-        zero_memory(args.out_root, work)
         quick = args.steps < 50                                     # the tests' setting: each figure made, fast
+        import_chapter("bench.dp_timeline").overlap_timeline(args.out_root, work, rounds=1 if quick else 5)
+        zero_memory(args.out_root, work, ranks=(2,) if quick else (2, 4))
         pipeline_figures(args.out_root, work, repeats=1 if quick else 3, microbatches=(1, 4) if quick else MICROBATCHES)
         recompute_figure(args.out_root, work, rounds=1 if quick else 3, steps=6 if quick else 20)
-        context_figure(args.out_root, work, block_size=256 if quick else 1024)
+        context_figure(args.out_root, work, block_size=256 if quick else 1024, sizes=(1, 2) if quick else (1, 2, 4))
         network_modes(args.out_root, args.steps)
     for path in sorted(args.out_root.glob("**/figures/*.png")):
         print(f"{path.relative_to(args.out_root)}  {path.stat().st_size // 1024} KiB")
