@@ -47,7 +47,8 @@ def memory_estimate(gpt_cfg, train_cfg, par, rank):
     tp (chapter 02)."""
     _, stage, _ = grid_lib.coords(rank, par.tp, par.pp, par.cp)
     layout = grid_lib.local_layout(gpt_cfg, stage, par.pp, par.tp, par.virtual_stages)
-    n, shard, M, e = layout.size, -(-layout.size // par.dp), par.microbatches, np.dtype(train_cfg.dtype).itemsize
+    n, M, e = layout.size, par.microbatches, np.dtype(train_cfg.dtype).itemsize
+    shard = -(-n // (par.dp * par.cp))                        # ZeRO shards over the ranks that sum gradients
     part = max(sum(int(np.prod(layout.shapes[name])) for name in names) for names in modules(gpt_cfg).values()
                if all(name in layout.shapes for name in names))
     bucket = int(par.bucket_mb * 2 ** 20) // e
@@ -59,10 +60,8 @@ def memory_estimate(gpt_cfg, train_cfg, par, rank):
                                                         par.sequence_parallel, par.cp))
 
 
-def my_share(part, x, y):
-    """This rank's rows of a batch (by its dp coordinate) and, with cp > 1, its positions of them."""
-    grid = part.grid
-    x, y = (np.split(a, grid.dp.size)[grid.dp.rank] for a in (x, y))
+def my_positions(part, x, y):
+    """x and y (rows of tokens), with cp > 1 cut to this rank's positions."""
     return (x, y) if part.pos is None else (x[:, part.pos], y[:, part.pos])
 
 
@@ -72,7 +71,7 @@ def train_step(part, batch, lr):
     reduce-scatter), the global norm, AdamW."""
     grid, st, sync, par = part.grid, part.st, part.sync, part.par
     sync.zero_grad()
-    x, y = my_share(part, *batch)
+    x, y = my_positions(part, *(np.split(a, grid.dp.size)[grid.dp.rank] for a in batch))   # my rows
     M = par.microbatches
     grid.pp.barrier()
 
@@ -100,9 +99,8 @@ def evaluate(part, batches):
     st, grid, M = part.st, part.grid, part.par.microbatches
     ops = pipe.schedule("forward", M, st.stage, grid.pp.size, part.par.virtual_stages)
 
-    def loss_of(x, y):
-        if part.pos is not None:
-            x, y = x[:, part.pos], y[:, part.pos]
+    def loss_of(x, y):                                        # of this replica's rows
+        x, y = my_positions(part, x, y)
         return st.run(ops, np.split(x, M), np.split(y, M))
 
     loss = dp_lib.mean_over_replicas(batches, grid.dp, loss_of)

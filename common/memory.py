@@ -170,10 +170,6 @@ class Transient:
         now = self.held_by_kind()
         return now[kind] if kind else sum(now.values())
 
-    def reset(self):
-        """Peaks from now on (what is alive stays tracked)."""
-        self.peak = defaultdict(int)
-
 
 def available_bytes():
     """Memory this host can still give, from the kernel (Linux), narrowed by a container's limit; None if

@@ -19,24 +19,25 @@ TINY = ["--n-layer", 4, "--n-head", 4, "--n-embd", 16, "--block-size", 8, "--bat
         "--eval-interval", 1000, "--microbatches", 2, "--max-iters", 1]
 
 
-@pytest.mark.parametrize("tp, pp, dp, zero, recompute", [(2, 2, 1, 0, "full"), (2, 1, 2, 3, "selective"),
-                                                         (1, 2, 2, 1, "none")])
-def test_the_predicted_bytes_model_state_and_activations_are_what_a_real_run_measures(tiny_data, tmp_path, tp, pp,
-                                                                                      dp, zero, recompute):
+@pytest.mark.parametrize("tp, cp, pp, dp, zero, recompute", [(2, 1, 2, 1, 0, "full"), (2, 1, 1, 2, 3, "selective"),
+                                                             (1, 1, 2, 2, 1, "none"), (1, 2, 1, 2, 3, "none")])
+def test_the_predicted_bytes_model_state_and_activations_are_what_a_real_run_measures(tiny_data, tmp_path, tp, cp,
+                                                                                      pp, dp, zero, recompute):
     result = run_mpi(4, ["06_3d/train.py", "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, "--tp", tp,
-                         "--pp", pp, "--dp", dp, "--zero-stage", zero, "--recompute", recompute], timeout=120)
+                         "--cp", cp, "--pp", pp, "--dp", dp, "--zero-stage", zero, "--recompute", recompute],
+                     timeout=120)
     assert result.returncode == 0, result.stderr
     ranks = json.loads((tmp_path / "ledger.json").read_text())["ranks"]
     gpt_cfg = dataclasses.replace(GPT, vocab_size=load_meta(tiny_data)["vocab_size"])     # as the run took it
     train_cfg = TrainConfig(batch_size=8, recompute=recompute)
-    par = ParallelConfig(tp=tp, pp=pp, dp=dp, zero_stage=zero, microbatches=2)
+    par = ParallelConfig(tp=tp, cp=cp, pp=pp, dp=dp, zero_stage=zero, microbatches=2)
     predicted = planner.predict(gpt_cfg, train_cfg, par)
-    for axis in ("tp", "pp", "ends", "dp"):
+    for axis in planner.AXES:
         assert predicted["axes"][axis] == max(sum(r["comm"][axis].values()) for r in ranks), axis
     for r in ranks:
         want = train3d.memory_estimate(gpt_cfg, train_cfg, par, r["rank"])
         m_and_v = want["optimizer"] * 2 // 3                                 # the estimate adds AdamW's work array
-        assert m_and_v - 2 * 4 * dp <= r["optimizer"] <= m_and_v, r          # a shard rounds up: ceil(n / dp)
+        assert m_and_v - 2 * 4 * dp * cp <= r["optimizer"] <= m_and_v, r     # a shard rounds up: ceil(n / dp cp)
         assert r["activations"] == r["activations_formula"] == want["activations"], r
         if zero == 0:
             assert (r["parameters"], r["gradients"]) == (want["parameters"], want["gradients"]), r
