@@ -37,6 +37,11 @@ from common.layers import causal_mask, rowsum
 
 # ----------------------------------------------------------------------------- shard
 
+def n_chunks(cp_size, split="zigzag"):
+    """How many equal chunks the sequence is cut into: 2 cp for zig-zag, cp for contiguous."""
+    return 2 * cp_size if split == "zigzag" else cp_size
+
+
 def chunks_of(rank, cp_size, split="zigzag"):
     """The sequence chunks cp rank `rank` holds, in order: zig-zag r and 2 cp - 1 - r of 2 cp; else r of cp."""
     return [rank, 2 * cp_size - 1 - rank] if split == "zigzag" else [rank]
@@ -44,13 +49,13 @@ def chunks_of(rank, cp_size, split="zigzag"):
 
 def positions(T, cp_size, rank, split="zigzag"):
     """The global positions (ascending) of rank `rank`'s T / cp activations."""
-    size = T // (2 * cp_size if split == "zigzag" else cp_size)
+    size = T // n_chunks(cp_size, split)
     return np.concatenate([np.arange(c * size, (c + 1) * size) for c in chunks_of(rank, cp_size, split)])
 
 
 def check_layout(gpt_cfg, cp_size, split, tp_size=1, sp=False):
     """--cp's constraints, as one ConfigError naming the flag."""
-    pieces = 2 * cp_size if split == "zigzag" else cp_size
+    pieces = n_chunks(cp_size, split)
     if gpt_cfg.block_size % pieces:
         raise ConfigError(f"--block-size {gpt_cfg.block_size} does not split into the {pieces} equal chunks --cp "
                           f"{cp_size} with --cp-split {split} needs; choose a multiple of {pieces}")
@@ -62,7 +67,7 @@ def check_layout(gpt_cfg, cp_size, split, tp_size=1, sp=False):
 def attention_work(T, cp_size, split):
     """Score entries (per row and head) each cp rank computes: its (query chunk, key chunk) pairs not wholly in
     the future, each chunk^2."""
-    size = T // (2 * cp_size if split == "zigzag" else cp_size)
+    size = T // n_chunks(cp_size, split)
     every = [c for r in range(cp_size) for c in chunks_of(r, cp_size, split)]
     return [sum(size * size for qc in chunks_of(r, cp_size, split) for kc in every if kc <= qc)
             for r in range(cp_size)]
@@ -115,7 +120,7 @@ class Ring:
 
     def __init__(self, cp, T, split="zigzag"):
         self.cp, self.split = cp, split
-        self.size = T // (2 * cp.size if split == "zigzag" else cp.size)          # positions per chunk
+        self.size = T // n_chunks(cp.size, split)                                # positions per chunk
         self.chunks = [chunks_of(r, cp.size, split) for r in range(cp.size)]
         self.work = 0
 
@@ -200,7 +205,7 @@ def simulate(qkv, n_head, cp_size, split="zigzag"):
     B, T, _ = qkv.shape
     hs = qkv.shape[-1] // (3 * n_head)
     q, k, v = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)         # each (B,nh,T,hs)
-    n = T // (2 * cp_size if split == "zigzag" else cp_size)
+    n = T // n_chunks(cp_size, split)
     pairs = [(slice(qc * n, (qc + 1) * n), slice(kc * n, (kc + 1) * n), qc == kc)
              for r in range(cp_size) for qc in chunks_of(r, cp_size, split)
              for step in range(cp_size) for kc in chunks_of((r - step) % cp_size, cp_size, split) if kc <= qc]
