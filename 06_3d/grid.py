@@ -43,6 +43,7 @@ import numpy as np
 from common.chapters import import_chapter
 from common.comm import Comm
 from common.config import ConfigError
+from common.layers import ATTENTION
 from common.memory import Transient
 from common.model import gpt_layout, modules, training_parts
 from common.optim import AdamW, decays, global_norm
@@ -150,11 +151,11 @@ class Part:
         self.opt = AdamW(decay, train_cfg.beta1, train_cfg.beta2, train_cfg.weight_decay, dtype=full.dtype)
         sp, T = par.sequence_parallel, gpt_cfg.block_size
         self.held = Transient()                  # the activations' bytes, measured: every cache kept is held here
-        parts, self.pos, self.ring = tp_lib.tp_parts(tp, sp), None, None
-        if par.cp > 1:                           # the same parts on this rank's positions, ring attention inside
+        self.pos, self.ring = None, None         # with cp: the same parts on this rank's positions, the ring inside
+        if par.cp > 1:
             self.pos = cp_lib.positions(T, par.cp, grid.cp.rank, par.cp_split)
             self.ring = cp_lib.Ring(grid.cp, T, par.cp_split)
-            parts = tp_lib.tp_parts(tp, sp, attention=self.ring, pos=self.pos)
+        parts = tp_lib.tp_parts(tp, sp, attention=self.ring or ATTENTION, pos=self.pos)
         self.parts = training_parts(parts, train_cfg.recompute, self.held)
         self.st = pipe.Stage(gpt_cfg, self.stage, grid.pp, p, g, parts=self.parts, using=using,
                              seq_len=T // par.cp // (tp.size if sp else 1), dtype=full.dtype,
