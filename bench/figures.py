@@ -327,6 +327,10 @@ def main(argv=None):
                              "loss": losses(buggy)[1].tolist(), "correct loss": losses(runs[chapter])[1].tolist()}
         summary(single, runs, args.out_root)
         (args.out_root / "figures" / "gallery.json").write_text(json.dumps(bugs, indent=1) + "\n")
+        if args.out_root == ROOT:                               # the READMEs quote this run's verdicts
+            for chapter, bug in bugs.items():
+                readme = ROOT / chapter / "README.md"
+                readme.write_text(gallery.quote(readme.read_text(), bug["verdict"]))
         grid_bytes(json.loads((work / "06_3d" / "ledger.json").read_text()), args.out_root)
         import_chapter("bench.layouts").layout_comparison(args.out_root, work)
         quick = args.steps < 50                                     # the tests' setting: each figure made, fast

@@ -98,6 +98,21 @@ def replay(chapter, ranks, flags, work):
     return out / "metrics.jsonl", lines[-1], [" ".join(line.split()) for line in lines[:-1] if line.endswith(" FAIL")]
 
 
+def stable(verdict):
+    """What of verify's FAIL line reads the same on every machine: how many tensors failed of how many, and the
+    one named first (the worst, ties broken by name); the names after it are not compared, a few may swap with
+    another CPU's rounding."""
+    counts, culprits = verdict.split(" FAIL: ")[1].split(": ", 1)
+    return counts, culprits.split(", ")[0]
+
+
+def quote(readme, verdict):
+    """`readme` (text) with the line that quotes verify's verdict (the line that starts as `verdict` does, up to
+    its FAIL) replaced by `verdict`; unchanged if it quotes none."""
+    start = verdict.split(" FAIL: ")[0] + " FAIL: "
+    return "".join(verdict + "\n" if line.startswith(start) else line for line in readme.splitlines(keepends=True))
+
+
 def losses(path):
     return np.array([(r["step"], r["loss"]) for r in read_metrics(path) if "loss" in r]).T
 

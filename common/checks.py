@@ -18,8 +18,11 @@ def difference(got, want):
     return want.shape, diff, diff / scale if scale else (math.inf if diff else 0.0)
 
 
-def severity(rel):
-    return math.inf if math.isnan(rel) else rel      # NaN is as wrong as a difference gets
+def severity(rel, digits=3):
+    """How wrong a relative difference is, to `digits` significant digits: two layouts that compute the same
+    wrong value differ in their last bits, and which of them is named first must not depend on the machine's
+    floating-point kernels. NaN is as wrong as a difference gets."""
+    return math.inf if math.isnan(rel) else float(f"{rel:.{digits - 1}e}")
 
 
 def named(**parts):
@@ -91,9 +94,10 @@ class Report:
 
     def culprits(self, failed, shown=5):
         """Up to `shown` names of the failed entries, the ones to read first: compare_tensors' tensors worst first,
-        each name once (a wrong gradient spoils every later step, but its own tensor stays the worst), then the rest."""
+        each name once (a wrong gradient spoils every later step, but its own tensor stays the worst), then the
+        rest; equal severities in the order of their names, so the same failure reads the same on any machine."""
         names, seen = [], set()
-        for i in sorted(failed, key=lambda i: (self.found[i][1] is None, -self.found[i][0])):
+        for i in sorted(failed, key=lambda i: (self.found[i][1] is None, -self.found[i][0], self.rows[i][0])):
             tensor = self.found[i][1]
             if len(names) < shown and (tensor is None or tensor not in seen):
                 names.append(self.rows[i][0])
