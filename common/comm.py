@@ -221,6 +221,13 @@ class Comm:
         self.ledger.record("check", len(digest) * self.size)
         return len(set(self.mpi.allgather(digest))) == 1
 
+    def agree(self, value):
+        """The largest of every rank's integer `value`: a decision the ranks take together. Control, not payload:
+        not in the ledger, and not delayed by a network model."""
+        if self.size == 1:
+            return value
+        return self.mpi.allreduce(int(value), op=MPI.MAX)
+
     def gather_object(self, obj, root=0):
         """On `root`, the list of every rank's picklable `obj` (None elsewhere): for small records such as
         timelines, not for arrays. Not in the ledger."""

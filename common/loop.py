@@ -3,11 +3,18 @@ and the loop inside it (evaluate and checkpoint at intervals, step, log, report 
 
 What differs between chapters comes in as the chapter's state and functions: how one step computes and
 synchronises gradients (train_step), how a checkpoint is gathered and taken (state.whole, state.load); the
-loop itself never communicates. A loss, val loss or gradient norm that is not finite stops the run at once,
-before anything is saved, on every rank alike (each of those values is the same on every rank), with exit
-status 3.
+loop itself communicates only to agree on stopping. A loss, val loss or gradient norm that is not finite stops
+the run at once, before anything is saved, on every rank alike (each of those values is the same on every rank),
+with exit status 3.
+
+SIGTERM (what a batch scheduler sends before it kills a job) and SIGINT (Ctrl-C), on any rank, stop the run after
+the step in flight: the ranks agree on it after every step, save a checkpoint, print the command that continues
+the run and exit with 128 + the signal's number (143, 130). A further signal while they do so is noted and
+ignored: the checkpoint being written completes, and the one before it is replaced only once it has.
 """
 import math
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,6 +31,51 @@ from common.network import from_config
 from common.optim import Diverged, lr_at
 
 DIVERGED = 3
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopping:
+    """While active, SIGTERM and SIGINT are noted (the largest signal number seen) instead of ending the process.
+    Once the ranks agree to stop, both are ignored until the process ends: a signal reaching a rank on its way out
+    would kill it as MPI finalises (Python has put back the default handlers by then), and the launcher would then
+    kill the rank still writing the checkpoint."""
+
+    def __init__(self, agree=None):
+        self.noted, self.agree, self.previous, self.final = 0, agree, {}, False
+
+    def note(self, signum, frame):
+        self.noted = max(self.noted, signum)
+
+    def agreed(self):
+        """The signal to stop on (the largest any rank noted), or 0; with `agree`, a collective."""
+        signum = self.agree(self.noted) if self.agree else self.noted
+        if signum:
+            self.final = True
+            for s in STOP_SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
+        return signum
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.note) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        if not self.final:
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)
+
+
+def stop_signalled(train_cfg, step, signum, save, log, verbose, resume):
+    """After step `step`: save the state before step + 1, say how to continue, exit with 128 + signum."""
+    save(step + 1)
+    name = signal.Signals(signum).name
+    if log:
+        log.log(step=step, stopped=name)
+        log.close()
+    if verbose:
+        print(f"stopped by {name} after step {step}: {train_cfg.out_dir}/ckpt.npz holds step {step + 1}; "
+              f"continue with: {resume}", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
 
 
 def stop_diverged(train_cfg, step, what, saved, log, verbose):
@@ -41,14 +93,19 @@ def stop_diverged(train_cfg, step, what, saved, log, verbose):
     sys.exit(DIVERGED)
 
 
-def run_training(train_cfg, start_step, tokens_per_step, train_step, evaluate, save, metrics_path, verbose=True):
+def run_training(train_cfg, start_step, tokens_per_step, train_step, evaluate, save, metrics_path, verbose=True,
+                 agree=None, resume="--resume"):
     """Steps start_step..max_iters-1 with nanoGPT's cadence: evaluate and save at every eval_interval and at
-    the end. train_step(step, lr) -> loss; evaluate() -> val loss; save(step) writes the state before `step`."""
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        _run(train_cfg, start_step, tokens_per_step, train_step, evaluate, save, metrics_path, verbose)
+    the end. train_step(step, lr) -> loss; evaluate() -> val loss; save(step) writes the state before `step`.
+    agree(n) -> the largest n over the ranks (a collective; one process: n itself): the signal to stop on, if
+    any; `resume`: the command that continues a stopped run."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"), Stopping(agree) as stopping:
+        _run(train_cfg, start_step, tokens_per_step, train_step, evaluate, save, metrics_path, verbose,
+             stopping.agreed, resume)
 
 
-def _run(train_cfg, start_step, tokens_per_step, train_step, evaluate, save, metrics_path, verbose):
+def _run(train_cfg, start_step, tokens_per_step, train_step, evaluate, save, metrics_path, verbose, signalled,
+         resume):
     log = MetricsLog(metrics_path, start_step) if metrics_path else None
     t_start, steps_done, saved = time.perf_counter(), 0, (start_step if start_step else None)
     for step in range(start_step, train_cfg.max_iters + 1):
@@ -81,21 +138,26 @@ def _run(train_cfg, start_step, tokens_per_step, train_step, evaluate, save, met
             elapsed = time.perf_counter() - t_start
             eta = elapsed / steps_done * (train_cfg.max_iters - step - 1)
             print(progress_line(step, train_cfg.max_iters, loss, dt * 1e3, tokens_per_step / dt, eta), flush=True)
+        signum = signalled()
+        if signum:
+            stop_signalled(train_cfg, step, signum, save, log, verbose, resume)
     if log:
         log.close()
     if verbose:
         print(f"done in {format_duration(time.perf_counter() - t_start)}", flush=True)
 
 
-def prepare(comm, setup, argv, memory_estimate, hint="--n-layer or --n-embd"):
+def prepare(comm, setup, argv, memory_estimate, also=""):
     """What a parallel chapter's main() checks on every rank before any work: setup(argv, world size) (configs
     and data) and whether the ranks of each host fit in its memory, by memory_estimate(gpt_cfg, train_cfg, par)
-    (`hint`: the flags that shrink the model state); a mistake is one line from rank 0 and exit status 2 on every
+    (`also`: the chapter's ways to shrink the model state besides a smaller model, e.g. "raise --tp"); a mistake
+    is one line from rank 0 and exit status 2 on every
     rank. Then the allocator is tuned, and the simulated network (--network) set. Returns setup's result and the
     memory Budget."""
     configs = _checked(comm, setup, argv, comm.size)
     gpt_cfg, train_cfg, *_, par = configs
-    budget = _checked(comm, check_fits, memory_estimate(gpt_cfg, train_cfg, par), comm.host.comm, hint)
+    budget = _checked(comm, check_fits, memory_estimate(gpt_cfg, train_cfg, par), comm.host.comm,
+                      (gpt_cfg, train_cfg), also)
     reuse_freed_memory()
     comm.network = from_config(par)         # None unless --network: the communicators split from comm
     return configs, budget                          # inherit it
@@ -142,9 +204,17 @@ def train(state, tokens, val_tokens, train_step, evaluate, budget, banner, threa
             save_training_state(ckpt, whole, state.opt.t, step, gpt_cfg, train_cfg)
 
     run_training(train_cfg, start, B * T, step_fn, evaluate=lambda: evaluate(state, val_batches), save=save,
-                 metrics_path=Path(train_cfg.out_dir) / "metrics.jsonl" if leader else None, verbose=leader)
+                 metrics_path=Path(train_cfg.out_dir) / "metrics.jsonl" if leader else None, verbose=leader,
+                 agree=comm.agree if comm is not None else None, resume=resume_command(comm))
     if leader:
         print(budget.summary(state.held.peak["activations"]))
+
+
+def resume_command(comm):
+    """The command line that started this run, with --resume: how a stopped run continues."""
+    argv = ["python", *sys.argv] + ([] if "--resume" in sys.argv else ["--resume"])
+    launcher = f"mpirun -n {comm.size} " if comm is not None and comm.size > 1 else ""
+    return launcher + shlex.join(argv)
 
 
 def _checked(comm, fn, *args):
