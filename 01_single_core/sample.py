@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from common.checkpoint import load_model
-from common.config import ConfigError, Parser, exit_with
+from common.config import ConfigError, Parser, exit_with, refuse_several_processes
 from common.data import load_meta
 from common.model import generate, gpt_layout
 
 
 def main(argv=None):
+    refuse_several_processes("01_single_core/sample.py", "sample once: python 01_single_core/sample.py")
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default="out/single_core", help="folder holding ckpt.npz")
     parser.add_argument("--data-dir", help="dataset folder with meta.json (default: the one the run trained on)")

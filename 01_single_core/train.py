@@ -4,6 +4,7 @@
     python 01_single_core/train.py --max-iters 200 --out-dir out/quick
     python 01_single_core/train.py --out-dir out/quick --max-iters 400 --resume
 """
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from common.checkpoint import single_core_state
 from common.config import (ConfigError, GPTConfig, ParallelConfig, Parser, TrainConfig, add_config_args,
-                           config_from_args, exit_with)
+                           config_from_args, exit_with, refuse_several_processes)
 from common.data import load_meta, load_tokens
 from common.loop import train
 from common.memory import Transient, check_fits, estimate, reuse_freed_memory
@@ -45,10 +46,22 @@ def setup(argv, chapter=CHAPTER, description=__doc__, defaults=None, shown=None,
         if len(split_tokens) <= gpt_cfg.block_size:
             raise ConfigError(f"the {split} split of {train_cfg.data_dir} has {len(split_tokens)} tokens, too few for "
                               f"--block-size {gpt_cfg.block_size}; choose a smaller block size")
+    check_out_dir(train_cfg.out_dir)
     ckpt = Path(train_cfg.out_dir) / "ckpt.npz"
     if train_cfg.resume and not ckpt.exists():
         raise ConfigError(f"--resume given but {ckpt} does not exist; train without --resume first")
     return gpt_cfg, train_cfg, tokens, val_tokens, par
+
+
+def check_out_dir(out_dir):
+    """Raise unless `out_dir` is a folder this process can write in, or can be made as one."""
+    path = Path(out_dir)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise ConfigError(f"--out-dir {out_dir}: {existing} is a file, not a folder; name a folder for the "
+                          f"checkpoint and metrics")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out-dir {out_dir}: {existing} is not writable; name a folder you can write in")
 
 
 @dataclass
@@ -117,10 +130,12 @@ def evaluate(state, batches):
 
 
 def main(argv=None):
+    refuse_several_processes("01_single_core/train.py", "train on several ranks with a parallel chapter: "
+                             "mpirun -n 2 python 03_data_parallel/train.py")
     threads = size_blas_pool(host_ranks=1)
     try:
         gpt_cfg, train_cfg, tokens, val_tokens, _ = setup(argv)
-        budget = check_fits(memory_estimate(gpt_cfg, train_cfg), host=None)
+        budget = check_fits(memory_estimate(gpt_cfg, train_cfg), None, (gpt_cfg, train_cfg))
     except ConfigError as e:
         exit_with(e)
     reuse_freed_memory()

@@ -147,7 +147,7 @@ def main(argv=None):
     pp = world()
     (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(
         pp, setup, argv, lambda *configs: memory_estimate(*configs, stage=pp.rank),
-        "--n-layer or --n-embd, or raise --pp")
+        "raise --pp")
     state = build(gpt_cfg, train_cfg, par, pp)
     V = par.virtual_stages
     stages = ", ".join("+".join(str(len(c)) for c in pipe.chunk_layers(gpt_cfg.n_layer, s, pp.size, V)) +

@@ -156,7 +156,7 @@ def main(argv=None):
     comm = world()
     (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(
         comm, setup, argv, lambda *configs: memory_estimate(*configs, rank=comm.rank),
-        "--n-layer or --n-embd, or raise --tp, --pp or --zero-stage")
+        "raise --tp, --pp or --zero-stage")
     grid = grid_lib.Grid.build(comm, par.tp, par.pp, par.dp, par.cp)
     part = grid_lib.Part(gpt_cfg, train_cfg, par, grid, init_params(gpt_cfg, train_cfg.seed,
                                                                     np.dtype(train_cfg.dtype)))

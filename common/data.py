@@ -18,7 +18,10 @@ def load_meta(data_dir):
     if not path.exists():
         raise ConfigError(f"{path} not found; prepare the data first: python data/prepare.py "
                           f"(or point --data-dir at a prepared dataset)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{path} is not the JSON data/prepare.py writes; prepare the data again") from None
 
 
 def load_tokens(data_dir, split):
@@ -26,6 +29,10 @@ def load_tokens(data_dir, split):
     path = Path(data_dir) / f"{split}.bin"
     if not path.exists():
         raise ConfigError(f"{path} not found; prepare the data first: python data/prepare.py")
+    size = path.stat().st_size
+    if size % np.dtype(np.uint16).itemsize:
+        raise ConfigError(f"{path} holds {size:,} bytes, not a whole number of 2-byte tokens: it was cut short; "
+                          f"prepare the data again: python data/prepare.py")
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 

@@ -9,6 +9,7 @@ trimming it keeps those pages mapped, so a step reuses the memory the previous s
 the step's peak.
 """
 import ctypes
+import dataclasses
 import ctypes.util
 import os
 import resource
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import ConfigError
+from common.config import ConfigError, flag
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -236,10 +237,32 @@ class Budget:
                 f"start-up, against {size(self.total)} estimated{held}")
 
 
-def check_fits(estimate, host, state_hint="--n-layer or --n-embd"):
+SHRINKS = {"state": ("n_layer", "n_embd"), "activations": ("batch_size", "block_size", "n_layer", "n_embd")}
+
+
+def remedy(configs, grows, also=""):
+    """The flags that shrink `grows` ("state" or "activations"), the one furthest above its default first (the
+    one that made the run too big), as advice; `also`: the chapter's other ways, e.g. "raise --tp"."""
+    def field(name):
+        cfg = next(c for c in configs if hasattr(c, name))
+        default = next(f.default for f in dataclasses.fields(cfg) if f.name == name)
+        return getattr(cfg, name), default
+
+    names = sorted(SHRINKS[grows], key=lambda name: field(name)[0] / field(name)[1], reverse=True)
+    value, default = field(names[0])
+    ways = [f"lower --{flag(names[0])} (it is {value}, the default {default}) or "
+            + ", ".join(f"--{flag(name)}" for name in names[1:])]
+    train_cfg = next((c for c in configs if hasattr(c, "recompute")), None)
+    if grows == "activations" and train_cfg is not None and train_cfg.recompute != "full":
+        ways.append("use --recompute full")
+    return ", or ".join(ways + ([also] if also else []))
+
+
+def check_fits(estimate, host, configs, also=""):
     """The Budget of this rank, or a ConfigError naming the flag to change when the ranks on this host
     (`host`: their Comm) would together need more memory than the host has available. Every rank on the host
-    must call it (it sums the estimates over them)."""
+    must call it (it sums the estimates over them). `configs`: the run's (GPTConfig, TrainConfig), whose flags
+    the advice names; `also`: the chapter's other ways to shrink the model state."""
     mine = np.array([float(sum(estimate.values()))])
     total = float(host.allreduce(mine)[0]) if host is not None else float(mine[0])
     available = available_bytes()
@@ -247,7 +270,7 @@ def check_fits(estimate, host, state_hint="--n-layer or --n-embd"):
     if available is not None and total > available:
         activations = estimate["activations"] + estimate["temporaries"]
         biggest = max(estimate, key=estimate.get)
-        fix = "lower --batch-size or --block-size" if activations >= budget.total / 2 else f"lower {state_hint}"
+        fix = remedy(configs, "activations" if activations >= budget.total / 2 else "state", also)
         ranks = host.size if host is not None else 1
         together = f", {size(total)} for the {ranks} ranks on this host," if ranks > 1 else ""
         raise ConfigError(f"this run needs about {size(budget.total)} per rank ({biggest}: "

@@ -182,6 +182,34 @@ def test_sampling_a_checkpoint_with_non_finite_weights_says_so_in_one_line(tiny_
     assert_one_error(result, ["non-finite", "params/h.1.mlp.c_fc.w", "diverged"])
 
 
+# ----------------------------------------------------------------------------- inputs that used to end in a traceback
+
+@pytest.mark.parametrize("script, n", [("01_single_core/train.py", 1), ("03_data_parallel/train.py", 2)])
+def test_an_out_dir_that_is_a_file_is_one_line(tiny_data, tmp_path, script, n):
+    (tmp_path / "taken").write_text("not a folder")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "run"):
+        result = run_mpi(n, [script, "--data-dir", tiny_data, "--out-dir", out, *TINY, "--max-iters", 1])
+        assert_one_error(result, ["--out-dir", "taken is a file, not a folder"])
+
+
+@pytest.mark.parametrize("script, n", [("01_single_core/train.py", 1), ("06_3d/train.py", 2)])
+def test_a_truncated_token_file_is_one_line(tiny_data, tmp_path, script, n):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("meta.json", "val.bin"):
+        (data / name).write_bytes((tiny_data / name).read_bytes())
+    (data / "train.bin").write_bytes((tiny_data / "train.bin").read_bytes()[:1001])     # cut mid-token
+    result = run_mpi(n, [script, "--data-dir", data, "--out-dir", tmp_path / "out", *TINY, "--max-iters", 1])
+    assert_one_error(result, ["train.bin holds 1,001 bytes", "not a whole number", "prepare the data again"])
+
+
+def test_the_single_core_chapter_under_several_ranks_refuses_once_and_names_the_parallel_one(tiny_data, tmp_path):
+    result = run_mpi(2, ["01_single_core/train.py", "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY,
+                         "--max-iters", 1])
+    assert_one_error(result, ["runs on one process", "started as 2", "03_data_parallel/train.py"])
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 # ----------------------------------------------------------------------------- memory
 
 def cache_bytes(cache, dtype):
@@ -219,7 +247,16 @@ def test_a_run_too_large_for_the_host_is_refused_before_any_work(tiny_data, tmp_
 def test_too_large_a_model_on_two_ranks_names_the_model_flags(tiny_data, tmp_path):
     result = run_mpi(2, ["04_zero/train.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--n-embd", 65536,
                          "--n-layer", 8, "--block-size", 8, "--batch-size", 2, "--zero-stage", 1])
-    assert_one_error(result, ["needs about", "for the 2 ranks on this host", "--n-layer or --n-embd"])
+    assert_one_error(result, ["needs about", "for the 2 ranks on this host",
+                              "lower --n-embd (it is 65536, the default 128) or --n-layer", "raise --zero-stage"])
+
+
+def test_the_refusal_names_the_flag_that_made_the_run_too_big(tiny_data, tmp_path):
+    """10,000 blocks make the activations the largest term; the flag to lower is --n-layer, not the batch's."""
+    result = run(["01_single_core/train.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--n-layer", 10000,
+                  "--max-iters", 1])
+    assert_one_error(result, ["needs about", "lower --n-layer (it is 10000, the default 4) or --",
+                              "use --recompute full"])
 
 
 def test_the_banner_estimate_and_the_measured_peak_agree_within_a_factor_of_two(tiny_data, tmp_path):
