@@ -35,6 +35,7 @@ import numpy as np
 
 from common.comm import wait_all
 from common.config import ConfigError
+from common.layers import queued_operands
 from common.memory import activation_bytes, deferred_bytes, recompute_bytes
 from common.model import (SINGLE, _no_hook, evaluation_parts, param_shapes, stage_backward, stage_forward,
                           stage_weights)
@@ -216,6 +217,7 @@ def activation_peak(kind, M, stage, pp_size, virtual, kept, deferred=None, worki
         elif op == "backward":
             peak = max(peak, sum(alive.values()) + working)
             alive[m, c] = deferred(c) if kind == "zb-h1" else 0
+            peak = max(peak, sum(alive.values()))          # zb-h1: the queue's output gradients, counted as made
         elif op == "weights":
             alive[m, c] = 0
     return peak
@@ -235,7 +237,8 @@ def activation_formula(gpt_cfg, rows, itemsize, par, stage, recompute="none", tp
         par.schedule, par.microbatches, stage, P, V,
         kept=lambda c: activation_bytes(gpt_cfg, rows, len(chunks[c]), stage == 0, last(c), recompute=recompute,
                                         **sizes),
-        deferred=lambda c: deferred_bytes(gpt_cfg, rows, len(chunks[c]), last(c), **sizes),
+        deferred=lambda c: deferred_bytes(gpt_cfg, rows, len(chunks[c]), last(c), first=stage == 0 and c == 0,
+                                          **sizes),
         working=recompute_bytes(gpt_cfg, rows, recompute=recompute, **sizes))
 
 
@@ -343,10 +346,12 @@ class Stage:
             elif op == "recv_bwd":
                 grad_out[m, c] = self.pp.recv(np.empty((b, T, C), dtype), (s + 1) % P, tag=tag(k, m, M, 1))
             elif op == "backward":
-                dout = scale / M if last else grad_out.pop((m, c))       # the batch loss is the mean over M
                 queue = weights.setdefault((m, c), []) if deferred else None
-                grad_in[m, c] = stage_backward(caches.pop((m, c)), self.p, self.g, dout, hook, self.using[1],
-                                               queue)
+                # the batch loss is the mean over M; no local name keeps the gradient received past its W
+                grad_in[m, c] = stage_backward(caches.pop((m, c)), self.p, self.g,
+                                               scale / M if last else grad_out.pop((m, c)), hook, self.using[1], queue)
+                if deferred and self.parts.hold:
+                    self.parts.hold(queued_operands(queue))          # the output gradients W will read
                 if finish_each:
                     finish_each()
             elif op == "weights":

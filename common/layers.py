@@ -91,6 +91,12 @@ def accumulate(grad, fn, *args):
         grad += fn(*args)
 
 
+def queued_operands(queue):
+    """The arrays the terms queued by `accumulate` (and the embedding's backward) will read, not the gradients they
+    add to: what waiting for them keeps alive."""
+    return [item.args[2] if item.func is _add else item.args for item in queue if isinstance(item, functools.partial)]
+
+
 def _colsum_product(a, b):
     return colsum(a * b)
 

@@ -69,18 +69,23 @@ def activation_bytes(gpt_cfg, rows, blocks, first=True, last=True, tp_size=1, sp
     return rows * (blocks * block + head) * itemsize
 
 
-def deferred_bytes(gpt_cfg, rows, blocks, last=True, tp_size=1, sp=False, itemsize=4, cp_size=1):
-    """What the cache of activation_bytes still holds between a backward that deferred its weight gradients
-    (zero-bubble's B) and their computation (W): what W reads. Per block and row: the two LayerNorms' xhat
+def deferred_bytes(gpt_cfg, rows, blocks, last=True, tp_size=1, sp=False, itemsize=4, cp_size=1, first=False):
+    """What waiting weight gradients hold, between a backward that deferred them (zero-bubble's B) and their
+    computation (W): what W reads. Of the cache of activation_bytes, per block and row, the two LayerNorms' xhat
     (2 Tl C) and the inputs of the four linears (2 Tq C + 5 Tq C / tp); the head's ln_f xhat and output, and its
-    probabilities, which the loss's backward turns into the logits' gradient in place. (W's queue also holds
-    the output gradients it multiplies them with; those are not activations.)"""
+    probabilities, which the loss's backward turns into the logits' gradient in place. And the output gradients
+    W multiplies them with, per block and row: the block's output gradient, the two LayerNorms' and the
+    attention projection's (4 Tl C), c_fc's and c_attn's (7 Tq C / tp), and under sp the two gathered ones that
+    enter the row-parallel linears (2 Tq C); ln_f's on the last stage and the embedding's on the first (Tl C)."""
     T, C, V = gpt_cfg.block_size, gpt_cfg.n_embd, gpt_cfg.vocab_size
     t = tp_size
     Tq = T // cp_size
     Tl = Tq // t if sp else Tq
+    cached = 2 * Tl * C + 2 * Tq * C + 5 * Tq * C // t
+    gradients = 4 * Tl * C + (2 * Tq * C if sp else 0) + 7 * Tq * C // t
     head = (Tl * C + Tq * C + Tq * -(-V // t)) if last else 0
-    return rows * (blocks * (2 * Tl * C + 2 * Tq * C + 5 * Tq * C // t) + head) * itemsize
+    ends = (last + first) * Tl * C
+    return rows * (blocks * (cached + gradients) + head + ends) * itemsize
 
 
 def recompute_bytes(gpt_cfg, rows, tp_size=1, sp=False, itemsize=4, recompute="none", cp_size=1):

@@ -161,9 +161,15 @@ def accumulate_in_b_too(grad, fn, *args):              # B computes the weight g
 layers.accumulate = accumulate_in_b_too
 """
 
+UNCOUNTED_GRADIENTS = """
+pipe = import_chapter('05_pipeline.pipeline')
+pipe.queued_operands = lambda queue: []                # the output gradients W waits with, left uncounted
+"""
 
-@pytest.mark.parametrize("patch", [SKIP_ONE_W, W_TWICE], ids=["a W skipped", "W run twice"])
-def test_verify_fails_on_zb_h1_alone_when_a_w_is_skipped_or_run_twice(tmp_path, patch):
+
+@pytest.mark.parametrize("patch", [SKIP_ONE_W, W_TWICE, UNCOUNTED_GRADIENTS],
+                         ids=["a W skipped", "W run twice", "the queue's output gradients not measured"])
+def test_verify_fails_on_zb_h1_alone_when_a_w_is_skipped_or_run_twice_or_its_memory_unmeasured(tmp_path, patch):
     result = run_mpi(2, [sabotaged(tmp_path, patch, "05_pipeline.verify")], timeout=180)
     assert result.returncode == 1, result.stdout + result.stderr
     failed = {line.split(":")[0] for line in result.stdout.splitlines() if line.endswith("FAIL")}
