@@ -37,7 +37,7 @@ def memory_estimate(gpt_cfg, train_cfg, par):
     n = tp_lib.tp_layout(gpt_cfg, par.tp).size
     return estimate(gpt_cfg, np.dtype(train_cfg.dtype).itemsize, params=n, grads=n, optimizer=n,
                     rows=train_cfg.batch_size, blocks=gpt_cfg.n_layer, tp_size=par.tp, sp=par.sequence_parallel,
-                    recompute=train_cfg.recompute)
+                    recompute=train_cfg.recompute, whole=gpt_layout(gpt_cfg).size)
 
 
 @dataclass

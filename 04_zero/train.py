@@ -50,7 +50,7 @@ def memory_estimate(gpt_cfg, train_cfg, par):
     return estimate(gpt_cfg, np.dtype(train_cfg.dtype).itemsize, params=shard + part if stage == 3 else psi,
                     grads=psi if stage == 1 else shard + bucket, optimizer=shard,
                     rows=train_cfg.batch_size // (par.dp * par.grad_accum), blocks=gpt_cfg.n_layer,
-                    recompute=train_cfg.recompute)
+                    recompute=train_cfg.recompute, whole=psi)
 
 
 @dataclass

@@ -46,7 +46,8 @@ def memory_estimate(gpt_cfg, train_cfg, par, stage):
     n = pipe.stage_layout(gpt_cfg, stage, par.pp, par.virtual_stages).size
     rows, e = train_cfg.batch_size // par.microbatches, np.dtype(train_cfg.dtype).itemsize
     return estimate(gpt_cfg, e, params=n, grads=n, optimizer=n, rows=rows, blocks=None,
-                    activations=pipe.activation_formula(gpt_cfg, rows, e, par, stage, train_cfg.recompute))
+                    activations=pipe.activation_formula(gpt_cfg, rows, e, par, stage, train_cfg.recompute),
+                    whole=gpt_layout(gpt_cfg).size)
 
 
 @dataclass

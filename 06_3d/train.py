@@ -57,7 +57,8 @@ def memory_estimate(gpt_cfg, train_cfg, par, rank):
                     grads=shard + bucket if par.zero_stage > 1 else n, optimizer=shard if par.zero_stage else n,
                     rows=rows, blocks=None, tp_size=par.tp,
                     activations=pipe.activation_formula(gpt_cfg, rows, e, par, stage, train_cfg.recompute, par.tp,
-                                                        par.sequence_parallel, par.cp))
+                                                        par.sequence_parallel, par.cp),
+                    whole=gpt_layout(gpt_cfg).size)
 
 
 def my_positions(part, x, y):

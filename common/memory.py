@@ -111,16 +111,22 @@ def temporary_bytes(gpt_cfg, rows, tp_size=1, itemsize=4):
 
 
 def estimate(gpt_cfg, itemsize, *, params, grads, optimizer, rows, blocks, first=True, last=True, tp_size=1,
-             sp=False, recompute="none", activations=None):
+             sp=False, recompute="none", activations=None, whole=None):
     """{kind: bytes} one rank will hold at its peak: `params`, `grads` and `optimizer` are element counts
     (AdamW keeps m, v and a work array of `optimizer` elements); one micro-batch of `rows` rows at a time keeps
-    its activations (activation_bytes and recompute_bytes), or, from a pipeline's schedule, `activations`."""
+    its activations (activation_bytes and recompute_bytes), or, from a pipeline's schedule, `activations`.
+    `whole`: the model's element count, where a rank keeps less of it: each rank draws the whole initialisation
+    before it keeps its part, and a checkpoint gathers the whole state (parameters, m and v) where it is
+    written. Neither is freed to the system (the heap is kept, see reuse_freed_memory), so both count."""
     if activations is None:
         activations = (activation_bytes(gpt_cfg, rows, blocks, first, last, tp_size, sp, itemsize, recompute) +
                        recompute_bytes(gpt_cfg, rows, tp_size, sp, itemsize, recompute))
+    whole = whole or params
     return {"parameters": params * itemsize, "gradients": grads * itemsize, "optimizer": 3 * optimizer * itemsize,
             "activations": activations,
-            "temporaries": temporary_bytes(gpt_cfg, rows, tp_size, itemsize)}
+            "temporaries": temporary_bytes(gpt_cfg, rows, tp_size, itemsize),
+            "initialisation": whole * itemsize if params < whole else 0,
+            "checkpoint": 3 * whole * itemsize if optimizer < whole else 0}
 
 
 # ----------------------------------------------------------------------------- the memory a run holds
@@ -198,15 +204,29 @@ def available_bytes():
     return min(found) if found else None
 
 
+def _status_kib(field):
+    """A field of /proc/self/status in bytes (Linux), else None."""
+    try:
+        return int(Path("/proc/self/status").read_text().split(field + ":")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def peak_rss():
     """This process's peak resident memory in bytes: the kernel's high-water mark of its pages (Linux), else
     getrusage's ru_maxrss, which Linux carries over from a parent that forked (KiB there, bytes on macOS)."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(status.split("VmHWM:")[1].split()[0]) * 1024
-    except (OSError, IndexError, ValueError):
+    peak = _status_kib("VmHWM")
+    if peak is None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
+        peak = peak if sys.platform == "darwin" else peak * 1024
+    return peak
+
+
+def resident():
+    """The memory this process has resident now, in bytes: before a run allocates anything, what the interpreter,
+    NumPy, BLAS and MPI take (its runtime); the peak so far where the system does not say."""
+    now = _status_kib("VmRSS")
+    return now if now is not None else peak_rss()
 
 
 def size(nbytes):
@@ -222,14 +242,15 @@ class Budget:
 
     def __init__(self, estimate, host_total, available):
         self.estimate, self.host_total, self.available = estimate, host_total, available
-        self.start_rss = peak_rss()
+        self.start_rss = estimate.get("runtime", peak_rss())
 
     @property
     def total(self):
         return sum(self.estimate.values())
 
     def banner(self, whose="per rank"):
-        parts = ", ".join(f"{kind} {size(b)}" for kind, b in self.estimate.items() if b)
+        parts = ", ".join(f"{kind} {size(b)}" + (" measured" if kind == "runtime" else "")
+                          for kind, b in self.estimate.items() if b)
         room = f"; {size(self.available)} available on this host" if self.available is not None else ""
         return f"memory: ~{size(self.total)} {whose} estimated ({parts}){room}"
 
@@ -265,16 +286,18 @@ def remedy(configs, grows, also=""):
 
 def check_fits(estimate, host, configs, also=""):
     """The Budget of this rank, or a ConfigError naming the flag to change when the ranks on this host
-    (`host`: their Comm) would together need more memory than the host has available. Every rank on the host
+    (`host`: their Comm) would together need more memory than the host has available. The estimate is the
+    chapter's (`estimate`) on top of the runtime this rank holds already, measured. Every rank on the host
     must call it (it sums the estimates over them). `configs`: the run's (GPTConfig, TrainConfig), whose flags
     the advice names; `also`: the chapter's other ways to shrink the model state."""
+    estimate = {"runtime": resident(), **estimate}
     mine = np.array([float(sum(estimate.values()))])
     total = float(host.allreduce(mine)[0]) if host is not None else float(mine[0])
     available = available_bytes()
     budget = Budget(estimate, total, available)
     if available is not None and total > available:
         activations = estimate["activations"] + estimate["temporaries"]
-        biggest = max(estimate, key=estimate.get)
+        biggest = max((kind for kind in estimate if kind != "runtime"), key=estimate.get)
         fix = remedy(configs, "activations" if activations >= budget.total / 2 else "state", also)
         ranks = host.size if host is not None else 1
         together = f", {size(total)} for the {ranks} ranks on this host," if ranks > 1 else ""

@@ -259,15 +259,18 @@ def test_the_refusal_names_the_flag_that_made_the_run_too_big(tiny_data, tmp_pat
                               "use --recompute full"])
 
 
-def test_the_banner_estimate_and_the_measured_peak_agree_within_a_factor_of_two(tiny_data, tmp_path):
-    result = run(["01_single_core/train.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--batch-size", 12,
-                  "--block-size", 64, "--n-embd", 128, "--n-layer", 4, "--max-iters", 3, "--eval-iters", 1])
+def test_the_banner_estimate_with_its_measured_runtime_and_the_measured_peak_agree(tiny_data, tmp_path):
+    """The default model: the estimate includes what the interpreter, NumPy and BLAS hold before the run
+    allocates (measured), so it meets the peak within the ~20 % the README quotes (30 % here, for other machines'
+    libraries)."""
+    result = run(["01_single_core/train.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--max-iters", 3,
+                  "--eval-iters", 1])
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     estimate = next(line for line in lines if line.startswith("memory: ~"))
     summary = lines[-1]
     assert summary.startswith("memory: peak") and "estimated" in summary, summary
+    assert "runtime " in estimate and " measured, parameters" in estimate, estimate
     mib = lambda text: float(text.split()[0])                               # "12.3 MiB ..." -> 12.3
-    estimated = mib(estimate.removeprefix("memory: ~"))
-    after_start = mib(summary.split("resident on rank 0, ")[1])
-    assert 0.5 < after_start / estimated < 2, (estimate, summary)
+    estimated, peak = mib(estimate.removeprefix("memory: ~")), mib(summary.removeprefix("memory: peak "))
+    assert 0.7 < peak / estimated < 1.3, (estimate, summary)
