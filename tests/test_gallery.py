@@ -74,7 +74,7 @@ def test_the_verdict_names_equal_failures_in_the_order_of_their_names():
         report.compare_tensors("(2,1) 1f1b:", {"wte": np.array([1.5 + noise])}, {"wte": np.array([1.0])})
         report.compare_tensors("(1,2) afab:", {"wte": np.array([1.5])}, {"wte": np.array([1.0])})
         report.compare_tensors("(1,2) afab:", {"wpe": np.array([1.2])}, {"wpe": np.array([1.0])})
-        assert report.culprits([0, 1, 2]) == "(1,2) afab: wte, (1,2) afab: wpe"   # wte once, its first
+        assert report.culprits([0, 1, 2]) == "(1,2) afab: wte, (1,2) afab: wpe, and 1 more"   # wte named once
 
 
 def test_the_readme_quote_is_rewritten_from_the_run():
