@@ -113,10 +113,17 @@ def ended(job, log_path, seconds=10):
         pytest.fail(f"the job still runs {seconds} s after the signal:\n" + log_path.read_text())
 
 
-def cleaned_up(job):
-    if job.poll() is None:                     # a failed drill leaves no training job behind
-        kill_all([*descendants(job.pid), job.pid])
-        job.wait()
+def drill(script, log_path, out, step, act, flags=()):
+    """Start `script` on 4 ranks, call act({world rank: pid}) once step `step` is logged, and return the job's
+    exit status once it has ended."""
+    job = start_grid(script, log_path, flags)
+    try:
+        act(ranks_at(job, script, out, log_path, step))
+        return ended(job, log_path)
+    finally:
+        if job.poll() is None:                 # a failed drill leaves no training job behind
+            kill_all([*descendants(job.pid), job.pid])
+            job.wait()
 
 
 def resumes_exactly(tiny_data, out, straight, step):
@@ -131,16 +138,11 @@ def resumes_exactly(tiny_data, out, straight, step):
 def test_a_rank_killed_mid_run_ends_the_job_and_its_last_checkpoint_resumes_on_another_layout_exactly(
         tiny_data, tmp_path, straight):
     out, log_path = tmp_path / "grid", tmp_path / "launcher.log"
-    job = start_grid(TRAIN, log_path, grid_flags(tiny_data, out))
-    try:
-        ranks = ranks_at(job, TRAIN, out, log_path, EVAL + 2)
-        # rank 1 is rank 0's tensor-parallel partner: the rank that writes checkpoints is left waiting on it
-        os.kill(ranks[1], signal.SIGKILL)
-        ended(job, log_path)
-    finally:
-        cleaned_up(job)
+    # rank 1 is rank 0's tensor-parallel partner: the rank that writes checkpoints is left waiting on it
+    status = drill(TRAIN, log_path, out, EVAL + 2, lambda ranks: os.kill(ranks[1], signal.SIGKILL),
+                   grid_flags(tiny_data, out))
     output = log_path.read_text()
-    assert job.returncode != 0, output
+    assert status != 0, output
     assert "done in" not in output, output
 
     _, meta = load_checkpoint(out / "ckpt.npz")            # a torn write would raise CheckpointError here
@@ -169,13 +171,9 @@ def stopped_at(out, log_path, status, script=TRAIN):
 def test_sigterm_on_one_rank_stops_every_rank_after_its_step_with_a_checkpoint_that_resumes_exactly(
         tiny_data, tmp_path, straight):
     out, log_path = tmp_path / "grid", tmp_path / "launcher.log"
-    job = start_grid(TRAIN, log_path, grid_flags(tiny_data, out))
-    try:
-        ranks = ranks_at(job, TRAIN, out, log_path, EVAL + 3)
-        os.kill(ranks[2], signal.SIGTERM)               # a rank of the other stage, not the one that saves
-        status = ended(job, log_path)
-    finally:
-        cleaned_up(job)
+    # a rank of the other stage, not the one that saves
+    status = drill(TRAIN, log_path, out, EVAL + 3, lambda ranks: os.kill(ranks[2], signal.SIGTERM),
+                   grid_flags(tiny_data, out))
     resumes_exactly(tiny_data, out, straight, stopped_at(out, log_path, status))
 
 
@@ -194,18 +192,16 @@ def test_a_second_signal_while_the_checkpoint_is_written_neither_interrupts_nor_
                      "    os.fsync = slow\n"
                      "    stop(*args)\n"
                      "loop.stop_signalled = stopping", "06_3d.train", grid_flags(tiny_data, out))
-    job = start_grid(script, log_path)
-    try:
-        ranks = ranks_at(job, script, out, log_path, EVAL + 3)
+
+    def signal_twice(ranks):
         os.kill(ranks[3], signal.SIGTERM)
         deadline = time.monotonic() + 10
         while not saving.exists():
-            assert job.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.01)
         os.kill(ranks[0], signal.SIGTERM)               # the rank that writes, in the middle of writing
         os.kill(ranks[3], signal.SIGINT)
-        status = ended(job, log_path)
-    finally:
-        cleaned_up(job)
+
+    status = drill(script, log_path, out, EVAL + 3, signal_twice)
     assert not list(out.glob("*.tmp")), list(out.iterdir())        # no half-written file left behind
     resumes_exactly(tiny_data, out, straight, stopped_at(out, log_path, status, script))
