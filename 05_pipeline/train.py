@@ -27,6 +27,7 @@ from common.optim import AdamW, clip_grad_norm, decays
 
 single = import_chapter("01_single_core.train")
 pipe = import_chapter("05_pipeline.pipeline")
+sched = import_chapter("05_pipeline.schedules")
 
 
 def setup(argv, world_size):
@@ -93,7 +94,7 @@ def train_step(state, batch, lr):
     s, (x, y), st, pp, M = state, batch, state.st, state.pp, state.par.microbatches
     s.grads.fill(0)
     pp.barrier()                                          # a common start, so the ranks' timelines line up
-    loss = st.run(pipe.schedule(s.par.schedule, M, st.stage, pp.size, s.par.virtual_stages), np.split(x, M),
+    loss = st.run(sched.schedule(s.par.schedule, M, st.stage, pp.size, s.par.virtual_stages), np.split(x, M),
                   np.split(y, M))
     pipe.sync_tied_embedding(st.g, s.ends, st.stage, pp.size)
     clip_grad_norm(s.grads, s.train_cfg.grad_clip, norm=pipe.grad_norm(s.grads, s.layout, st.stage, pp))
@@ -103,7 +104,7 @@ def train_step(state, batch, lr):
 
 def evaluate(state, batches):
     st, pp, M = state.st, state.pp, state.par.microbatches
-    ops = pipe.schedule("forward", M, st.stage, pp.size, state.par.virtual_stages)
+    ops = sched.schedule("forward", M, st.stage, pp.size, state.par.virtual_stages)
     losses = [st.run(ops, np.split(x, M), np.split(y, M)) for x, y in batches]
     return float(pp.bcast(np.array([np.mean(losses) if st.last else 0.0]), root=pp.size - 1)[0])
 
@@ -121,14 +122,14 @@ def timeline(state):
         return None
     end = max(r["trace"][-1][4] for r in ranks)                # the step ends when its last stage does
     for r in ranks:
-        r["bubble"] = pipe.bubble(r["trace"], end)
+        r["bubble"] = sched.bubble(r["trace"], end)
     costs = (1.0, 1.0, 1.0)                      # zb-h1's bubble depends on its F, B and W: the medians here
     if par.schedule == "zb-h1":
         costs = [float(np.median([end - start for r in ranks for o, _, _, start, end in r["trace"] if o == op]))
                  for op in ("forward", "backward", "weights")]
     return {"schedule": par.schedule, "pp": pp.size, "microbatches": par.microbatches,
             "virtual_stages": par.virtual_stages, "ranks": ranks,
-            "bubble_formula": pipe.bubble_formula(par.schedule, par.microbatches, pp.size, par.virtual_stages,
+            "bubble_formula": sched.bubble_formula(par.schedule, par.microbatches, pp.size, par.virtual_stages,
                                                   costs)}
 
 
@@ -151,7 +152,7 @@ def main(argv=None):
         "raise --pp")
     state = build(gpt_cfg, train_cfg, par, pp)
     V = par.virtual_stages
-    stages = ", ".join("+".join(str(len(c)) for c in pipe.chunk_layers(gpt_cfg.n_layer, s, pp.size, V)) +
+    stages = ", ".join("+".join(str(len(c)) for c in sched.chunk_layers(gpt_cfg.n_layer, s, pp.size, V)) +
                        " block(s)" for s in range(pp.size))
     train(state, tokens, val_tokens, train_step, evaluate, budget, threads=pp.host.threads, comm=pp,
           before_step=lambda step: pp.ledger.reset(), after_step=lambda step, first: after_step(state, step),

@@ -10,7 +10,7 @@ chunks per stage, M = P and 2P, and with 3 chunks, M = P, where the 8 layers all
 steps on the same batches from the same weights. Rows: the losses (as every rank logs them); every parameter
 tensor, and Adam's m and v of each, after the steps, gathered from the stages (one row for the parameters and
 one for m and v, naming the worst tensor); the two copies of wte; the peak number of micro-batch chunks alive
-on each stage against the schedule's bound (pipeline.alive_bound: afab M, 1f1b min(P - stage, M), ...); the
+on each stage against the schedule's bound (schedules.alive_bound: afab M, 1f1b min(P - stage, M), ...); the
 peak bytes of activations each stage's caches held against the formula (pipeline.activation_formula); each
 stage's point-to-point bytes of one step against the formula.
 """
@@ -26,6 +26,7 @@ from common.config import ConfigError, GPTConfig, Parser, ParallelConfig, TrainC
 reference = import_chapter("01_single_core.verify").reference
 pipe_train = import_chapter("05_pipeline.train")
 pipe = import_chapter("05_pipeline.pipeline")
+sched = import_chapter("05_pipeline.schedules")
 TOL = 1e-10
 
 
@@ -90,7 +91,7 @@ def main(argv=None):
         wte = (slayout.views(params)["wte"] if "wte" in slayout.shapes else whole["params"]["wte"]).ravel()
         report.compare(f"{label} both copies of wte", every_rank(pp, wte), np.tile(whole["params"]["wte"].ravel(),
                                                                                    (P, 1)), show)
-        bound = [pipe.alive_bound(kind, M, s, P, V) for s in range(P)]
+        bound = [sched.alive_bound(kind, M, s, P, V) for s in range(P)]
         report.compare(f"{label} peak alive per stage", every_rank(pp, [max(peaks)]).ravel(), bound, show)
         want = [pipe_train.memory_estimate(gpt_cfg, run_cfg, par, s)["activations"] for s in range(P)]
         report.compare(f"{label} activation bytes per stage",

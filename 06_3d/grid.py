@@ -53,6 +53,7 @@ tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
 dp_lib = import_chapter("03_data_parallel.data_parallel")
 zero_lib = import_chapter("04_zero.zero")
 pipe = import_chapter("05_pipeline.pipeline")
+sched = import_chapter("05_pipeline.schedules")
 cp_lib = import_chapter("06_3d.context_parallel")
 
 
@@ -217,7 +218,7 @@ def ledger_formula(gpt_cfg, par, stage, batch_size, itemsize, recompute="none"):
     layout = local_layout(gpt_cfg, stage, par.pp, par.tp, V)
     first, last = stage == 0, stage == par.pp - 1
     T = gpt_cfg.block_size // par.cp                          # the positions a rank holds
-    blocks = sum(len(chunk) for chunk in pipe.chunk_layers(gpt_cfg.n_layer, stage, par.pp, V))
+    blocks = sum(len(chunk) for chunk in sched.chunk_layers(gpt_cfg.n_layer, stage, par.pp, V))
     out = {"tp": {}, "cp": {}, "pp": {}, "dp": {}, "ends": {}}
     if par.tp > 1:
         replicated = sum(stop - start for name, (start, stop) in layout.offsets.items()

@@ -22,7 +22,7 @@ from common.config import RECOMPUTE, ConfigError, GPTConfig, ParallelConfig, Tra
 from common.memory import available_bytes, size
 
 grid_lib = import_chapter("06_3d.grid")
-pipe = import_chapter("05_pipeline.pipeline")
+sched = import_chapter("05_pipeline.schedules")
 train3d = import_chapter("06_3d.train")
 AXES = ("tp", "cp", "pp", "ends", "dp")
 
@@ -48,7 +48,7 @@ def predict(gpt_cfg, train_cfg, par):
     per_stage = [grid_lib.ledger_formula(gpt_cfg, par, s, train_cfg.batch_size, itemsize, train_cfg.recompute)
                  for s in range(par.pp)]
     axes = {axis: max(sum(f[axis].values()) for f in per_stage) for axis in AXES}
-    return {"memory": memory, "axes": axes, "bubble": pipe.bubble_formula(par.schedule, par.microbatches, par.pp,
+    return {"memory": memory, "axes": axes, "bubble": sched.bubble_formula(par.schedule, par.microbatches, par.pp,
                                                                           par.virtual_stages)}
 
 

@@ -29,6 +29,7 @@ from common.model import gpt_layout, init_params, modules
 single = import_chapter("01_single_core.train")
 dp_lib = import_chapter("03_data_parallel.data_parallel")
 pipe = import_chapter("05_pipeline.pipeline")
+sched = import_chapter("05_pipeline.schedules")
 grid_lib = import_chapter("06_3d.grid")
 zero_lib = import_chapter("04_zero.zero")
 
@@ -82,7 +83,7 @@ def train_step(part, batch, lr):
         if name != "wte" or grid.pp.size == 1:
             sync.ready(name)
 
-    ops = pipe.schedule(par.schedule, M, st.stage, grid.pp.size, par.virtual_stages)
+    ops = sched.schedule(par.schedule, M, st.stage, grid.pp.size, par.virtual_stages)
     loss = st.run(ops, np.split(x, M), np.split(y, M),
                   scale=1.0 / grid.dcp.size, grads_ready=ready,             # the loss: a mean over dp x cp
                   finish_each=sync.finish if sync.every_microbatch else None)
@@ -98,7 +99,7 @@ def evaluate(part, batches):
     """The mean val loss over `batches`: each data-parallel replica runs its rows of every batch (each cp rank its
     positions of them) through the pipeline, and the last stage's sums are added over dp (and cp)."""
     st, grid, M = part.st, part.grid, part.par.microbatches
-    ops = pipe.schedule("forward", M, st.stage, grid.pp.size, part.par.virtual_stages)
+    ops = sched.schedule("forward", M, st.stage, grid.pp.size, part.par.virtual_stages)
 
     def loss_of(x, y):                                        # of this replica's rows
         x, y = my_positions(part, x, y)

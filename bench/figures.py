@@ -29,7 +29,7 @@ from common.chapters import import_chapter  # noqa: E402
 from common.metrics import read_metrics  # noqa: E402
 from common.notebook import launch  # noqa: E402
 
-pipe = import_chapter("05_pipeline.pipeline")
+sched = import_chapter("05_pipeline.schedules")
 gallery = import_chapter("bench.gallery")
 recompute = import_chapter("bench.recompute")
 context = import_chapter("bench.context")
@@ -144,7 +144,7 @@ def pipeline_figures(out_root, work, repeats=3, microbatches=MICROBATCHES):
     for i, kind in enumerate(SCHEDULES):
         real = [r["trace"] for r in records[kind, 4]["ranks"]]
         V = records[kind, 4]["virtual_stages"]
-        ideal = pipe.simulate(kind, 4, 2, *op_costs(real), virtual=V)   # the same instructions at median times
+        ideal = sched.simulate(kind, 4, 2, *op_costs(real), virtual=V)   # the same instructions at median times
         for ax, traces, what in ((axes[2 * i], ideal, "ideal: each op its median time"),
                                  (axes[2 * i + 1], real, "real, one step")):
             draw_trace(ax, traces, f"{kind}{f' (V = {V}: chunk b after a)' if V > 1 else ''}, 2 stages, M = 4, "
@@ -156,7 +156,7 @@ def pipeline_figures(out_root, work, repeats=3, microbatches=MICROBATCHES):
 
     measured = {kind: {M: float(np.median(bubbles[kind, M])) for k, M in records if k == kind} for kind in SCHEDULES}
     costs = op_costs([r["trace"] for M in microbatches for r in records["zb-h1", M]["ranks"]])
-    formulas = {kind: {M: pipe.bubble_formula(kind, M, 2, 2 if kind == "interleaved" else 1, costs)
+    formulas = {kind: {M: sched.bubble_formula(kind, M, 2, 2 if kind == "interleaved" else 1, costs)
                        for M in measured[kind]} for kind in SCHEDULES}
     fig, ax = plt.subplots(figsize=(7, 3.6))
     grid = np.linspace(1, 8, 50)
@@ -168,7 +168,7 @@ def pipeline_figures(out_root, work, repeats=3, microbatches=MICROBATCHES):
         if label:
             V = 2 if kind == "interleaved" else 1
             Ms = grid[grid >= 2] if kind == "zb-h1" else grid            # zb-h1's holds from M = P on
-            ax.plot(Ms, [pipe.bubble_formula(kind, M, 2, V, costs) for M in Ms], "-", lw=1, color=f"C{i}",
+            ax.plot(Ms, [sched.bubble_formula(kind, M, 2, V, costs) for M in Ms], "-", lw=1, color=f"C{i}",
                     label=label)
     ax.set_xlabel("micro-batches M")
     ax.set_ylabel("idle fraction of the step\n(worst stage, median of runs)")

@@ -12,7 +12,7 @@ TRAIN = "06_3d/train.py"
 TINY = ["--n-layer", 4, "--n-head", 4, "--n-embd", 16, "--block-size", 8, "--batch-size", 8, "--eval-iters", 2,
         "--dtype", "float64", "--eval-interval", 5, "--microbatches", 2]
 grid_lib = import_chapter("06_3d.grid")
-pipe = import_chapter("05_pipeline.pipeline")
+sched = import_chapter("05_pipeline.schedules")
 
 
 def test_tp_is_innermost_in_the_rank_map():
@@ -37,7 +37,7 @@ def test_verify_passes_for_every_layout_of_n_ranks_and_each_zero_stage_that_fits
     if n == 4:
         assert {"(2,1,2) z2", "(2,1,2) sp z3", "(1,1,4) z3"} <= cases
     # context parallelism: cp 2 and 4 (n >= 4), alone and with tp, pp, dp, SP and ZeRO, both splits
-    runs = {" ".join(w for w in line.split(":")[0].split() if w not in (*pipe.SCHEDULES, "full", "selective"))
+    runs = {" ".join(w for w in line.split(":")[0].split() if w not in (*sched.SCHEDULES, "full", "selective"))
             for line in result.stdout.splitlines() if line.startswith("(")}
     if n == 8:
         assert {"(1,1,4) cp2", "(2,1,1) cp4", "(2,2,1) cp2 contiguous sp", "(2,1,2) cp2 contiguous z2",

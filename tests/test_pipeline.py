@@ -14,6 +14,7 @@ TRAIN = "05_pipeline/train.py"
 TINY = ["--n-layer", 4, "--n-head", 2, "--n-embd", 16, "--block-size", 8, "--batch-size", 8, "--eval-iters", 2,
         "--dtype", "float64", "--eval-interval", 5]
 pipe = import_chapter("05_pipeline.pipeline")
+sched = import_chapter("05_pipeline.schedules")
 
 
 def cases():
@@ -24,34 +25,34 @@ def cases():
 
 @pytest.mark.parametrize("kind, P, M, V", cases())
 def test_schedules_are_valid_programs_at_their_activation_bound_and_bubble(kind, P, M, V):
-    peaks = pipe.check_schedule(kind, M, P, V)        # every op once and in order, sends = recvs, no deadlock
-    assert peaks == [pipe.alive_bound(kind, M, s, P, V) for s in range(P)]
+    peaks = sched.check_schedule(kind, M, P, V)        # every op once and in order, sends = recvs, no deadlock
+    assert peaks == [sched.alive_bound(kind, M, s, P, V) for s in range(P)]
     # forward 1, backward 2 per stage (a chunk: 1/V of that); zb-h1's backward split into B = W = 1
     costs = {"zb-h1": (1, 1, 1)}.get(kind, (1 / V, 2 / V, 0))
-    traces = pipe.simulate(kind, M, P, *costs, virtual=V)
+    traces = sched.simulate(kind, M, P, *costs, virtual=V)
     span = max(trace[-1][4] for trace in traces)
-    bubbles = [pipe.bubble(trace, span) for trace in traces]
+    bubbles = [sched.bubble(trace, span) for trace in traces]
     if kind != "zb-h1" or M >= P:                     # zb-h1 fills the bubble with W only once M >= P
-        assert bubbles == pytest.approx([pipe.bubble_formula(kind, M, P, V)] * P)
+        assert bubbles == pytest.approx([sched.bubble_formula(kind, M, P, V)] * P)
     if kind == "zb-h1":                               # never worse than 1f1b with the same work per micro-batch
-        ones = pipe.simulate("1f1b", M, P, 1, 2)
-        assert max(bubbles) <= max(pipe.bubble(trace, max(t[-1][4] for t in ones)) for trace in ones) + 1e-12
+        ones = sched.simulate("1f1b", M, P, 1, 2)
+        assert max(bubbles) <= max(sched.bubble(trace, max(t[-1][4] for t in ones)) for trace in ones) + 1e-12
 
 
 def test_zb_h1_fills_the_bubble_by_the_formula_for_unequal_b_and_w():
     for b, w in ((1.5, 0.5), (1.2, 0.8), (2.0, 1.0)):
-        traces = pipe.simulate("zb-h1", 8, 4, 1.0, b, w)
+        traces = sched.simulate("zb-h1", 8, 4, 1.0, b, w)
         span = max(trace[-1][4] for trace in traces)
-        assert max(pipe.bubble(t, span) for t in traces) == pytest.approx(pipe.bubble_formula("zb-h1", 8, 4,
+        assert max(sched.bubble(t, span) for t in traces) == pytest.approx(sched.bubble_formula("zb-h1", 8, 4,
                                                                                                costs=(1, b, w)))
 
 
 def test_the_simulator_finds_a_deadlock(monkeypatch):
-    schedule = pipe.schedule          # stage 0 waits for a gradient stage 1 sends only after a forward it waits for
+    schedule = sched.schedule          # stage 0 waits for a gradient stage 1 sends only after a forward it waits for
     first = {0: [("recv_bwd", 0, 0)], 1: [("recv_fwd", 1, 0)]}
-    monkeypatch.setattr(pipe, "schedule", lambda kind, M, s, P, V=1: first[s] + schedule(kind, M, s, P, V))
-    with pytest.raises(RuntimeError, match="deadlocks"):
-        pipe.simulate("1f1b", 2, 2)
+    monkeypatch.setattr(sched, "schedule", lambda kind, M, s, P, V=1: first[s] + schedule(kind, M, s, P, V))
+    with pytest.raises(sched.ScheduleError, match="deadlocks"):
+        sched.simulate("1f1b", 2, 2)
 
 
 @pytest.mark.parametrize("break_it, words", [
@@ -61,20 +62,20 @@ def test_the_simulator_finds_a_deadlock(monkeypatch):
     (lambda ops: [op for op in ops if op != ("send_fwd", 2, 0)], "never runs ['send_fwd']"),
 ])
 def test_the_schedule_checker_catches_a_misplaced_or_missing_instruction(monkeypatch, break_it, words):
-    schedule = pipe.schedule
-    monkeypatch.setattr(pipe, "schedule", lambda kind, M, s, P, V=1: (break_it if s == 0 else list)(
+    schedule = sched.schedule
+    monkeypatch.setattr(sched, "schedule", lambda kind, M, s, P, V=1: (break_it if s == 0 else list)(
         schedule(kind, M, s, P, V)))
-    with pytest.raises(AssertionError, match=re.escape(words)):
-        pipe.check_schedule("zb-h1", 4, 2)
+    with pytest.raises(sched.ScheduleError, match=re.escape(words)):
+        sched.check_schedule("zb-h1", 4, 2)
 
 
 def test_interleaved_stages_hold_every_pth_chunk_and_zb_h1_splits_each_backward_in_two():
-    assert [list(r) for r in pipe.split_layers(5, 3)] == [[0, 1], [2, 3], [4]]
-    assert [list(r) for r in pipe.chunk_layers(8, 1, 2, 2)] == [[2, 3], [6, 7]]
-    ops = pipe.schedule("interleaved", 4, 0, 2, 2)
+    assert [list(r) for r in sched.split_layers(5, 3)] == [[0, 1], [2, 3], [4]]
+    assert [list(r) for r in sched.chunk_layers(8, 1, 2, 2)] == [[2, 3], [6, 7]]
+    ops = sched.schedule("interleaved", 4, 0, 2, 2)
     assert [(m, c) for op, m, c in ops if op == "forward"] == [(0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (3, 0),
                                                                (2, 1), (3, 1)]
-    ops = pipe.schedule("zb-h1", 3, 1, 2)       # the last stage defers each W by one micro-batch
+    ops = sched.schedule("zb-h1", 3, 1, 2)       # the last stage defers each W by one micro-batch
     assert [op[:2] for op in ops if op[0] in ("forward", "backward", "weights")] == [
         ("forward", 0), ("backward", 0), ("forward", 1), ("backward", 1), ("weights", 0), ("forward", 2),
         ("backward", 2), ("weights", 1), ("weights", 2)]
@@ -92,10 +93,10 @@ def test_layers_are_split_as_evenly_as_possible_and_the_ends_hold_the_embedding_
 
 
 def test_bubble_formulas():
-    assert pipe.bubble_formula("1f1b", 1, 4) == 0.75 and pipe.bubble_formula("afab", 8, 1) == 0.0
-    assert pipe.bubble_formula("1f1b", 8, 4) == pytest.approx(3 / 11)
-    assert pipe.bubble_formula("interleaved", 8, 4, 2) == pytest.approx(3 / 19)       # (p-1)/(vm) of the ideal
-    assert pipe.bubble_formula("zb-h1", 8, 4) == pytest.approx(3 / 27)                # a third of 1f1b's slots
+    assert sched.bubble_formula("1f1b", 1, 4) == 0.75 and sched.bubble_formula("afab", 8, 1) == 0.0
+    assert sched.bubble_formula("1f1b", 8, 4) == pytest.approx(3 / 11)
+    assert sched.bubble_formula("interleaved", 8, 4, 2) == pytest.approx(3 / 19)       # (p-1)/(vm) of the ideal
+    assert sched.bubble_formula("zb-h1", 8, 4) == pytest.approx(3 / 27)                # a third of 1f1b's slots
 
 
 def test_deferred_weight_gradients_are_bitwise_those_of_the_whole_backward():
@@ -143,13 +144,13 @@ def test_verify_fails_when_the_gradients_are_wrong(tmp_path, patch, failing, wor
 
 
 SKIP_ONE_W = """
-pipe = import_chapter('05_pipeline.pipeline')
-schedule = pipe.schedule
+sched = import_chapter('05_pipeline.schedules')
+schedule = sched.schedule
 def schedule_without_a_w(kind, M, s, P, V=1):          # the last W of stage 0 never runs
     ops = schedule(kind, M, s, P, V)
     ws = [i for i, op in enumerate(ops) if op[0] == "weights"]
     return [op for i, op in enumerate(ops) if s != 0 or not ws or i != ws[-1]]
-pipe.schedule = schedule_without_a_w
+sched.schedule = schedule_without_a_w
 """
 W_TWICE = """
 import common.layers as layers
@@ -215,8 +216,8 @@ def test_the_timeline_records_every_instruction_of_every_stage(tiny_data, tmp_pa
     record = json.loads((tmp_path / "timeline.json").read_text())
     assert (record["pp"], record["microbatches"], len(record["ranks"])) == (P, 4, P)
     for s, r in enumerate(record["ranks"]):
-        assert [tuple(op[:3]) for op in r["trace"]] == pipe.schedule(kind, 4, s, P, V)
+        assert [tuple(op[:3]) for op in r["trace"]] == sched.schedule(kind, 4, s, P, V)
         assert all(0 <= start <= end for *_, start, end in r["trace"])
-        assert r["peak"] == pipe.alive_bound(kind, 4, s, P, V)
+        assert r["peak"] == sched.alive_bound(kind, 4, s, P, V)
         assert r["p2p"] == r["p2p_formula"] and 0 <= r["bubble"] < 1
     assert "bubble per stage" in result.stdout
