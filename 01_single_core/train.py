@@ -25,15 +25,21 @@ from common.threads import size_blas_pool
 CHAPTER = Path(__file__).parent.name
 
 
-def setup(argv, chapter=CHAPTER, description=__doc__, defaults=None, shown=None, axis=None, world_size=1):
-    """Configs (with a chapter's own `defaults`, and only the parallel flags `chapter` implements) and data,
-    all checked before any compute; a chapter with one parallel `axis` ("tp", "dp" or "pp") gives it every
-    rank. Returns gpt_cfg, train_cfg, the train and val tokens, and the ParallelConfig."""
+FLAGS = ()                      # the parallel settings this chapter implements: none
+
+
+def setup(argv, chapter=CHAPTER, description=__doc__, defaults=None, shown=None, axis=None, world_size=1,
+          flags=FLAGS, choices=None):
+    """Configs (with a chapter's own `defaults`, and only the parallel flags `flags` that `chapter` implements,
+    with the `choices` it defines) and data, all checked before any compute; a chapter with one parallel `axis`
+    ("tp", "dp" or "pp") gives it every rank. Returns gpt_cfg, train_cfg, the train and val tokens, and the
+    ParallelConfig."""
     parser = Parser(description=description.splitlines()[0])
     classes = GPTConfig, TrainConfig, ParallelConfig
     shown = {**({axis: "every rank"} if axis else {}), **(shown or {})}
-    add_config_args(parser, *classes, defaults=defaults, chapter=chapter, shown=shown)
-    gpt_cfg, train_cfg, par = config_from_args(parser.parse_args(argv), *classes, defaults=defaults, chapter=chapter)
+    offer = dict(chapter=chapter, flags=flags, choices=choices)
+    add_config_args(parser, *classes, defaults=defaults, shown=shown, **offer)
+    gpt_cfg, train_cfg, par = config_from_args(parser.parse_args(argv), *classes, defaults=defaults, **offer)
     if axis:
         par.use_every_rank(axis, world_size)
     meta = load_meta(train_cfg.data_dir)

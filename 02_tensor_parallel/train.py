@@ -15,7 +15,7 @@ import numpy as np
 
 from common.chapters import import_chapter
 from common.comm import Comm, world
-from common.config import ParallelConfig
+from common.config import NETWORK_FLAGS, ParallelConfig
 from common.loop import prepare, train
 from common.memory import estimate
 from common.model import gpt_layout, init_params
@@ -25,9 +25,13 @@ single = import_chapter("01_single_core.train")
 tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
 
 
+FLAGS = ("tp", "sequence_parallel", *NETWORK_FLAGS)
+
+
 def setup(argv, world_size):
     gpt_cfg, train_cfg, tokens, val_tokens, par = single.setup(
-        argv, Path(__file__).parent.name, __doc__, {"out_dir": "out/tensor_parallel"}, axis="tp", world_size=world_size)
+        argv, Path(__file__).parent.name, __doc__, {"out_dir": "out/tensor_parallel"}, axis="tp", world_size=world_size,
+        flags=FLAGS)
     tp_lib.check_layout(gpt_cfg, par.tp, par.sequence_parallel)
     return gpt_cfg, train_cfg, tokens, val_tokens, par
 

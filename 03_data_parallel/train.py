@@ -17,7 +17,7 @@ import numpy as np
 
 from common.chapters import import_chapter
 from common.comm import Comm, world
-from common.config import ConfigError, ParallelConfig
+from common.config import NETWORK_FLAGS, ConfigError, ParallelConfig
 from common.loop import prepare, train
 from common.memory import estimate
 from common.model import gpt_backward, gpt_forward
@@ -26,10 +26,13 @@ single = import_chapter("01_single_core.train")
 dp_lib = import_chapter("03_data_parallel.data_parallel")
 
 
-def setup(argv, world_size, chapter=Path(__file__).parent.name, description=__doc__, defaults=None):
+FLAGS = ("dp", "grad_accum", "dp_mode", "bucket_mb", "check_replicas", *NETWORK_FLAGS)
+
+
+def setup(argv, world_size, chapter=Path(__file__).parent.name, description=__doc__, defaults=None, flags=FLAGS):
     gpt_cfg, train_cfg, tokens, val_tokens, par = single.setup(
         argv, chapter, description, {"out_dir": "out/data_parallel", **(defaults or {})}, axis="dp",
-        world_size=world_size)
+        world_size=world_size, flags=flags)
     if train_cfg.batch_size % (par.dp * par.grad_accum):
         raise ConfigError(f"--batch-size {train_cfg.batch_size} is not divisible by --dp {par.dp} x --grad-accum "
                           f"{par.grad_accum}; choose a multiple of {par.dp * par.grad_accum}")

@@ -18,7 +18,7 @@ import numpy as np
 
 from common.chapters import import_chapter
 from common.comm import world
-from common.config import ConfigError
+from common.config import NETWORK_FLAGS, ConfigError
 from common.loop import prepare, train
 from common.memory import estimate
 from common.model import gpt_layout, init_params, modules
@@ -28,10 +28,13 @@ dp_train = import_chapter("03_data_parallel.train")
 zero_lib = import_chapter("04_zero.zero")
 
 
+FLAGS = ("dp", "grad_accum", "bucket_mb", "check_replicas", "zero_stage", *NETWORK_FLAGS)
+
+
 def setup(argv, world_size):
     gpt_cfg, train_cfg, tokens, val_tokens, par = dp_train.setup(
         argv, world_size, chapter=Path(__file__).parent.name, description=__doc__,
-        defaults={"out_dir": "out/zero", "zero_stage": 1, "bucket_mb": 0.25})
+        defaults={"out_dir": "out/zero", "zero_stage": 1, "bucket_mb": 0.25}, flags=FLAGS)
     if par.zero_stage not in zero_lib.STAGES:
         raise ConfigError(f"--zero-stage {par.zero_stage} is plain data parallelism: run 03_data_parallel/train.py, "
                           f"or choose stage 1, 2 or 3")

@@ -140,9 +140,9 @@ def simulate(kind, M, pp_size, t_f=1.0, t_b=2.0, t_w=0.0, virtual=1):
 
 def check_schedule(kind, M, pp_size, virtual=1):
     """Prove one schedule a valid program on every stage, or raise ScheduleError naming the first rule broken:
-    each micro-batch chunk forwarded once, its backward after its forward and its W (zb-h1) after its backward; each receive
-    before the forward or backward that reads it and each send after the one that computes it; every
-    receive matched by one send of its neighbour; no deadlock (simulate); the peak number of micro-batch
+    each micro-batch chunk forwarded once, its backward after its forward and its W (zb-h1) after its backward;
+    each receive before the forward or backward that reads it and each send after the one that computes it;
+    every receive matched by one send of its neighbour; no deadlock (simulate); the peak number of micro-batch
     chunks alive within alive_bound. Returns the peaks."""
     P, V = pp_size, virtual
     programs = [schedule(kind, M, s, P, V) for s in range(P)]

@@ -19,7 +19,7 @@ import numpy as np
 
 from common.chapters import import_chapter
 from common.comm import Comm, world
-from common.config import ConfigError, ParallelConfig
+from common.config import NETWORK_FLAGS, ConfigError, ParallelConfig
 from common.loop import prepare, train
 from common.memory import estimate
 from common.model import gpt_layout, init_params
@@ -30,9 +30,13 @@ pipe = import_chapter("05_pipeline.pipeline")
 sched = import_chapter("05_pipeline.schedules")
 
 
+FLAGS = ("pp", "microbatches", "schedule", "virtual_stages", *NETWORK_FLAGS)
+
+
 def setup(argv, world_size):
     gpt_cfg, train_cfg, tokens, val_tokens, par = single.setup(
-        argv, Path(__file__).parent.name, __doc__, {"out_dir": "out/pipeline"}, axis="pp", world_size=world_size)
+        argv, Path(__file__).parent.name, __doc__, {"out_dir": "out/pipeline"}, axis="pp", world_size=world_size,
+        flags=FLAGS, choices={"schedule": sched.SCHEDULES})
     pipe.check_layout(gpt_cfg, par, train_cfg.recompute)
     if train_cfg.batch_size % par.microbatches:
         raise ConfigError(f"--batch-size {train_cfg.batch_size} is not divisible by --microbatches "

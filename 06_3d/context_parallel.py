@@ -37,6 +37,9 @@ from common.layers import causal_mask, rowsum
 
 # ----------------------------------------------------------------------------- shard
 
+SPLITS = ("zigzag", "contiguous")                # --cp-split
+
+
 def n_chunks(cp_size, split="zigzag"):
     """How many equal chunks the sequence is cut into: 2 cp for zig-zag, cp for contiguous."""
     return 2 * cp_size if split == "zigzag" else cp_size

@@ -22,6 +22,7 @@ import numpy as np
 
 from common.chapters import import_chapter
 from common.comm import world
+from common.config import NETWORK_FLAGS
 from common.loop import prepare, train
 from common.memory import estimate, peak_rss
 from common.model import gpt_layout, init_params, modules
@@ -34,10 +35,15 @@ grid_lib = import_chapter("06_3d.grid")
 zero_lib = import_chapter("04_zero.zero")
 
 
+FLAGS = ("tp", "sequence_parallel", "dp", "dp_mode", "bucket_mb", "check_replicas", "zero_stage", "cp", "cp_split",
+         "pp", "microbatches", "schedule", "virtual_stages", *NETWORK_FLAGS)
+
+
 def setup(argv, world_size):
     gpt_cfg, train_cfg, tokens, val_tokens, par = single.setup(
         argv, chapter=Path(__file__).parent.name, description=__doc__,
-        defaults={"out_dir": "out/3d", "batch_size": 32}, shown={"dp": "the ranks left by tp x pp"})
+        defaults={"out_dir": "out/3d", "batch_size": 32}, shown={"dp": "the ranks left by tp x pp"}, flags=FLAGS,
+        choices={"schedule": sched.SCHEDULES, "cp_split": grid_lib.cp_lib.SPLITS})
     grid_lib.check(gpt_cfg, train_cfg, par, world_size)
     return gpt_cfg, train_cfg, tokens, val_tokens, par
 

@@ -100,7 +100,7 @@ def zero_memory(out_root, work, ranks=(2, 4)):
 
 COLORS = {"forward": "tab:blue", "backward": "tab:orange", "weights": "tab:green", "send_fwd": "tab:red",
           "send_bwd": "tab:red"}
-SCHEDULES = {"afab": [], "1f1b": [], "interleaved": ["--virtual-stages", 2], "zb-h1": []}   # on 2 stages
+SCHEDULE_FLAGS = {"afab": [], "1f1b": [], "interleaved": ["--virtual-stages", 2], "zb-h1": []}   # on 2 stages
 MICROBATCHES = (1, 2, 4, 8)
 
 
@@ -128,7 +128,7 @@ def pipeline_figures(out_root, work, repeats=3, microbatches=MICROBATCHES):
     in the last step (one step on a shared machine is noisy). Returns {schedule: {M: measured bubble}} and the
     formulas."""
     records, bubbles = {}, {}
-    for kind, flags in SCHEDULES.items():
+    for kind, flags in SCHEDULE_FLAGS.items():
         for M in microbatches:
             if kind == "interleaved" and M % 2:
                 continue

@@ -1,5 +1,6 @@
 """Import a module from a chapter folder. The folders start with digits, so `import 02_tensor_parallel.x` is a
-SyntaxError; every later chapter reuses earlier code through this one helper instead of copying it."""
+SyntaxError; every later chapter reuses earlier code through this one helper instead of copying it. A chapter is
+a folder whose name starts with two digits and an underscore; nothing in common names one."""
 import importlib
 import sys
 from pathlib import Path
@@ -12,6 +13,16 @@ def import_chapter(dotted):
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     return importlib.import_module(dotted)
+
+
+def chapters():
+    """The chapter folders' names, in reading order."""
+    return sorted(path.name for path in ROOT.glob("[0-9][0-9]_*") if (path / "train.py").exists())
+
+
+def offering(name):
+    """The chapters whose train.py implements the parallel setting `name` (lists it in FLAGS), in reading order."""
+    return [chapter for chapter in chapters() if name in getattr(import_chapter(f"{chapter}.train"), "FLAGS", ())]
 
 
 def patched(path, patch, module, args=()):

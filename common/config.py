@@ -5,6 +5,7 @@ dataclass a script uses becomes a flag `--foo-bar`; the JSON file is one flat ob
 """
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -44,10 +45,9 @@ def refuse_several_processes(script, instead):
             sys.exit(2)
 
 
-def option(default, help, chapters=(), choices=None, group=None):
-    """A config field with its --help text (units) and choices, and, for a parallel setting, the chapters whose
-    scripts implement it (`group`: a --help group of its own)."""
-    return field(default=default, metadata={"help": help, "chapters": chapters, "choices": choices, "group": group})
+def option(default, help, choices=None, group=None):
+    """A config field with its --help text (units) and choices (`group`: a --help group of its own)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
 
 
 RECOMPUTE = ("none", "selective", "full")                                # common/model.py's Parts.recompute
@@ -122,50 +122,47 @@ class TrainConfig:
             raise ConfigError(f"--warmup-iters {self.warmup_iters} exceeds --lr-decay-iters {self.lr_decay_iters}")
 
 
-TP, DP, ZERO, PP, GRID = "02_tensor_parallel", "03_data_parallel", "04_zero", "05_pipeline", "06_3d"
-PARALLEL, NET = (TP, DP, ZERO, PP, GRID), "simulated network"
-SCHEDULES = ("afab", "1f1b", "interleaved", "zb-h1")                    # 05_pipeline/pipeline.py's
-CP_SPLITS = ("zigzag", "contiguous")                                    # 06_3d/context_parallel.py's
+NET = "simulated network"
 NETWORKS = ("nvlink", "infiniband", "ethernet-10g", "ethernet-1g")      # common/network.py's presets
+NETWORK_FLAGS = ("network", "net_latency_us", "net_gbps", "ranks_per_host")  # every parallel chapter's
 
 
 @dataclass
 class ParallelConfig:
-    """How the model is split across MPI ranks; each chapter offers the flags of the fields it implements."""
-    tp: int = option(1, "tensor-parallel ranks, each holding 1/tp of every weight matrix; must divide --n-head",
-                     (TP, GRID))
+    """How the model is split across MPI ranks. A chapter's train.py names the fields it implements in FLAGS
+    (and the choices of those whose values it defines, e.g. --schedule's); its scripts offer only those."""
+    tp: int = option(1, "tensor-parallel ranks, each holding 1/tp of every weight matrix; must divide --n-head")
     sequence_parallel: bool = option(False, "with --tp: also split LayerNorm and residual activations along the "
-                                     "sequence", (TP, GRID))
-    dp: int = option(1, "data-parallel replicas, each taking its rows of the batch", (DP, ZERO, GRID))
+                                     "sequence")
+    dp: int = option(1, "data-parallel replicas, each taking its rows of the batch")
     grad_accum: int = option(1, "micro-batches per replica and step, run one after another; gradients are "
-                             "reduced after the last (with a pipeline the same split is --microbatches)", (DP, ZERO))
+                             "reduced after the last (with a pipeline the same split is --microbatches)")
     dp_mode: str = option("overlapped", "the gradient all-reduce: per tensor, in buckets, or in buckets started "
-                          "during the backward", (DP, GRID), ("naive", "bucketed", "overlapped"))
-    bucket_mb: float = option(1.0, "gradient bucket size in MiB (bucketed and overlapped modes, ZeRO)",
-                              (DP, ZERO, GRID))
+                          "during the backward", ("naive", "bucketed", "overlapped"))
+    bucket_mb: float = option(1.0, "gradient bucket size in MiB (bucketed and overlapped modes, ZeRO)")
     check_replicas: int = option(1, "steps between checks that every replica holds identical parameters "
-                                 "(0: never)", (DP, ZERO, GRID))
+                                 "(0: never)")
     zero_stage: int = option(0, "ZeRO shards the optimizer state (1), also the gradients (2), also the "
-                             "parameters (3)", (ZERO, GRID), (0, 1, 2, 3))
+                             "parameters (3)", (0, 1, 2, 3))
     cp: int = option(1, "context-parallel ranks, each holding 1/cp of the sequence's positions, attention by ring "
-                     "attention", (GRID,))
+                     "attention")
     cp_split: str = option("zigzag", "with --cp: each rank holds chunks r and 2 cp - 1 - r of 2 cp (equal causal "
-                           "work), or chunk r of cp", (GRID,), CP_SPLITS)
-    pp: int = option(1, "pipeline stages, each holding consecutive blocks", (PP, GRID))
+                           "work), or chunk r of cp")
+    pp: int = option(1, "pipeline stages, each holding consecutive blocks")
     microbatches: int = option(4, "micro-batches per replica and step, flowing through the pipeline stages "
-                               "(chapter 03's --grad-accum, pipelined)", (PP, GRID))
+                               "(chapter 03's --grad-accum, pipelined)")
     schedule: str = option("1f1b", "all forwards then all backwards (GPipe); one forward one backward; 1f1b "
                            "over --virtual-stages chunks per rank (Megatron); 1f1b with the weight gradients "
-                           "deferred into the bubble (zero bubble H1)", (PP, GRID), SCHEDULES)
+                           "deferred into the bubble (zero bubble H1)")
     virtual_stages: int = option(1, "with --schedule interleaved: chunks of layers per rank (rank r holds chunks "
-                                 "r, r + pp, ...)", (PP, GRID))
+                                 "r, r + pp, ...)")
     network: str = option("off", "model every message's time on this link (latency + bytes / bandwidth), so one "
-                          "machine shows what communication costs", PARALLEL, ("off", *NETWORKS), NET)
-    net_latency_us: float = option(0.0, "the modelled link's latency in microseconds (0: the preset's)", PARALLEL,
+                          "machine shows what communication costs", ("off", *NETWORKS), NET)
+    net_latency_us: float = option(0.0, "the modelled link's latency in microseconds (0: the preset's)",
                                    group=NET)
-    net_gbps: float = option(0.0, "the modelled link's bandwidth in Gbit/s (0: the preset's)", PARALLEL, group=NET)
+    net_gbps: float = option(0.0, "the modelled link's bandwidth in Gbit/s (0: the preset's)", group=NET)
     ranks_per_host: int = option(0, "consecutive ranks per simulated host, talking over NVLink-like links "
-                                 "inside it (0: every rank its own host)", PARALLEL, group=NET)
+                                 "inside it (0: every rank its own host)", group=NET)
 
     def use_every_rank(self, axis, world_size):
         """A chapter with one parallel axis: that axis defaults to every rank mpirun started, and must equal it."""
@@ -185,10 +182,6 @@ class ParallelConfig:
             raise ConfigError(f"--bucket-mb must be positive, got {self.bucket_mb}")
         if self.check_replicas < 0:
             raise ConfigError(f"--check-replicas must be zero (never) or positive, got {self.check_replicas}")
-        if self.cp_split not in CP_SPLITS:
-            raise ConfigError(f"--cp-split must be one of {', '.join(CP_SPLITS)}, got {self.cp_split!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.schedule == "interleaved" and self.virtual_stages < 2:
             raise ConfigError("--schedule interleaved runs several chunks of layers per rank: give --virtual-stages "
                               "2 or more")
@@ -214,27 +207,30 @@ def flag(name):
 GROUPS = {"GPTConfig": "model", "TrainConfig": "training", "ParallelConfig": "parallelism of this chapter"}
 
 
-def offered(cls, chapter):
-    """The fields of `cls` a script of `chapter` takes: all, except parallel settings it does not implement."""
-    return [f for f in dataclasses.fields(cls) if not f.metadata.get("chapters") or chapter in f.metadata["chapters"]]
+def offered(cls, flags):
+    """The fields of `cls` a script takes: every model and training field, and the parallel ones in `flags`."""
+    return [f for f in dataclasses.fields(cls) if cls is not ParallelConfig or f.name in flags]
 
 
 def elsewhere(f, chapter):
-    """The one-line refusal of a flag that belongs to other chapters."""
-    *some, last = f.metadata["chapters"]
+    """The one-line refusal of a parallel flag that `chapter` does not implement, naming the chapters that do."""
+    from common.chapters import offering          # here: it imports the chapters, only when one is needed
+    owners = offering(f.name)
+    *some, last = owners or ["no chapter"]
     where = f"{', '.join(some)} and {last}" if some else last
-    return ConfigError(f"--{flag(f.name)} is not a setting of {chapter or 'this script'}: it belongs to {where}; "
-                       f"run {f.metadata['chapters'][0]}/train.py for it")
+    return ConfigError(f"--{flag(f.name)} is not a setting of {chapter or 'this script'}: it belongs to {where}"
+                       + (f"; run {owners[0]}/train.py for it" if owners else ""))
 
 
-def add_config_args(parser, *classes, defaults=None, chapter=None, shown=None):
-    """Add `--config` and one dashed flag per field a script of `chapter` implements, grouped and explained;
-    a parallel flag of another chapter is refused by name. Defaults stay None so set flags are known
-    (`defaults`, and `shown` for what only the help says, e.g. "every rank", change the help alone)."""
+def add_config_args(parser, *classes, defaults=None, chapter=None, flags=(), choices=None, shown=None):
+    """Add `--config` and one dashed flag per field a script of `chapter` implements (the parallel ones in
+    `flags`; `choices` of those whose values the chapter defines), grouped and explained; a parallel flag of
+    another chapter is refused by name. Defaults stay None so set flags are known (`defaults`, and `shown` for
+    what only the help says, e.g. "every rank", change the help alone)."""
     parser.add_argument("--config", help="JSON file of field values (flags given here override it)")
     shown = {**(defaults or {}), **(shown or {})}
     for cls in classes:
-        fields = offered(cls, chapter)
+        fields = offered(cls, flags)
         groups = {None: parser.add_argument_group(GROUPS.get(cls.__name__, cls.__name__))}
         for f in fields:
             name = f.metadata.get("group")
@@ -247,15 +243,15 @@ def add_config_args(parser, *classes, defaults=None, chapter=None, shown=None):
                                    default=None, help=text)
             else:
                 kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-                choices = f.metadata.get("choices")
-                shape = "{" + ",".join(map(str, choices)) + "}" if choices else {int: "N", float: "X"}.get(kind, "S")
+                allowed = (choices or {}).get(f.name, f.metadata.get("choices"))
+                shape = "{" + ",".join(map(str, allowed)) + "}" if allowed else {int: "N", float: "X"}.get(kind, "S")
                 group.add_argument(f"--{flag(f.name)}", dest=f.name, type=kind, default=None, metavar=shape,
-                                   help=text)
+                                   choices=allowed if f.name in (choices or {}) else None, help=text)
         for f in dataclasses.fields(cls):
             if f not in fields:
                 names = [f"--{flag(f.name)}"] + ([f"--no-{flag(f.name)}"] if f.type in (bool, "bool") else [])
                 parser.add_argument(*names, action=_Refuse, nargs="?", help=argparse.SUPPRESS,
-                                    refusal=elsewhere(f, chapter))
+                                    refusal=functools.partial(elsewhere, f, chapter))
 
 
 class _Refuse(argparse.Action):
@@ -264,13 +260,13 @@ class _Refuse(argparse.Action):
         self.refusal = refusal
 
     def __call__(self, parser, namespace, values, option_string=None):
-        raise self.refusal
+        raise self.refusal()
 
 
-def config_from_args(args, *classes, defaults=None, chapter=None):
+def config_from_args(args, *classes, defaults=None, chapter=None, flags=(), choices=None):
     """Build one instance per dataclass from its defaults, a script's own `defaults` ({field: value}), the JSON
     file and the flags, in that order of precedence; validate each. A JSON key the chapter does not implement
-    is refused like its flag."""
+    (`flags`, as add_config_args) is refused like its flag, and a value outside its `choices` by name."""
     values = dict(defaults or {})
     if args.config:
         path = Path(args.config)
@@ -283,7 +279,7 @@ def config_from_args(args, *classes, defaults=None, chapter=None):
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {path} must hold one JSON object of field names and values")
         every = {f.name: f for cls in classes for f in dataclasses.fields(cls)}
-        fields = {f.name: f for cls in classes for f in offered(cls, chapter)}
+        fields = {f.name: f for cls in classes for f in offered(cls, flags)}
         for name in loaded:
             if name in every and name not in fields:
                 raise ConfigError(f"--config {path}: {elsewhere(every[name], chapter)}")
@@ -291,6 +287,10 @@ def config_from_args(args, *classes, defaults=None, chapter=None):
         if unknown:
             raise ConfigError(f"--config {path} has unknown keys {unknown}; known keys are {sorted(fields)}")
         values.update({name: _typed(path, fields[name], value) for name, value in loaded.items()})
+        for name, allowed in (choices or {}).items():
+            if name in loaded and loaded[name] not in allowed:
+                raise ConfigError(f"--config {path}: {name} (--{flag(name)}) must be one of "
+                                  f"{', '.join(map(str, allowed))}, got {loaded[name]!r}")
     values.update({k: v for k, v in vars(args).items() if v is not None})
     configs = []
     for cls in classes:

@@ -1,10 +1,13 @@
 """Configuration: default < JSON file < flag, boolean flags, and a ConfigError naming the flag for each mistake."""
+import ast
 import dataclasses
 import json
 
 import pytest
 
-from common.config import ConfigError, GPTConfig, Parser, TrainConfig, add_config_args, config_from_args
+from common.chapters import ROOT, chapters, import_chapter, offering
+from common.config import (ConfigError, GPTConfig, ParallelConfig, Parser, TrainConfig, add_config_args,
+                           config_from_args)
 
 
 def parse(argv):
@@ -109,3 +112,36 @@ def test_a_json_file_that_is_not_an_object_raises_config_error(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ConfigError, match="--config"):
         parse(["--config", path])
+
+
+def test_common_names_no_chapter_and_each_chapter_declares_the_parallel_flags_it_implements():
+    """A chapter is found by its folder; its train.py's FLAGS say what it offers. No code in common names one
+    (docstrings may, as examples)."""
+    folders = chapters()
+    assert folders[0] == "01_single_core" and len(folders) >= 6
+    for path in sorted((ROOT / "common").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
+                      and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        named = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                 and id(node) not in docstrings and any(folder in node.value for folder in folders)]
+        assert not named, (path.name, named)
+    parallel = {f.name for f in dataclasses.fields(ParallelConfig)}
+    for folder in folders:
+        flags = import_chapter(f"{folder}.train").FLAGS
+        assert set(flags) <= parallel and len(set(flags)) == len(flags), (folder, flags)
+    assert offering("schedule") == ["05_pipeline", "06_3d"] and offering("tp") == ["02_tensor_parallel", "06_3d"]
+    assert all(offering(name) for name in parallel), [name for name in parallel if not offering(name)]
+
+
+def test_a_chapter_defines_the_choices_of_its_own_settings(tmp_path):
+    pipeline = import_chapter("05_pipeline.train")
+    offer = dict(chapter="05_pipeline", flags=pipeline.FLAGS, choices={"schedule": pipeline.sched.SCHEDULES})
+    parser = Parser()
+    add_config_args(parser, GPTConfig, TrainConfig, ParallelConfig, **offer)
+    with pytest.raises(ConfigError, match="invalid choice: 'zb-h2'"):
+        parser.parse_args(["--schedule", "zb-h2"])
+    path = write_json(tmp_path, {"schedule": "zb-h2"})
+    with pytest.raises(ConfigError, match="schedule .--schedule. must be one of afab, 1f1b, interleaved, zb-h1"):
+        config_from_args(parser.parse_args(["--config", str(path)]), GPTConfig, TrainConfig, ParallelConfig, **offer)

@@ -80,7 +80,8 @@ def straight(tiny_data, tmp_path_factory):
 
 
 def grid_flags(data, out):
-    return ["--data-dir", data, *TINY, "--microbatches", 2, "--tp", 2, "--pp", 2, "--max-iters", STEPS, "--out-dir", out]
+    return ["--data-dir", data, *TINY, "--microbatches", 2, "--tp", 2, "--pp", 2, "--max-iters", STEPS,
+            "--out-dir", out]
 
 
 def start_grid(script, log_path, flags=()):

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from common.chapters import import_chapter
 from common.config import ConfigError, GPTConfig, ParallelConfig, Parser, TrainConfig, add_config_args, \
     config_from_args
 from common.network import PRESETS, Link, Network, collective_time, from_config
@@ -37,8 +38,9 @@ def test_ranks_of_one_simulated_host_use_the_inside_link_and_a_busy_link_queues(
 def parse(argv):
     parser = Parser()
     classes = GPTConfig, TrainConfig, ParallelConfig
-    add_config_args(parser, *classes, chapter="03_data_parallel")
-    return config_from_args(parser.parse_args(argv), *classes, chapter="03_data_parallel")[2]
+    offer = dict(chapter="03_data_parallel", flags=import_chapter("03_data_parallel.train").FLAGS)
+    add_config_args(parser, *classes, **offer)
+    return config_from_args(parser.parse_args(argv), *classes, **offer)[2]
 
 
 def test_a_preset_gives_the_link_and_explicit_figures_override_it():
