@@ -141,7 +141,7 @@ def pipeline_figures(out_root, work, repeats=3, microbatches=MICROBATCHES):
                 records.setdefault((kind, M), record)
                 bubbles.setdefault((kind, M), []).append(max(rank["bubble"] for rank in record["ranks"]))
     fig, axes = plt.subplots(8, 1, figsize=(8, 10.5), sharex=True)
-    for i, kind in enumerate(SCHEDULE_FLAGS):
+    for i, kind in enumerate(sched.SCHEDULES):
         real = [r["trace"] for r in records[kind, 4]["ranks"]]
         V = records[kind, 4]["virtual_stages"]
         ideal = sched.simulate(kind, 4, 2, *op_costs(real), virtual=V)   # the same instructions at median times
@@ -154,10 +154,10 @@ def pipeline_figures(out_root, work, repeats=3, microbatches=MICROBATCHES):
     axes[-1].set_xlabel("ms into the step")
     save(fig, out_root / "05_pipeline" / "figures" / "timeline.png", rect=(0, 0, 1, 0.98))
 
-    measured = {kind: {M: float(np.median(bubbles[kind, M])) for k, M in records if k == kind} for kind in SCHEDULE_FLAGS}
+    measured = {kind: {M: float(np.median(bubbles[kind, M])) for k, M in records if k == kind} for kind in sched.SCHEDULES}
     costs = op_costs([r["trace"] for M in microbatches for r in records["zb-h1", M]["ranks"]])
     formulas = {kind: {M: sched.bubble_formula(kind, M, 2, 2 if kind == "interleaved" else 1, costs)
-                       for M in measured[kind]} for kind in SCHEDULE_FLAGS}
+                       for M in measured[kind]} for kind in sched.SCHEDULES}
     fig, ax = plt.subplots(figsize=(7, 3.6))
     grid = np.linspace(1, 8, 50)
     for i, (kind, label) in enumerate((("afab", "afab and 1f1b: (p-1) / (M+p-1)"), ("1f1b", None),
@@ -176,10 +176,10 @@ def pipeline_figures(out_root, work, repeats=3, microbatches=MICROBATCHES):
     ax.legend(fontsize=7)
     save(fig, out_root / "05_pipeline" / "figures" / "bubble.png")
     print(f"zb-h1's median F, B, W here: {', '.join(f'{t * 1e3:.1f}' for t in costs)} ms")
-    print("M      " + "".join(f"{kind:>22}" for kind in SCHEDULE_FLAGS) + "   (measured / formula)")
+    print("M      " + "".join(f"{kind:>22}" for kind in sched.SCHEDULES) + "   (measured / formula)")
     for M in microbatches:
         print(f"{M:<7}" + "".join(f"{measured[k][M]:>13.2f} / {formulas[k][M]:.2f}" if M in measured[k] else
-                                  f"{'-':>22}" for k in SCHEDULE_FLAGS))
+                                  f"{'-':>22}" for k in sched.SCHEDULES))
     return measured, formulas
 
 
