@@ -154,7 +154,8 @@ def pipeline_figures(out_root, work, repeats=3, microbatches=MICROBATCHES):
     axes[-1].set_xlabel("ms into the step")
     save(fig, out_root / "05_pipeline" / "figures" / "timeline.png", rect=(0, 0, 1, 0.98))
 
-    measured = {kind: {M: float(np.median(bubbles[kind, M])) for k, M in records if k == kind} for kind in sched.SCHEDULES}
+    measured = {kind: {M: float(np.median(bubbles[kind, M])) for k, M in records if k == kind}
+                for kind in sched.SCHEDULES}
     costs = op_costs([r["trace"] for M in microbatches for r in records["zb-h1", M]["ranks"]])
     formulas = {kind: {M: sched.bubble_formula(kind, M, 2, 2 if kind == "interleaved" else 1, costs)
                        for M in measured[kind]} for kind in sched.SCHEDULES}
