@@ -92,7 +92,7 @@ def evaluate(state, batches):
 
 def main(argv=None):
     tp = world()
-    (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(tp, setup, argv, memory_estimate, "raise --tp")
+    tp, (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(tp, setup, argv, memory_estimate, "raise --tp")
     state = build(gpt_cfg, train_cfg, par, tp)
     train(state, tokens, val_tokens, train_step, evaluate, budget, threads=tp.host.threads, comm=tp,
           banner=f"{gpt_layout(gpt_cfg).size:,} parameters, {state.layout.size:,} on each of {tp.size} ranks, "

@@ -124,7 +124,7 @@ def after_step(state, step):
 
 def main(argv=None):
     dp = world()
-    (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(dp, setup, argv, memory_estimate)
+    dp, (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(dp, setup, argv, memory_estimate)
     state = build(gpt_cfg, train_cfg, par, dp)
     last = train_cfg.max_iters - 1
     train(state, tokens, val_tokens, train_step, evaluate, budget, threads=dp.host.threads, comm=dp,

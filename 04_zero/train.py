@@ -118,7 +118,7 @@ def after_step(state, step, first):
 
 def main(argv=None):
     dp = world()
-    (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(
+    dp, (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(
         dp, setup, argv, memory_estimate, "raise --zero-stage or the number of ranks")
     state = build(gpt_cfg, train_cfg, par, dp)
     zero = state.sync

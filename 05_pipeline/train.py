@@ -151,7 +151,7 @@ def after_step(state, step):
 
 def main(argv=None):
     pp = world()
-    (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(
+    pp, (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(
         pp, setup, argv, lambda *configs: memory_estimate(*configs, stage=pp.rank),
         "raise --pp")
     state = build(gpt_cfg, train_cfg, par, pp)

@@ -37,6 +37,7 @@ Communication per step, as chapters 02, 05, 03/04 and context_parallel.py derive
     dp  the stage's local gradient once, over dcp: an all-reduce (or ZeRO's collectives, chapter 04's formula)
 """
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -59,38 +60,45 @@ cp_lib = import_chapter("06_3d.context_parallel")
 
 # ----------------------------------------------------------------------------- the grid
 
-def coords(rank, tp_size, pp_size, cp_size=1):
-    """(tp, pp, dp) coordinates of a world rank: tp innermost, then cp (cp_rank), then pp, then dp."""
-    inner = tp_size * cp_size
-    return rank % tp_size, (rank // inner) % pp_size, rank // (inner * pp_size)
+class Coords(NamedTuple):
+    """Where a world rank sits on the grid, one coordinate per axis."""
+    tp: int
+    cp: int
+    pp: int
+    dp: int
 
 
-def cp_rank(rank, tp_size, cp_size):
-    """The context-parallel coordinate of a world rank (next to tp, inside pp)."""
-    return (rank // tp_size) % cp_size
+def coords(rank, tp=1, cp=1, pp=1):
+    """The coordinates of world rank `rank` on a grid of tp x cp x pp (x dp, the rest) ranks: tp innermost, then
+    cp, then pp, then dp."""
+    return Coords(rank % tp, (rank // tp) % cp, (rank // (tp * cp)) % pp, rank // (tp * cp * pp))
 
 
 @dataclass(frozen=True)
 class Grid:
+    """One communicator per axis, of the ranks that differ only along it; dcp, the dp x cp ranks that hold the
+    same weights and sum their gradients (dp itself when cp = 1); ends, the first and last stage of one
+    pipeline, which hold wte's two copies; and this rank's coordinates."""
     world: Comm
     tp: Comm
+    cp: Comm
     pp: Comm
     dp: Comm
-    ends: Comm              # first and last stage of one (dp, cp, tp) pipeline: wte's two copies
-    cp: Comm = None         # the ranks holding one micro-batch's other positions (ring attention)
-    dcp: Comm = None        # dp x cp: the ranks whose gradients are summed (dp itself when cp = 1)
+    dcp: Comm
+    ends: Comm
+    at: Coords
 
     @classmethod
-    def build(cls, world, tp_size, pp_size, dp_size, cp_size=1):
-        t, p, d = coords(world.rank, tp_size, pp_size, cp_size)
-        c = cp_rank(world.rank, tp_size, cp_size)
+    def build(cls, world, tp_size, cp_size, pp_size, dp_size):
         assert tp_size * cp_size * pp_size * dp_size == world.size
+        at = coords(world.rank, tp_size, cp_size, pp_size)
+        t, c, p, d = at
         tp = world.split(color=(d * pp_size + p) * cp_size + c, key=t, name="tp")
         cp = world.split(color=(d * pp_size + p) * tp_size + t, key=c, name="cp")
         pipeline = world.split(color=(d * cp_size + c) * tp_size + t, key=p, name="pp")
         dp = world.split(color=(p * cp_size + c) * tp_size + t, key=d, name="dp")
         dcp = dp if cp_size == 1 else world.split(color=p * tp_size + t, key=d * cp_size + c, name="dcp")
-        return cls(world, tp, pipeline, dp, pipe.end_stages(pipeline, p, pp_size), cp, dcp)
+        return cls(world, tp, cp, pipeline, dp, dcp, pipe.end_stages(pipeline, p, pp_size), at)
 
 
 def check(gpt_cfg, train_cfg, par, world_size):
@@ -124,9 +132,9 @@ def local_layout(gpt_cfg, stage, pp_size, tp_size, virtual=1):
     return Layout([(name, shapes[name]) for name in pipe.stage_layout(gpt_cfg, stage, pp_size, virtual).shapes])
 
 
-# ----------------------------------------------------------------------------- one rank's part of the model
+# ----------------------------------------------------------------------------- one rank's training state
 
-class Part:
+class State:
     """This rank's training state: the shards of its stage, their gradients and optimizer, the pipeline engine
     and the gradient synchronisation over dp (x cp: buckets, or ZeRO); whole() and load() for checkpoints.
     With cp > 1, `pos` are the sequence positions this rank holds and `ring` its ring attention."""
@@ -199,12 +207,16 @@ class Part:
                 view[...] = tensors[name]
         return pipe.whole_state(self.gpt_cfg, whole, grid.pp, root=0, virtual=V) if grid.tp.rank == 0 else None
 
-    def load(self, state):
-        """Take this rank's shards of a consolidated state, whatever layout wrote it."""
+    def load(self, whole):
+        """Take this rank's shards of a consolidated state, whatever layout wrote it: its tp shard of its stage's
+        tensors, and under ZeRO its dp x cp shard of m and v (and from stage 3 of the parameters)."""
         grid, opt, dtype = self.grid, self.opt, self.params.dtype
-        for part, dest in (("params", self.params), ("adam_m", opt.m), ("adam_v", opt.v)):
-            flat = tp_lib.shard(state[part], self.layout, self.gpt_cfg, grid.tp.size, grid.tp.rank, dtype)
-            dest[...] = flat[self.zero.lo:self.zero.hi] if dest.size < flat.size else flat
+        for kind, dest in (("params", self.params), ("adam_m", opt.m), ("adam_v", opt.v)):
+            flat = tp_lib.shard(whole[kind], self.layout, self.gpt_cfg, grid.tp.size, grid.tp.rank, dtype)
+            if self.zero is None or (kind == "params" and self.zero.stage < 3):
+                dest[...] = flat
+            else:
+                dest[...] = flat[self.zero.lo:self.zero.hi]
 
 
 # ----------------------------------------------------------------------------- the ledgers

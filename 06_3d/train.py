@@ -52,15 +52,15 @@ def memory_estimate(gpt_cfg, train_cfg, par, rank):
     """{kind: bytes} world rank `rank` will hold: its shards of its stage, their gradient and AdamW (ZeRO: what
     its stage keeps, chapter 04), the activations its schedule keeps alive (chapter 05) of its rows, split over
     tp (chapter 02)."""
-    _, stage, _ = grid_lib.coords(rank, par.tp, par.pp, par.cp)
+    stage = grid_lib.coords(rank, par.tp, par.cp, par.pp).pp
     layout = grid_lib.local_layout(gpt_cfg, stage, par.pp, par.tp, par.virtual_stages)
     n, M, e = layout.size, par.microbatches, np.dtype(train_cfg.dtype).itemsize
     shard = -(-n // (par.dp * par.cp))                        # ZeRO shards over the ranks that sum gradients
-    part = max(sum(int(np.prod(layout.shapes[name])) for name in names) for names in modules(gpt_cfg).values()
+    module = max(sum(int(np.prod(layout.shapes[name])) for name in names) for names in modules(gpt_cfg).values()
                if all(name in layout.shapes for name in names))
     bucket = int(par.bucket_mb * 2 ** 20) // e
     rows = train_cfg.batch_size // (par.dp * M)
-    return estimate(gpt_cfg, e, params=shard + part if par.zero_stage == 3 else n,
+    return estimate(gpt_cfg, e, params=shard + module if par.zero_stage == 3 else n,
                     grads=shard + bucket if par.zero_stage > 1 else n, optimizer=shard if par.zero_stage else n,
                     rows=rows, blocks=None, tp_size=par.tp,
                     activations=pipe.activation_formula(gpt_cfg, rows, e, par, stage, train_cfg.recompute, par.tp,
@@ -68,18 +68,18 @@ def memory_estimate(gpt_cfg, train_cfg, par, rank):
                     whole=gpt_layout(gpt_cfg).size)
 
 
-def my_positions(part, x, y):
+def my_positions(state, x, y):
     """x and y (rows of tokens), with cp > 1 cut to this rank's positions."""
-    return (x, y) if part.pos is None else (x[:, part.pos], y[:, part.pos])
+    return (x, y) if state.pos is None else (x[:, state.pos], y[:, state.pos])
 
 
-def train_step(part, batch, lr):
+def train_step(state, batch, lr):
     """One optimizer step: this replica's rows (this cp rank's positions of them) through the pipeline (the
     tensor-parallel sums and the ring inside it), the tied-embedding sum, the sum over dp x cp (or ZeRO's
     reduce-scatter), the global norm, AdamW."""
-    grid, st, sync, par = part.grid, part.st, part.sync, part.par
+    grid, st, sync, par = state.grid, state.st, state.sync, state.par
     sync.zero_grad()
-    x, y = my_positions(part, *(np.split(a, grid.dp.size)[grid.dp.rank] for a in batch))   # my rows
+    x, y = my_positions(state, *(np.split(a, grid.dp.size)[grid.dp.rank] for a in batch))   # my rows
     M = par.microbatches
     grid.pp.barrier()
 
@@ -96,19 +96,19 @@ def train_step(part, batch, lr):
     pipe.sync_tied_embedding(st.g, grid.ends, st.stage, grid.pp.size)
     if not sync.every_microbatch:
         sync.finish()
-    sync.step(part.opt, lr, part.train_cfg.grad_clip, norm=part.grad_norm(sync.gshard))
+    sync.step(state.opt, lr, state.train_cfg.grad_clip, norm=state.grad_norm(sync.gshard))
     loss = grid.dcp.allreduce(np.array([(loss or 0.0) / grid.dcp.size]))
     return float(grid.pp.bcast(loss, root=grid.pp.size - 1)[0])
 
 
-def evaluate(part, batches):
+def evaluate(state, batches):
     """The mean val loss over `batches`: each data-parallel replica runs its rows of every batch (each cp rank its
     positions of them) through the pipeline, and the last stage's sums are added over dp (and cp)."""
-    st, grid, M = part.st, part.grid, part.par.microbatches
-    ops = sched.schedule("forward", M, st.stage, grid.pp.size, part.par.virtual_stages)
+    st, grid, M = state.st, state.grid, state.par.microbatches
+    ops = sched.schedule("forward", M, st.stage, grid.pp.size, state.par.virtual_stages)
 
     def loss_of(x, y):                                        # of this replica's rows
-        x, y = my_positions(part, x, y)
+        x, y = my_positions(state, x, y)
         return st.run(ops, np.split(x, M), np.split(y, M))
 
     loss = dp_lib.mean_over_replicas(batches, grid.dp, loss_of)
@@ -116,70 +116,71 @@ def evaluate(part, batches):
     return float(grid.pp.bcast(loss, root=grid.pp.size - 1)[0])
 
 
-def ledger(part, batch_size):
+def ledger(state, batch_size):
     """Every rank's coordinates, host (as MPI groups ranks) and BLAS threads, model-state bytes, the peak bytes
     of activations its caches held beside their formula (common.memory), peak resident memory and the bytes its
     first step passed to each axis's communicator beside grid.ledger_formula: on rank 0 (None elsewhere)."""
-    grid, opt = part.grid, part.opt
+    grid, opt = state.grid, state.opt
     comms = {"tp": grid.tp, "cp": grid.cp, "pp": grid.pp, "dp": grid.dcp, "ends": grid.ends}   # dp: over dp x cp
     host = grid.world.host
     mine = {"rank": grid.world.rank, "tp": grid.tp.rank, "cp": grid.cp.rank, "pp": grid.pp.rank, "dp": grid.dp.rank,
-            "attention_work": part.ring.work if part.ring else None,
+            "attention_work": state.ring.work if state.ring else None,
             "host": host.index, "host_ranks": host.comm.size, "blas_threads": host.threads.blas,
-            "parameters": zero_lib.owned_bytes(part.params), "gradients": zero_lib.owned_bytes(part.grads),
+            "parameters": zero_lib.owned_bytes(state.params), "gradients": zero_lib.owned_bytes(state.grads),
             "optimizer": zero_lib.owned_bytes(opt.m) + zero_lib.owned_bytes(opt.v),
-            "activations": part.held.peak["activations"],
-            "activations_formula": memory_estimate(part.gpt_cfg, part.train_cfg, part.par,
+            "activations": state.held.peak["activations"],
+            "activations_formula": memory_estimate(state.gpt_cfg, state.train_cfg, state.par,
                                                    grid.world.rank)["activations"],
             "peak_rss": peak_rss(),
             "comm": {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()} for axis, c in comms.items()},
             "comm_seconds": {axis: dict(c.ledger.seconds) for axis, c in comms.items()},   # with --network
-            "comm_formula": grid_lib.ledger_formula(part.gpt_cfg, part.par, part.stage, batch_size,
-                                                    part.params.itemsize, part.train_cfg.recompute)}
+            "comm_formula": grid_lib.ledger_formula(state.gpt_cfg, state.par, state.stage, batch_size,
+                                                    state.params.itemsize, state.train_cfg.recompute)}
     return grid.world.gather_object(mine)
 
 
 def rank_map(par):
-    def where(r):
-        t, p, d = grid_lib.coords(r, par.tp, par.pp, par.cp)
-        return f"tp {t}, " + (f"cp {grid_lib.cp_rank(r, par.tp, par.cp)}, " if par.cp > 1 else "") + f"pp {p}, dp {d}"
-    return "\n".join(f"  world rank {r}: {where(r)}" for r in range(par.tp * par.cp * par.pp * par.dp))
+    """Each world rank's coordinates, one line each."""
+    return "\n".join(f"  world rank {r}: " + ", ".join(f"{axis} {i}" for axis, i in
+                                                       grid_lib.coords(r, par.tp, par.cp, par.pp)._asdict().items())
+                     for r in range(par.tp * par.cp * par.pp * par.dp))
 
 
-def after_step(part, step, first):
+def after_step(state, step, first):
     """The first step's ledgers, once (written by rank 0); then chapter 03's check of each shard's replicas
     (ZeRO-3 has none)."""
     if first:
-        ranks = ledger(part, part.train_cfg.batch_size)
-        if part.grid.world.rank == 0:
-            par = part.par
-            (Path(part.train_cfg.out_dir) / "ledger.json").write_text(
-                json.dumps({"layout": [par.tp, par.pp, par.dp], "cp": par.cp, "ranks": ranks}, indent=1))
-    every = part.par.check_replicas
-    if part.par.zero_stage < 3 and every and (step + 1) % every == 0:
-        dp_lib.check_replicas(part.params, part.grid.dcp, step)
+        ranks = ledger(state, state.train_cfg.batch_size)
+        if state.grid.world.rank == 0:
+            par = state.par
+            (Path(state.train_cfg.out_dir) / "ledger.json").write_text(
+                json.dumps({"layout": {"tp": par.tp, "cp": par.cp, "pp": par.pp, "dp": par.dp}, "ranks": ranks},
+                           indent=1))
+    every = state.par.check_replicas
+    if state.par.zero_stage < 3 and every and (step + 1) % every == 0:
+        dp_lib.check_replicas(state.params, state.grid.dcp, step)
 
 
 def main(argv=None):
     comm = world()
-    (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(
+    comm, (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(
         comm, setup, argv, lambda *configs: memory_estimate(*configs, rank=comm.rank),
         "raise --tp, --pp or --zero-stage")
-    grid = grid_lib.Grid.build(comm, par.tp, par.pp, par.dp, par.cp)
-    part = grid_lib.Part(gpt_cfg, train_cfg, par, grid, init_params(gpt_cfg, train_cfg.seed,
+    grid = grid_lib.Grid.build(comm, par.tp, par.cp, par.pp, par.dp)
+    state = grid_lib.State(gpt_cfg, train_cfg, par, grid, init_params(gpt_cfg, train_cfg.seed,
                                                                     np.dtype(train_cfg.dtype)))
     zero = f", ZeRO-{par.zero_stage}" if par.zero_stage else ""
 
     def before_step(step):
         for c in (grid.tp, grid.cp, grid.pp, grid.dcp, grid.ends):
             c.ledger.reset()
-        if part.ring:
-            part.ring.work = 0                   # the ledger's attention work: one step's
+        if state.ring:
+            state.ring.work = 0                   # the ledger's attention work: one step's
 
-    train(part, tokens, val_tokens, train_step, evaluate, budget, threads=comm.host.threads, comm=comm,
-          before_step=before_step, after_step=lambda step, first: after_step(part, step, first),
-          banner=f"{gpt_layout(gpt_cfg).size:,} parameters on a grid of tp {par.tp}"
-                 f"{f' x cp {par.cp} ({par.cp_split})' if par.cp > 1 else ''} x pp {par.pp} x dp {par.dp}"
+    train(state, tokens, val_tokens, train_step, evaluate, budget, threads=comm.host.threads, comm=comm,
+          before_step=before_step, after_step=lambda step, first: after_step(state, step, first),
+          banner=f"{gpt_layout(gpt_cfg).size:,} parameters on a grid of tp {par.tp} x cp {par.cp}"
+                 f"{f' ({par.cp_split})' if par.cp > 1 else ''} x pp {par.pp} x dp {par.dp}"
                  f"{' (sequence parallel)' if par.sequence_parallel else ''}{zero}, {train_cfg.dtype}, batch "
                  f"{train_cfg.batch_size} x {gpt_cfg.block_size} tokens, {par.microbatches} micro-batches per "
                  f"replica, {par.schedule}\n" + rank_map(par))

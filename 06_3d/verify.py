@@ -1,7 +1,7 @@
 """Prove that every 3D layout of the job's ranks, with and without sequence parallelism, ZeRO and context
 parallelism, computes what single core computes.
 
-    mpirun -n 8 python 06_3d/verify.py            # every (tp, pp, dp) of 8 ranks; any -n has at least (1, 1, n)
+    mpirun -n 8 python 06_3d/verify.py            # every (tp, cp, pp, dp) of 8 ranks; any -n has (1, 1, 1, n)
     mpirun -n 8 python 06_3d/verify.py --tp 2 --pp 2 --dp 2
     mpirun -n 4 python 06_3d/verify.py --cp 4     # context parallelism alone
 
@@ -62,7 +62,7 @@ def setup(argv, world_size):
     if args.cp is not None and args.cp not in CP_SIZES:
         raise ConfigError(f"--cp {args.cp}: the 8 positions split into 2 cp equal chunks for cp in {CP_SIZES}")
     pairs = [(t, p, c) for t, p in grids(args.tp, args.pp) for c in CP_SIZES if args.cp in (None, c)]
-    args.layouts = [(t, p, world_size // (t * p * c), c) for t, p, c in pairs
+    args.layouts = [(t, c, p, world_size // (t * p * c)) for t, p, c in pairs
                     if world_size % (t * p * c) == 0 and args.dp in (None, world_size // (t * p * c))]
     if not args.layouts:                        # name the -n that would fit, without cp unless --cp says
         pairs = [(t, p, c) for t, p, c in pairs if c == (args.cp or 1)]
@@ -74,7 +74,7 @@ def setup(argv, world_size):
     return args
 
 
-def variants(tp, pp, dp, cp=1):
+def variants(tp, cp, pp, dp):
     """(sequence_parallel, zero_stage) pairs that differ on this layout: ZeRO needs dp > 1, and stages 2-3
     come without pipeline stages (pp = 1), where they meet tp as FSDP + TP."""
     stages = (0,) if dp == 1 else (0, 1) if pp > 1 else (0, 1, 2, 3)
@@ -86,7 +86,7 @@ def runs_of(layouts):
     of a layout with cp > 1, the variants and the two splits taken in turn."""
     runs, cycle, splits = [], [], ["zigzag", "contiguous"]
     for layout in layouts:
-        if layout[3] == 1:
+        if layout[1] == 1:                     # cp
             runs += [(layout, (sp, z, "zigzag")) for sp, z in variants(*layout)]
             continue
         options = variants(*layout)
@@ -111,7 +111,7 @@ def schedules(runs):
     cycles = {True: ["interleaved", "zb-h1", "1f1b", "afab"], False: ["1f1b", "afab", "zb-h1"]}
     modes = ["none", "full", "selective"]
     out = []
-    for (_, pp, _, _), (_, zero, _) in runs:
+    for (_, _, pp, _), (_, zero, _) in runs:
         kind = next_fitting(cycles[pp > 1], lambda k: (k != "interleaved" or (2 * pp <= GPT.n_layer and 2 % pp == 0))
                             and (k != "zb-h1" or zero < 2))
         recompute = next_fitting(modes, lambda mode: kind != "zb-h1" or mode != "full")
@@ -136,29 +136,29 @@ def main(argv=None):
 
     report, show = Report(TOL, width=72, detail=25), comm.rank == 0
     runs = runs_of(args.layouts)
-    for ((tp, pp, dp, cp), (sp, zero, split)), (schedule, virtual, recompute) in zip(runs, schedules(runs)):
-        label = (f"({tp},{pp},{dp}){f' cp{cp}' if cp > 1 else ''}{' contiguous' if split != 'zigzag' else ''}"
+    for ((tp, cp, pp, dp), (sp, zero, split)), (schedule, virtual, recompute) in zip(runs, schedules(runs)):
+        label = (f"({tp},{cp},{pp},{dp}){' contiguous' if split != 'zigzag' else ''}"
                  f"{' sp' if sp else ''}{f' z{zero}' if zero else ''} {schedule}"
                  f"{f' {recompute}' if recompute != 'none' else ''}:")
         par = ParallelConfig(tp=tp, pp=pp, dp=dp, cp=cp, cp_split=split, sequence_parallel=sp, zero_stage=zero,
                              microbatches=2, schedule=schedule, virtual_stages=virtual, bucket_mb=0.005)
         run_cfg = replace(train_cfg, recompute=recompute)
-        grid = grid_lib.Grid.build(comm, tp, pp, dp, cp)
-        part = grid_lib.Part(GPT, run_cfg, par, grid, start)
+        grid = grid_lib.Grid.build(comm, tp, cp, pp, dp)
+        state = grid_lib.State(GPT, run_cfg, par, grid, start)
         losses, ledger_ok = [], True
         for step, (x, y) in enumerate(batches):
             for c in (grid.tp, grid.cp, grid.pp, grid.dcp, grid.ends):
                 c.ledger.reset()
-            losses.append(train3d.train_step(part, (x, y), train_cfg.learning_rate))
+            losses.append(train3d.train_step(state, (x, y), train_cfg.learning_rate))
             if step == 0:
                 got = {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()} for axis, c in
                        (("tp", grid.tp), ("cp", grid.cp), ("pp", grid.pp), ("dp", grid.dcp), ("ends", grid.ends))}
-                ledger_ok = got == grid_lib.ledger_formula(GPT, par, part.stage, train_cfg.batch_size, 8, recompute)
-        state = part.whole()
-        flat = np.concatenate([state[k][name].ravel() for k in ("params", "adam_m", "adam_v")
+                ledger_ok = got == grid_lib.ledger_formula(GPT, par, state.stage, train_cfg.batch_size, 8, recompute)
+        whole = state.whole()
+        flat = np.concatenate([whole[k][name].ravel() for k in ("params", "adam_m", "adam_v")
                                for name in layout.shapes]) if comm.rank == 0 else np.empty(ref.size)
         comm.bcast(flat)
-        held_ok = part.held.peak["activations"] == train3d.memory_estimate(GPT, run_cfg, par, comm.rank)["activations"]
+        held_ok = state.held.peak["activations"] == train3d.memory_estimate(GPT, run_cfg, par, comm.rank)["activations"]
         every = comm.allgather(np.array([losses[-1], float(ledger_ok), float(held_ok)]),
                                np.empty(3 * comm.size)).reshape(-1, 3)
         report.compare(f"{label} losses", losses, ref_losses, show)

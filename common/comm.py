@@ -5,8 +5,8 @@ and bcast, the full (unsplit) buffer for reduce_scatter, allgather and gather, t
 many bytes the MPI library moves on the wire for it (e.g. 2(N-1)/N of the buffer for a ring all-reduce) is
 for the chapters to derive. A communicator of one rank is a no-op and records nothing.
 
-With a network model set (`comm.network`, see common/network.py; sub-communicators inherit it), every call
-also waits the time the modelled link would take, and the ledger adds it up per kind ("seconds").
+common/network.py's SimulatedComm, a subclass chosen when a run asks for --network, makes every call also wait
+the time a modelled link would take; the calls here are plain MPI.
 """
 import hashlib
 import sys
@@ -25,17 +25,14 @@ mpi4py.rc(initialize=False, finalize=True)
 from mpi4py import MPI  # noqa: E402
 
 from common.config import ConfigError
-from common.network import Delayed, collective_time, now, sleep_until
 from common.threads import Threads, size_blas_pool
-
-TIME_TAG = 1 << 14          # with a network model, each message's arrival time follows on tag + TIME_TAG
 
 
 class Ledger:
     def __init__(self):
         self.calls = defaultdict(int)
         self.bytes = defaultdict(int)
-        self.seconds = defaultdict(float)            # modelled, with a network model only
+        self.seconds = defaultdict(float)            # modelled, on a simulated network only
 
     def record(self, kind, nbytes):
         self.calls[kind] += 1
@@ -62,39 +59,6 @@ class Comm:
         self.size = mpi_comm.Get_size()
         self.ledger = Ledger()
         self.host = None        # world(): where this rank runs
-        self.network = None     # a common.network.Network: every call also takes its modelled time
-        self._tier = None
-
-    # --------------------------------------------------------------------- the network model
-
-    def _start(self):
-        """With a network model, when a collective begins: as its last rank arrives (None without a model)."""
-        if self.network is None:
-            return None
-        t = np.array([now()])
-        self.mpi.Allreduce(MPI.IN_PLACE, t, op=MPI.MAX)          # control, not payload: not in the ledger
-        return float(t[0])
-
-    def _end(self, start, kind, nbytes):
-        """When the modelled transfer that may begin at `start` ends, recorded in the ledger."""
-        if self._tier is None:
-            members = self.mpi.Get_group().Translate_ranks(list(range(self.size)), MPI.COMM_WORLD.Get_group())
-            self._tier = self.network.tier(members)
-        seconds = collective_time(kind, nbytes, self.size, self.network.link(self._tier))
-        self.ledger.seconds[kind] += seconds
-        return self.network.occupy(self._tier, start, seconds)
-
-    def _wait_modelled(self, start, kind, nbytes):
-        if start is not None:
-            sleep_until(self._end(start, kind, nbytes))
-
-    def _pair_end(self, peer, kind, nbytes):
-        """The end of a point-to-point transfer with `peer` that may begin now."""
-        world_ranks = self.mpi.Get_group().Translate_ranks([self.rank, peer], MPI.COMM_WORLD.Get_group())
-        tier = self.network.tier(world_ranks)
-        seconds = collective_time(kind, nbytes, 2, self.network.link(tier))
-        self.ledger.seconds[kind] += seconds
-        return self.network.occupy(tier, now(), seconds)
 
     # --------------------------------------------------------------------- collectives
 
@@ -102,9 +66,7 @@ class Comm:
         """Reduce `buf` over all ranks in place: op "sum" or "max"."""
         if self.size > 1:
             self.ledger.record("allreduce", buf.nbytes)
-            start = self._start()
             self.mpi.Allreduce(MPI.IN_PLACE, buf, op={"sum": MPI.SUM, "max": MPI.MAX}[op])
-            self._wait_modelled(start, "allreduce", buf.nbytes)
         return buf
 
     def iallreduce(self, buf):
@@ -112,11 +74,7 @@ class Comm:
         if self.size == 1:
             return MPI.REQUEST_NULL
         self.ledger.record("iallreduce", buf.nbytes)
-        start = self._start()
-        request = self.mpi.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-        if start is None:
-            return request
-        return Delayed([request], self._end(start, "iallreduce", buf.nbytes))
+        return self.mpi.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
 
     def reduce_scatter(self, send, recv, counts=None):
         """recv = this rank's block of the sum over ranks of `send`; the blocks are equal, or rank r's is
@@ -127,9 +85,7 @@ class Comm:
             recv[...] = send.reshape(recv.shape)
             return recv
         self.ledger.record("reduce_scatter", send.nbytes)
-        start = self._start()
         self.mpi.Reduce_scatter(send, recv, recvcounts=counts, op=MPI.SUM)
-        self._wait_modelled(start, "reduce_scatter", send.nbytes)
         return recv
 
     def allgather(self, send, recv, counts=None):
@@ -142,9 +98,7 @@ class Comm:
                 recv[...] = send.reshape(recv.shape)
             return recv
         self.ledger.record("allgather", recv.nbytes)
-        start = self._start()
         self.mpi.Allgatherv(MPI.IN_PLACE if send is None else send, [recv, counts])
-        self._wait_modelled(start, "allgather", recv.nbytes)
         return recv
 
     def gather(self, send, recv, counts, root=0):
@@ -155,9 +109,7 @@ class Comm:
             recv[...] = send.reshape(recv.shape)
             return recv
         self.ledger.record("gather", send.itemsize * sum(counts))
-        start = self._start()
         self.mpi.Gatherv(send, [recv, counts] if self.rank == root else None, root=root)
-        self._wait_modelled(start, "gather", send.itemsize * sum(counts))
         return recv
 
     def _counts(self, total, counts):
@@ -170,48 +122,27 @@ class Comm:
     def bcast(self, buf, root=0):
         if self.size > 1:
             self.ledger.record("bcast", buf.nbytes)
-            start = self._start()
             self.mpi.Bcast(buf, root=root)
-            self._wait_modelled(start, "bcast", buf.nbytes)
         return buf
 
     # --------------------------------------------------------------------- point to point
-    # With a network model the sender knows when its message arrives (it may begin once the sender's link is
-    # free) and sends that time after it; the receiver waits until then.
 
     def send(self, buf, dest, tag=0):
         self.ledger.record("send", buf.nbytes)
         self.mpi.Send(buf, dest=dest, tag=tag)
-        if self.network is not None:
-            arrival = np.array([self._pair_end(dest, "send", buf.nbytes)])
-            self.mpi.Send(arrival, dest=dest, tag=tag + TIME_TAG)
-            sleep_until(arrival[0])
 
     def recv(self, buf, source, tag=0):
         self.ledger.record("recv", buf.nbytes)
         self.mpi.Recv(buf, source=source, tag=tag)
-        if self.network is not None:
-            arrival = np.empty(1)
-            self.mpi.Recv(arrival, source=source, tag=tag + TIME_TAG)
-            sleep_until(arrival[0])
         return buf
 
     def isend(self, buf, dest, tag=0):
         self.ledger.record("isend", buf.nbytes)
-        request = self.mpi.Isend(buf, dest=dest, tag=tag)
-        if self.network is None:
-            return request
-        arrival = np.array([self._pair_end(dest, "isend", buf.nbytes)])
-        return Delayed([request, self.mpi.Isend(arrival, dest=dest, tag=tag + TIME_TAG)], arrival[0],
-                       keep=(arrival,))
+        return self.mpi.Isend(buf, dest=dest, tag=tag)
 
     def irecv(self, buf, source, tag=0):
         self.ledger.record("irecv", buf.nbytes)
-        request = self.mpi.Irecv(buf, source=source, tag=tag)
-        if self.network is None:
-            return request
-        arrival = np.full(1, np.inf)
-        return Delayed([request, self.mpi.Irecv(arrival, source=source, tag=tag + TIME_TAG)], arrival)
+        return self.mpi.Irecv(buf, source=source, tag=tag)
 
     def identical(self, buf):
         """Whether `buf` holds the same bytes on every rank (compares digests, not the arrays)."""
@@ -235,19 +166,19 @@ class Comm:
 
     def barrier(self):
         if self.size > 1:
-            self._wait_modelled(self._start(), "barrier", 0)
             self.mpi.Barrier()
 
     def split(self, color, key, name):
-        """A sub-communicator (with its own ledger, and this one's network model) of the ranks that pass the
-        same color."""
-        sub = Comm(self.mpi.Split(color, key), name)
-        sub.network = self.network
-        return sub
+        """A sub-communicator (with its own ledger) of the ranks that pass the same color."""
+        return self.like(self.mpi.Split(color, key), name)
+
+    def like(self, mpi_comm, name):
+        """A communicator of this kind over `mpi_comm` (a simulated network's subclass keeps its model)."""
+        return Comm(mpi_comm, name)
 
 
 def wait_all(requests):
-    """Wait for MPI requests (and the network model's Delayed ones)."""
+    """Wait for MPI requests (and a simulated network's Delayed ones)."""
     for request in requests:
         request.Wait()
 

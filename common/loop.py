@@ -27,7 +27,7 @@ from common.data import batch_offsets, eval_batches, get_batch
 from common.memory import check_fits, reuse_freed_memory
 from common.metrics import MetricsLog, format_duration, progress_line
 from common.model import gpt_layout
-from common.network import from_config
+from common.network import simulated
 from common.optim import Diverged, lr_at
 
 DIVERGED = 3
@@ -148,19 +148,18 @@ def _run(train_cfg, start_step, tokens_per_step, train_step, evaluate, save, met
 
 
 def prepare(comm, setup, argv, memory_estimate, also=""):
-    """What a parallel chapter's main() checks on every rank before any work: setup(argv, world size) (configs
-    and data) and whether the ranks of each host fit in its memory, by memory_estimate(gpt_cfg, train_cfg, par)
-    (`also`: the chapter's ways to shrink the model state besides a smaller model, e.g. "raise --tp"); a mistake
-    is one line from rank 0 and exit status 2 on every
-    rank. Then the allocator is tuned, and the simulated network (--network) set. Returns setup's result and the
-    memory Budget."""
+    """What a parallel chapter's main() checks on every rank of `comm` (the world) before any work: setup(argv,
+    world size) (configs and data) and whether the ranks of each host fit in its memory, by
+    memory_estimate(gpt_cfg, train_cfg, par) (`also`: the chapter's ways to shrink the model state besides a
+    smaller model, e.g. "raise --tp"); a mistake is one line from rank 0 and exit status 2 on every rank. Then
+    the allocator is tuned. Returns the world the run uses (on the simulated network, with --network: every
+    communicator split from it inherits the model), setup's result and the memory Budget."""
     configs = _checked(comm, setup, argv, comm.size)
     gpt_cfg, train_cfg, *_, par = configs
     budget = _checked(comm, check_fits, memory_estimate(gpt_cfg, train_cfg, par), comm.host.comm,
                       (gpt_cfg, train_cfg), also)
     reuse_freed_memory()
-    comm.network = from_config(par)         # None unless --network: the communicators split from comm
-    return configs, budget                          # inherit it
+    return simulated(comm, par), configs, budget
 
 
 def train(state, tokens, val_tokens, train_step, evaluate, budget, banner, threads, comm=None, before_step=None,
@@ -183,8 +182,9 @@ def train(state, tokens, val_tokens, train_step, evaluate, budget, banner, threa
         state.load(whole)
         del whole
     if leader:
-        simulated = f"\n{comm.network.describe()}" if comm is not None and comm.network else ""
-        print(banner + (f", resuming at step {start}" if start else "") + f"\nruntime: {threads}{simulated}\n"
+        network = getattr(comm, "network", None)
+        modelled = f"\n{network.describe()}" if network else ""
+        print(banner + (f", resuming at step {start}" if start else "") + f"\nruntime: {threads}{modelled}\n"
               f"{budget.banner('per rank' if comm is None or comm.size == 1 else 'on rank 0')}", flush=True)
     T, B = gpt_cfg.block_size, train_cfg.batch_size
     val_batches = eval_batches(val_tokens, train_cfg, T)

@@ -14,13 +14,18 @@ n is the ledger's count of the call (the whole buffer). A collective starts when
 the link is free: each rank's link is one queue, so buckets launched back to back wait for each other, as on
 a real wire. Ranks are grouped into simulated hosts of `ranks_per_host` consecutive world ranks; a call
 whose ranks share a host uses the fast `inside` link, any other the `across` one. The model only delays: the
-numbers computed are the same with it on or off.
+numbers computed are the same with it on or off. `SimulatedComm` is common.comm.Comm with the model around
+every call: `simulated(comm, par)` gives the world a run uses, and its sub-communicators keep the model.
 """
 import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from common.comm import MPI, Comm
+
+TIME_TAG = 1 << 14          # each message's arrival time follows it on tag + TIME_TAG
 
 
 @dataclass(frozen=True)
@@ -130,3 +135,112 @@ class Delayed:
         for r in self.requests:
             r.Wait()
         sleep_until(self.when())
+
+
+class SimulatedComm(Comm):
+    """A Comm whose every call also takes the time `network` gives it (see the module's docstring), recorded
+    per kind in the ledger's "seconds". Point to point, the sender knows when its message arrives (it may begin
+    once the sender's link is free) and sends that time after it; the receiver waits until then."""
+
+    def __init__(self, mpi_comm, name, network):
+        super().__init__(mpi_comm, name)
+        self.network, self._tier = network, None
+
+    def like(self, mpi_comm, name):
+        return SimulatedComm(mpi_comm, name, self.network)
+
+    def _start(self):
+        """When a collective begins: as its last rank arrives (control, not payload: not in the ledger)."""
+        t = np.array([now()])
+        self.mpi.Allreduce(MPI.IN_PLACE, t, op=MPI.MAX)
+        return float(t[0])
+
+    def _end(self, start, kind, nbytes):
+        """When the modelled transfer that may begin at `start` ends, recorded in the ledger."""
+        if self._tier is None:
+            members = self.mpi.Get_group().Translate_ranks(list(range(self.size)), MPI.COMM_WORLD.Get_group())
+            self._tier = self.network.tier(members)
+        seconds = collective_time(kind, nbytes, self.size, self.network.link(self._tier))
+        self.ledger.seconds[kind] += seconds
+        return self.network.occupy(self._tier, start, seconds)
+
+    def _timed(self, kind, nbytes, call):
+        """call(), a blocking collective, then wait until its modelled end."""
+        if self.size == 1:
+            return call()
+        start = self._start()
+        result = call()
+        sleep_until(self._end(start, kind, nbytes))
+        return result
+
+    def _pair_end(self, peer, kind, nbytes):
+        """The end of a point-to-point transfer with `peer` that may begin now."""
+        world_ranks = self.mpi.Get_group().Translate_ranks([self.rank, peer], MPI.COMM_WORLD.Get_group())
+        tier = self.network.tier(world_ranks)
+        seconds = collective_time(kind, nbytes, 2, self.network.link(tier))
+        self.ledger.seconds[kind] += seconds
+        return self.network.occupy(tier, now(), seconds)
+
+    def allreduce(self, buf, op="sum"):
+        return self._timed("allreduce", buf.nbytes, lambda: super(SimulatedComm, self).allreduce(buf, op))
+
+    def iallreduce(self, buf):
+        if self.size == 1:
+            return super().iallreduce(buf)
+        start = self._start()
+        request = super().iallreduce(buf)
+        return Delayed([request], self._end(start, "iallreduce", buf.nbytes))
+
+    def reduce_scatter(self, send, recv, counts=None):
+        return self._timed("reduce_scatter", send.nbytes,
+                           lambda: super(SimulatedComm, self).reduce_scatter(send, recv, counts))
+
+    def allgather(self, send, recv, counts=None):
+        return self._timed("allgather", recv.nbytes, lambda: super(SimulatedComm, self).allgather(send, recv, counts))
+
+    def gather(self, send, recv, counts, root=0):
+        return self._timed("gather", send.itemsize * sum(counts),
+                           lambda: super(SimulatedComm, self).gather(send, recv, counts, root))
+
+    def bcast(self, buf, root=0):
+        return self._timed("bcast", buf.nbytes, lambda: super(SimulatedComm, self).bcast(buf, root))
+
+    def barrier(self):
+        if self.size > 1:
+            sleep_until(self._end(self._start(), "barrier", 0))
+        super().barrier()
+
+    def send(self, buf, dest, tag=0):
+        super().send(buf, dest, tag)
+        arrival = np.array([self._pair_end(dest, "send", buf.nbytes)])
+        self.mpi.Send(arrival, dest=dest, tag=tag + TIME_TAG)
+        sleep_until(arrival[0])
+
+    def recv(self, buf, source, tag=0):
+        super().recv(buf, source, tag)
+        arrival = np.empty(1)
+        self.mpi.Recv(arrival, source=source, tag=tag + TIME_TAG)
+        sleep_until(arrival[0])
+        return buf
+
+    def isend(self, buf, dest, tag=0):
+        request = super().isend(buf, dest, tag)
+        arrival = np.array([self._pair_end(dest, "isend", buf.nbytes)])
+        return Delayed([request, self.mpi.Isend(arrival, dest=dest, tag=tag + TIME_TAG)], arrival[0],
+                       keep=(arrival,))
+
+    def irecv(self, buf, source, tag=0):
+        request = super().irecv(buf, source, tag)
+        arrival = np.full(1, np.inf)
+        return Delayed([request, self.mpi.Irecv(arrival, source=source, tag=tag + TIME_TAG)], arrival)
+
+
+def simulated(comm, par):
+    """The communicator a run uses: `comm` itself, or, with --network, the same ranks on the simulated network
+    (its host kept)."""
+    network = from_config(par)
+    if network is None:
+        return comm
+    sim = SimulatedComm(comm.mpi, comm.name, network)
+    sim.host = comm.host
+    return sim

@@ -15,9 +15,12 @@ grid_lib = import_chapter("06_3d.grid")
 sched = import_chapter("05_pipeline.schedules")
 
 
-def test_tp_is_innermost_in_the_rank_map():
-    assert [grid_lib.coords(r, 2, 2) for r in range(8)] == [
-        (0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 1), (1, 1, 1)]
+def test_tp_is_innermost_in_the_rank_map_then_cp_pp_and_dp():
+    assert [tuple(grid_lib.coords(r, tp=2, pp=2)) for r in range(8)] == [
+        (0, 0, 0, 0), (1, 0, 0, 0), (0, 0, 1, 0), (1, 0, 1, 0), (0, 0, 0, 1), (1, 0, 0, 1), (0, 0, 1, 1), (1, 0, 1, 1)]
+    assert [grid_lib.coords(r, tp=2, cp=2, pp=2)._asdict() for r in (1, 2, 5, 15)] == [
+        {"tp": 1, "cp": 0, "pp": 0, "dp": 0}, {"tp": 0, "cp": 1, "pp": 0, "dp": 0},
+        {"tp": 1, "cp": 0, "pp": 1, "dp": 0}, {"tp": 1, "cp": 1, "pp": 1, "dp": 1}]
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
@@ -30,18 +33,18 @@ def test_verify_passes_for_every_layout_of_n_ranks_and_each_zero_stage_that_fits
              for line in result.stdout.splitlines() if line.startswith("(")}
     if n == 8:
         layouts = {case.split()[0] for case in cases}
-        assert {"(2,2,2)", "(1,2,4)", "(2,1,4)", "(4,2,1)", "(2,4,1)"} <= layouts
+        assert {"(2,1,2,2)", "(1,1,2,4)", "(2,1,1,4)", "(4,1,2,1)", "(2,1,4,1)"} <= layouts
         # FSDP + TP: ZeRO-2/3 over dp with tensor parallelism (and SP), on the layouts without a pipeline
-        assert {"(2,1,4) sp z2", "(2,1,4) sp z3", "(4,1,2) z3", "(4,1,2) sp z3"} <= cases
-        assert not any(case.split()[0].split(",")[1] != "1" and case.endswith(("z2", "z3")) for case in cases)
+        assert {"(2,1,1,4) sp z2", "(2,1,1,4) sp z3", "(4,1,1,2) z3", "(4,1,1,2) sp z3"} <= cases
+        assert not any(case.split()[0].split(",")[2] != "1" and case.endswith(("z2", "z3")) for case in cases)
     if n == 4:
-        assert {"(2,1,2) z2", "(2,1,2) sp z3", "(1,1,4) z3"} <= cases
+        assert {"(2,1,1,2) z2", "(2,1,1,2) sp z3", "(1,1,1,4) z3"} <= cases
     # context parallelism: cp 2 and 4 (n >= 4), alone and with tp, pp, dp, SP and ZeRO, both splits
     runs = {" ".join(w for w in line.split(":")[0].split() if w not in (*sched.SCHEDULES, "full", "selective"))
             for line in result.stdout.splitlines() if line.startswith("(")}
     if n == 8:
-        assert {"(1,1,4) cp2", "(2,1,1) cp4", "(2,2,1) cp2 contiguous sp", "(2,1,2) cp2 contiguous z2",
-                "(1,4,1) cp2"} <= runs, runs
+        assert {"(1,2,1,4)", "(2,4,1,1)", "(2,2,2,1) contiguous sp", "(2,2,1,2) contiguous z2",
+                "(1,2,4,1)"} <= runs, runs
 
 
 @pytest.mark.parametrize("patch, args", [                       # and pp's tied embedding: the bug gallery's
@@ -76,9 +79,12 @@ def test_a_checkpoint_moves_from_2x2x2_with_sp_and_zero1_to_4x1x1_and_to_one_cor
     first = run_mpi(8, [TRAIN, *common, "--tp", 2, "--pp", 2, "--dp", 2, "--sequence-parallel", "--zero-stage", 1,
                         "--max-iters", 5, "--out-dir", grid], timeout=180)
     assert first.returncode == 0, first.stderr
-    assert "world rank 5: tp 1, pp 0, dp 1" in first.stdout
-    ranks = json.loads((grid / "ledger.json").read_text())["ranks"]
-    assert [(r["tp"], r["pp"], r["dp"]) for r in ranks] == [grid_lib.coords(r, 2, 2) for r in range(8)]
+    assert "world rank 5: tp 1, cp 0, pp 0, dp 1" in first.stdout
+    ledger = json.loads((grid / "ledger.json").read_text())
+    assert ledger["layout"] == {"tp": 2, "cp": 1, "pp": 2, "dp": 2}
+    assert [(r["tp"], r["cp"], r["pp"], r["dp"]) for r in ledger["ranks"]] == \
+        [grid_lib.coords(r, tp=2, pp=2) for r in range(8)]
+    ranks = ledger["ranks"]
     assert all(r["comm"] == r["comm_formula"] for r in ranks), ranks
     single.mkdir()
     (single / "ckpt.npz").write_bytes((grid / "ckpt.npz").read_bytes())

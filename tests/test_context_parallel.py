@@ -116,7 +116,7 @@ def test_verify_fails_when_the_ring_forgets_to_rescale_what_it_merged(tmp_path):
     result = run_mpi(2, [sabotaged(tmp_path, patch, "06_3d.verify", ["--cp", 2])], timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
     last = verdict(result)
-    assert last.startswith("2 ranks: FAIL:") and "cp2" in last, last
+    assert last.startswith("2 ranks: FAIL:") and "(1,2,1,1)" in last, last            # the cp 2 layout
 
 
 @pytest.mark.parametrize("n, flags, words", [

@@ -58,7 +58,7 @@ COSTS = """
     import numpy as np
     import common.comm
     from common.comm import wait_all
-    from common.network import Link, Network, collective_time
+    from common.network import Link, Network, SimulatedComm, collective_time
 
     comm = common.comm.world()
     link = Link(latency=1e-3, bandwidth=1e8)
@@ -66,7 +66,7 @@ COSTS = """
     plain = comm.allreduce(data.copy())
     pair = comm.split(color=comm.rank // 2, key=comm.rank, name="pair")
     plain_pair = pair.allreduce(data.copy())
-    comm.network = Network(link, ranks_per_host=2)
+    comm = SimulatedComm(comm.mpi, "world", Network(link, ranks_per_host=2))
     pair = comm.split(color=comm.rank // 2, key=comm.rank, name="pair")      # inherits the model
 
     def timed(call):
