@@ -99,9 +99,9 @@ class State:
         return single_core_state(self.layout, self.params, self.opt)
 
     def load(self, whole):
-        for part, views in self.whole().items():
+        for kind, views in self.whole().items():
             for name, view in views.items():
-                view[...] = whole[part][name]
+                view[...] = whole[kind][name]
 
 
 def build(gpt_cfg, train_cfg):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from common.chapters import import_chapter
+from common.checkpoint import model_state
 from common.comm import Comm, world
 from common.config import NETWORK_FLAGS, ParallelConfig
 from common.loop import prepare, train
@@ -55,12 +56,12 @@ class State(single.State):
 
     def whole(self):
         """Every tensor whole, on every rank (an all-gather over tp)."""
-        return {part: tp_lib.unshard(flat, self.layout, self.gpt_cfg, self.tp)
-                for part, flat in (("params", self.params), ("adam_m", self.opt.m), ("adam_v", self.opt.v))}
+        return {kind: tp_lib.unshard(flat, self.layout, self.gpt_cfg, self.tp)
+                for kind, flat in model_state(self.params, self.opt).items()}
 
     def load(self, whole):
-        for part, flat in (("params", self.params), ("adam_m", self.opt.m), ("adam_v", self.opt.v)):
-            flat[...] = tp_lib.shard(whole[part], self.layout, self.gpt_cfg, self.tp.size, self.tp.rank, flat.dtype)
+        for kind, flat in model_state(self.params, self.opt).items():
+            flat[...] = tp_lib.shard(whole[kind], self.layout, self.gpt_cfg, self.tp.size, self.tp.rank, flat.dtype)
 
 
 def build(gpt_cfg, train_cfg, par, tp, full=None):

@@ -35,6 +35,7 @@ import contextlib
 import numpy as np
 
 from common.chapters import import_chapter
+from common.checkpoint import model_state
 from common.memory import Transient
 from common.optim import clip_grad_norm, global_norm
 
@@ -217,15 +218,15 @@ class Zero:
 
     def full_state(self, opt):
         """{"params" | "adam_m" | "adam_v": {name: whole tensor}} consolidated on rank 0 (None elsewhere)."""
-        flats = [self.gather_flat(shard) for shard in (self.pshard, opt.m, opt.v)]
+        flats = {kind: self.gather_flat(shard) for kind, shard in model_state(self.pshard, opt).items()}
         if self.dp.rank != 0:
             return None
-        return {part: self.layout.views(flat) for part, flat in zip(("params", "adam_m", "adam_v"), flats)}
+        return {kind: self.layout.views(flat) for kind, flat in flats.items()}
 
     def load_state(self, state, opt):
         """Take this rank's shards from a consolidated state (any number of ranks may have written it)."""
-        for part, shard in (("params", self.pshard), ("adam_m", opt.m), ("adam_v", opt.v)):
-            take_shard(self.layout, state[part], self.lo, self.hi, shard)
+        for kind, shard in model_state(self.pshard, opt).items():
+            take_shard(self.layout, state[kind], self.lo, self.hi, shard)
         if self.stage < 3:
             take_shard(self.layout, state["params"], 0, self.layout.size, self.params)
 

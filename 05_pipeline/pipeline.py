@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from common.chapters import import_chapter
+from common.checkpoint import STATE
 from common.comm import wait_all
 from common.config import ConfigError
 from common.layers import queued_operands
@@ -222,16 +223,16 @@ def whole_state(gpt_cfg, flats, comm, root=None, virtual=1):
     counts = stage_sizes(gpt_cfg, comm.size, virtual)
     starts = np.cumsum([0] + counts)
     state = {}
-    for part, flat in zip(("params", "adam_m", "adam_v"), flats):
+    for kind, flat in zip(STATE, flats):
         buf = np.empty(starts[-1], flat.dtype) if root in (None, comm.rank) else None
         if root is None:
             comm.allgather(flat, buf, counts)
         else:
             comm.gather(flat, buf, counts, root)
         if buf is not None:
-            state[part] = {}
+            state[kind] = {}
             for s in range(comm.size):                          # wte: the first stage's copy (both are equal)
                 views = stage_layout(gpt_cfg, s, comm.size, virtual).views(buf[starts[s]:starts[s + 1]])
                 for name, view in views.items():
-                    state[part].setdefault(name, view)
+                    state[kind].setdefault(name, view)
     return state or None

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from common.chapters import import_chapter
+from common.checkpoint import model_state
 from common.comm import Comm, world
 from common.config import NETWORK_FLAGS, ConfigError, ParallelConfig
 from common.loop import prepare, train
@@ -71,13 +72,13 @@ class State(single.State):
 
     def whole(self):
         """Every stage's tensors, gathered on stage 0 (None elsewhere)."""
-        return pipe.whole_state(self.gpt_cfg, (self.params, self.opt.m, self.opt.v), self.pp, root=0,
+        return pipe.whole_state(self.gpt_cfg, list(model_state(self.params, self.opt).values()), self.pp, root=0,
                                 virtual=self.par.virtual_stages)
 
     def load(self, whole):
-        for part, flat in (("params", self.params), ("adam_m", self.opt.m), ("adam_v", self.opt.v)):
+        for kind, flat in model_state(self.params, self.opt).items():
             for name, view in self.layout.views(flat).items():
-                view[...] = whole[part][name]
+                view[...] = whole[kind][name]
 
 
 def build(gpt_cfg, train_cfg, par, pp, full=None):

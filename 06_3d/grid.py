@@ -42,6 +42,7 @@ from typing import NamedTuple
 import numpy as np
 
 from common.chapters import import_chapter
+from common.checkpoint import model_state
 from common.comm import Comm
 from common.config import ConfigError
 from common.layers import ATTENTION
@@ -191,7 +192,7 @@ class State:
         """{"params" | "adam_m" | "adam_v": {name: whole single-core tensor}} on world rank 0, None elsewhere:
         gathered over dp (ZeRO's shards), then tp (02's unshard), then pp (05's stages)."""
         grid, opt = self.grid, self.opt
-        flats = [self.params, opt.m, opt.v]
+        flats = list(model_state(self.params, opt).values())
         if self.zero:
             flats = [self.zero.gather_flat(shard) if sharded else shard for shard, sharded in
                      ((self.params, self.zero.stage == 3), (opt.m, True), (opt.v, True))]
@@ -211,7 +212,7 @@ class State:
         """Take this rank's shards of a consolidated state, whatever layout wrote it: its tp shard of its stage's
         tensors, and under ZeRO its dp x cp shard of m and v (and from stage 3 of the parameters)."""
         grid, opt, dtype = self.grid, self.opt, self.params.dtype
-        for kind, dest in (("params", self.params), ("adam_m", opt.m), ("adam_v", opt.v)):
+        for kind, dest in model_state(self.params, opt).items():
             flat = tp_lib.shard(whole[kind], self.layout, self.gpt_cfg, grid.tp.size, grid.tp.rank, dtype)
             if self.zero is None or (kind == "params" and self.zero.stage < 3):
                 dest[...] = flat

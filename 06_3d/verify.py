@@ -25,6 +25,7 @@ import numpy as np
 
 from common.checks import Report, named
 from common.chapters import import_chapter
+from common.checkpoint import STATE
 from common.comm import checked, world
 from common.config import ConfigError, GPTConfig, Parser, ParallelConfig, TrainConfig
 
@@ -155,7 +156,7 @@ def main(argv=None):
                        (("tp", grid.tp), ("cp", grid.cp), ("pp", grid.pp), ("dp", grid.dcp), ("ends", grid.ends))}
                 ledger_ok = got == grid_lib.ledger_formula(GPT, par, state.stage, train_cfg.batch_size, 8, recompute)
         whole = state.whole()
-        flat = np.concatenate([whole[k][name].ravel() for k in ("params", "adam_m", "adam_v")
+        flat = np.concatenate([whole[k][name].ravel() for k in STATE
                                for name in layout.shapes]) if comm.rank == 0 else np.empty(ref.size)
         comm.bcast(flat)
         held_ok = state.held.peak["activations"] == train3d.memory_estimate(GPT, run_cfg, par, comm.rank)["activations"]

@@ -81,9 +81,15 @@ def check_shapes(path, tensors, prefix, shapes):
 STATE = ("params", "adam_m", "adam_v")     # what a training checkpoint holds of every parameter
 
 
+def model_state(params, opt):
+    """{"params" | "adam_m" | "adam_v": flat buffer}: the three arrays of one layout a rank trains, whatever part
+    of the model they hold (all of it, a shard, a stage)."""
+    return dict(zip(STATE, (params, opt.m, opt.v)))
+
+
 def save_training_state(path, state, adam_t, step, gpt_cfg, train_cfg):
     """state: {"params" | "adam_m" | "adam_v": {name: the whole single-core tensor}}, whatever the layout."""
-    tensors = {f"{part}/{name}": a for part in STATE for name, a in state[part].items()}
+    tensors = {f"{kind}/{name}": a for kind in STATE for name, a in state[kind].items()}
     save_checkpoint(path, tensors, {
         "step": step, "adam_t": adam_t,
         "model": dataclasses.asdict(gpt_cfg), "train": dataclasses.asdict(train_cfg),
@@ -96,9 +102,9 @@ def read_training_state(path, shapes, max_iters):
     and against the run it is to continue (`--max-iters`)."""
     tensors, meta = load_checkpoint(path)
     state = {}
-    for part in STATE:
-        check_shapes(path, tensors, part + "/", shapes)
-        state[part] = {name: tensors[f"{part}/{name}"] for name in shapes}
+    for kind in STATE:
+        check_shapes(path, tensors, kind + "/", shapes)
+        state[kind] = {name: tensors[f"{kind}/{name}"] for name in shapes}
     if meta["step"] > max_iters:
         raise CheckpointError(f"{path} is at step {meta['step']}, beyond --max-iters {max_iters}; "
                               f"raise --max-iters to train further")
@@ -107,15 +113,15 @@ def read_training_state(path, shapes, max_iters):
 
 def single_core_state(layout, params, opt):
     """The state of a single-core run: its flat buffers seen as named tensors."""
-    return {"params": layout.views(params), "adam_m": layout.views(opt.m), "adam_v": layout.views(opt.v)}
+    return {kind: layout.views(flat) for kind, flat in model_state(params, opt).items()}
 
 
 def load_training_state(path, layout, params, opt, max_iters):
     """Fill a single-core run's flat params and AdamW state in place; returns the step to continue from."""
     state, opt.t, step = read_training_state(path, layout.shapes, max_iters)
-    for part, views in single_core_state(layout, params, opt).items():
+    for kind, views in single_core_state(layout, params, opt).items():
         for name, view in views.items():
-            view[...] = state[part][name]
+            view[...] = state[kind][name]
     return step
 
 
