@@ -23,6 +23,7 @@ from common.chapters import import_chapter  # noqa: E402
 from common.network import PRESETS, collective_time  # noqa: E402
 from common.notebook import launch  # noqa: E402
 
+save = import_chapter("bench.plots").save
 MODEL = ["--n-layer", 4, "--n-embd", 64, "--batch-size", 16]     # bench/figures.py's small model, 4 layers deep
 NETWORK, BUCKET_MB, RANKS = "ethernet-1g", 0.1, 2
 WIRE = ("tab:green", "yellowgreen")             # neighbouring buckets told apart
@@ -84,7 +85,6 @@ def summary(record, rank):
 def overlap_timeline(out_root, work, steps=6, rounds=5):
     """Run 03 bucketed and overlapped (RANKS ranks, MODEL, on NETWORK), `rounds` times each, and draw the quietest
     recorded steps into <out_root>/03_data_parallel/figures/overlap.png; returns each mode's summary()."""
-    figures = import_chapter("bench.figures")
     fig, axes = plt.subplots(2, 1, figsize=(8, 3.4), sharex=True)
     numbers = {}
     for ax, mode in zip(axes, ("bucketed", "overlapped")):
@@ -101,5 +101,5 @@ def overlap_timeline(out_root, work, steps=6, rounds=5):
                    loc="lower left", fontsize=7)                # the empty corner: no all-reduce yet
     axes[-1].set_xlabel(f"ms from the start of the backward, on the rank whose backward ended last ({RANKS} ranks, "
                         f"{NETWORK}, --bucket-mb {BUCKET_MB})", fontsize=8)
-    figures.save(fig, out_root / "03_data_parallel" / "figures" / "overlap.png")
+    save(fig, out_root / "03_data_parallel" / "figures" / "overlap.png")
     return numbers

@@ -28,7 +28,7 @@ from common.data import load_meta  # noqa: E402
 from common.memory import available_bytes  # noqa: E402
 from common.notebook import launch  # noqa: E402
 
-figures = import_chapter("bench.figures")
+save = import_chapter("bench.plots").save
 planner = import_chapter("06_3d.planner")
 train3d = import_chapter("06_3d.train")
 RANKS, N_LAYER, N_EMBD, BATCH, MICROBATCHES = 4, 4, 64, 16, 4
@@ -130,7 +130,7 @@ def draw(rows, best, path):
     fig.suptitle(f"Every layout of {RANKS} ranks (small model, {N_LAYER} layers for pp = 4): planner (light) vs "
                  f"one real step (solid)\nAll fit, so it picks the least split, {labels[chosen]} (shaded): no "
                  f"bubble, no tp all-reduces, only dp's gradient sum", fontsize=8.5)
-    figures.save(fig, path)
+    save(fig, path)
 
 
 def layout_comparison(out_root, work):
