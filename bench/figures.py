@@ -33,7 +33,7 @@ gallery = import_chapter("bench.gallery")
 recompute = import_chapter("bench.recompute")
 context = import_chapter("bench.context")
 save = import_chapter("bench.plots").save
-pipeline_figures = import_chapter("bench.timelines").pipeline_figures
+timelines = import_chapter("bench.timelines")
 losses = gallery.losses
 PARALLEL = {                                 # chapter: (ranks, flags, label)
     "02_tensor_parallel": (2, ["--tp", 2, "--sequence-parallel"], "tensor + sequence parallel, tp = 2"),
@@ -244,7 +244,8 @@ def main(argv=None):
         quick = args.steps < 50                                     # the tests' setting: each figure made, fast
         import_chapter("bench.dp_timeline").overlap_timeline(args.out_root, work, rounds=1 if quick else 5)
         zero_memory(args.out_root, work, ranks=(2,) if quick else (2, 4))
-        pipeline_figures(args.out_root, work, repeats=1 if quick else 3, microbatches=(1, 4) if quick else MICROBATCHES)
+        timelines.pipeline_figures(args.out_root, work, repeats=1 if quick else 3,
+                                   microbatches=(1, 4) if quick else timelines.MICROBATCHES)
         recompute_figure(args.out_root, work, rounds=1 if quick else 3, steps=6 if quick else 20)
         context_figure(args.out_root, work, block_size=256 if quick else 1024, sizes=(1, 2) if quick else (1, 2, 4))
         network_modes(args.out_root, args.steps)
