@@ -72,7 +72,7 @@ def schedule(kind, M, stage, pp_size, virtual=1):
     interleaved  1f1b over V chunks per stage, in Megatron's order: micro-batches go through in groups of P,
                  each group through chunk 0, then chunk 1, ...; 2(P-1-s) + (V-1)P warm-up forwards
     zb-h1        1f1b whose backward computes only the input gradient (B); the weight gradients (W) of
-                 micro-batch i - s follow the backward of micro-batch i, the rest at the end (Qi et al., 2023)
+                 micro-batch i - s follow the backward of micro-batch i, the rest at the end (Qi et al., ICLR 2024)
     """
     check_schedule_args(kind, M, pp_size, virtual)
     P, V = pp_size, virtual

@@ -50,7 +50,8 @@ def activation_bytes(gpt_cfg, rows, blocks, first=True, last=True, tp_size=1, sp
     `cp_size` context-parallel ranks; the floating-point arrays, as the token ids are the batch's. With Tq = T/cp
     the positions a rank holds and Tl = Tq (Tq/tp with sp), per block and row:
         none       2 Tl C   LayerNorm xhat (two)            2 Tl     their rstd
-                   2 Tq C   the inputs of c_attn and c_fc (replicated: gathered under sp)
+                   2 Tq C   the inputs of c_attn and c_fc, whole on every tp rank (under sp the all-gathered
+                            input is kept, not the rank's 1/tp of it as Megatron keeps)
                    16 Tq C / tp  the split parts: qkv (3C), the attention output (C), c_fc's output, GELU's
                                  tanh and output (3 x 4C)
                    nh T T / tp   the attention probabilities (with cp > 1 none: ring attention keeps their
