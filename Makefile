@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 CORPUS ?=
 DEMO_ITERS ?= 1000
 
-.PHONY: install data demo test bench-defaults figures clean
+.PHONY: install data demo test bench-defaults figures notebooks clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ bench-defaults: data
 # the figures the READMEs show and the bug gallery, regenerated from real runs (about 2 minutes)
 figures: data
 	$(PY) bench/figures.py
+
+# every chapter notebook executed in place, its outputs (plots, checks) saved for readers on the web (~2.5 minutes)
+notebooks: data
+	$(PY) bench/notebooks.py
 
 clean:
 	rm -rf $(VENV) out data/shakespeare_char

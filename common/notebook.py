@@ -4,7 +4,9 @@ Nothing here imports MPI: a notebook runs train.py and verify.py as subprocesses
 """
 import ast
 import difflib
+import hashlib
 import inspect
+import json
 import shutil
 import subprocess
 import sys
@@ -75,3 +77,10 @@ def launch(*args, ranks=None, quiet=False, timeout=300, check=True):
     if check and run.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited with status {run.returncode}:\n{run.stdout}\n{run.stderr}")
     return run.stdout
+
+
+def source_digest(nb):
+    """sha256 of a notebook's cells as written (type and source of each, in order): what its committed outputs
+    were made from, recorded in its metadata by `make notebooks` (bench/notebooks.py)."""
+    cells = [(cell.cell_type, cell.source) for cell in nb.cells]
+    return hashlib.sha256(json.dumps(cells).encode()).hexdigest()
