@@ -230,7 +230,7 @@ def main(argv=None):
             overlay(single, runs[chapter], label, args.out_root / chapter / "figures" / "loss.png")
             buggy, verdict, failed = gallery.replay(chapter, ranks, small(args.steps) + flags, work)
             save(gallery.figure(chapter, single, runs[chapter], buggy, verdict),
-                 args.out_root / chapter / "figures" / "bug.png", rect=(0, 0.03, 1, 1))
+                 args.out_root / chapter / "figures" / "bug.png", rect=gallery.verdict_room(verdict))
             bugs[chapter] = {"report": gallery.BUGS[chapter].report, "verdict": verdict, "failed rows": failed,
                              "loss": losses(buggy)[1].tolist(), "correct loss": losses(runs[chapter])[1].tolist()}
         summary(single, runs, args.out_root)

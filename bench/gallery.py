@@ -117,12 +117,23 @@ def losses(path):
     return np.array([(r["step"], r["loss"]) for r in read_metrics(path) if "loss" in r]).T
 
 
+def verdict_lines(verdict):
+    return textwrap.wrap("verify.py: " + verdict, 105)
+
+
+def verdict_room(verdict):
+    """The tight_layout rect that leaves room below the axes for the verdict's lines."""
+    return (0, 0.015 + 0.032 * len(verdict_lines(verdict)), 1, 1)
+
+
 def figure(chapter, single, correct, buggy, verdict):
     """The bug's loss beside the correct run's (both fall), each one's distance from one core's, and verify.py's
-    verdict on the bug; leaves room for the verdict below the axes."""
+    verdict on the bug, whole, wrapped below the axes (save it with rect=verdict_room(verdict))."""
     bug = BUGS[chapter]
     (_, l0), (s1, l1), (s2, l2) = losses(single), losses(correct), losses(buggy)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 4.2), sharex=True, gridspec_kw={"height_ratios": [2, 1.3]})
+    lines = verdict_lines(verdict)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 4.2 + 0.13 * len(lines)), sharex=True,
+                                      gridspec_kw={"height_ratios": [2, 1.3]})
     top.plot(s1, l1, lw=3, alpha=0.4, label="correct")
     top.plot(s2, l2, lw=1, color="C3", label="with the bug")
     top.set_ylabel("train loss")
@@ -135,6 +146,5 @@ def figure(chapter, single, correct, buggy, verdict):
     bottom.set_yticks([1e-9, 1e-6, 1e-3], ["0 (same bits)", "1e-6", "1e-3"])
     bottom.set_ylabel("|loss - one core's|", fontsize=8)
     bottom.set_xlabel("step")
-    fig.text(0.01, 0.005, "verify.py: " + (verdict if len(verdict) < 100 else verdict[:97] + "..."), fontsize=7,
-             family="monospace", color="C3")
+    fig.text(0.01, 0.008, "\n".join(lines), fontsize=7, family="monospace", color="C3", va="bottom")
     return fig
