@@ -44,6 +44,15 @@ def draw_trace(ax, traces, title):
     ax.set_title(title, fontsize=8)
 
 
+def simulated_bubble(record):
+    """The worst stage's idle fraction when a run's schedule runs on ideal stages, each forward, backward and W
+    taking its median time in that run: the bubble the schedule itself leaves, the ops' own cost included."""
+    traces = sched.simulate(record["schedule"], record["microbatches"], record["pp"],
+                            *op_costs([r["trace"] for r in record["ranks"]]), virtual=record["virtual_stages"])
+    span = max(trace[-1][4] for trace in traces)
+    return max(sched.bubble(trace, span) for trace in traces)
+
+
 def pipeline_figures(out_root, work, repeats=3, microbatches=MICROBATCHES):
     """05: one step's real timeline of each schedule under its ideal one, and the measured bubble against M
     beside each schedule's formula; each measured bubble is the median over `repeats` runs of the worst stage's
@@ -78,6 +87,7 @@ def pipeline_figures(out_root, work, repeats=3, microbatches=MICROBATCHES):
 
     measured = {kind: {M: float(np.median(bubbles[kind, M])) for k, M in records if k == kind}
                 for kind in sched.SCHEDULES}
+    simulated = {kind: {M: simulated_bubble(records[kind, M]) for M in measured[kind]} for kind in sched.SCHEDULES}
     costs = op_costs([r["trace"] for M in microbatches for r in records["zb-h1", M]["ranks"]])
     formulas = {kind: {M: sched.bubble_formula(kind, M, 2, 2 if kind == "interleaved" else 1, costs)
                        for M in measured[kind]} for kind in sched.SCHEDULES}
@@ -88,6 +98,8 @@ def pipeline_figures(out_root, work, repeats=3, microbatches=MICROBATCHES):
                                        ("zb-h1", "zb-h1: (p-1)(F+B-W) / (M(F+B+W) + (p-1)(F+B-W))"))):
         Ms = sorted(measured[kind])
         ax.plot(Ms, [measured[kind][M] for M in Ms], "osD^"[i], color=f"C{i}", label=f"{kind}, measured")
+        ax.plot(Ms, [simulated[kind][M] for M in Ms], ":", marker="osD^"[i], mfc="none", ms=4, lw=0.8, color=f"C{i}",
+                label=f"{kind}, simulated from the run's own F, B, W" if i in (0, 2, 3) else None)
         if label:
             V = 2 if kind == "interleaved" else 1
             Ms = grid[grid >= 2] if kind == "zb-h1" else grid            # zb-h1's holds from M = P on
@@ -95,7 +107,9 @@ def pipeline_figures(out_root, work, repeats=3, microbatches=MICROBATCHES):
                     label=label)
     ax.set_xlabel("micro-batches M")
     ax.set_ylabel("idle fraction of the step\n(worst stage, median of runs)")
-    ax.set_title("2 stages: the bubble against M, each schedule's formula drawn", fontsize=9)
+    ax.set_title("2 stages: the bubble against M; formulas (lines), and the schedule simulated with each run's op\n"
+                 "times (dotted): what lies above that is time between the ops (sends, Python), not the schedule",
+                 fontsize=8)
     ax.legend(fontsize=7)
     save(fig, out_root / "05_pipeline" / "figures" / "bubble.png")
     print(f"zb-h1's median F, B, W here: {', '.join(f'{t * 1e3:.1f}' for t in costs)} ms")
