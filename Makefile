@@ -34,7 +34,7 @@ test: data
 bench-defaults: data
 	$(PY) bench/thread_defaults.py --old-default
 
-# the figures the READMEs show and the bug gallery, regenerated from real runs (about 2 minutes)
+# the figures the READMEs show and the bug gallery, regenerated from real runs (about 4 minutes)
 figures: data
 	$(PY) bench/figures.py
 
