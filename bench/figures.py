@@ -68,26 +68,36 @@ def overlay(single, parallel, label, path):
     save(fig, path)
 
 
-def zero_memory(out_root, work, ranks=(2, 4)):
-    """04: model-state bytes per rank, measured from the arrays, against the paper's formula (float32)."""
-    fig, ax = plt.subplots(figsize=(7, 3))
+def zero_memory(out_root, work, ranks=(2, 4, 8)):
+    """04: model-state bytes per rank, measured from the arrays, against the paper's formula (float32), beside
+    plain data parallelism's (chapter 03: every rank holds all of it, the paper's stage 0)."""
+    zero_lib = import_chapter("04_zero.zero")
+    fig, ax = plt.subplots(figsize=(7, 3.2))
     x = 0
     for n in ranks:
-        for stage in (1, 2, 3):
-            out = work / f"zero_{n}_{stage}"
-            launch("04_zero/train.py", "--zero-stage", stage, "--max-iters", 1, "--eval-interval", 1000,
-                   "--eval-iters", 1, "--out-dir", out, ranks=n, quiet=True)
-            ledger = json.loads((out / "ledger.json").read_text())
-            got = sum(ledger["memory"][k] for k in ("parameters", "gradients", "optimizer")) / 2 ** 20
-            want = sum(ledger["memory_formula"].values()) / 2 ** 20
-            ax.bar(x, got, color=f"C{stage}", label=f"stage {stage}" if n == 2 else None)
-            ax.plot([x - 0.4, x + 0.4], [want, want], "k-", lw=2, label="formula" if x == 0 else None)
+        for stage in (0, 1, 2, 3):
+            if stage == 0:                      # chapter 03 keeps Psi parameters, gradients, and m and v
+                psi = import_chapter("common.model").gpt_layout(
+                    import_chapter("common.config").GPTConfig(vocab_size=65)).size
+                got = want = sum(zero_lib.memory_formula(0, psi, psi, 4).values()) / 2 ** 20
+                ax.bar(x, got, color="lightgray", hatch="//", edgecolor="gray",
+                       label="data parallelism (chapter 03)" if n == ranks[0] else None)
+            else:
+                out = work / f"zero_{n}_{stage}"
+                launch("04_zero/train.py", "--zero-stage", stage, "--batch-size", 24, "--max-iters", 1,
+                       "--eval-interval", 1000, "--eval-iters", 1, "--out-dir", out, ranks=n, quiet=True)
+                ledger = json.loads((out / "ledger.json").read_text())
+                got = sum(ledger["memory"][k] for k in ("parameters", "gradients", "optimizer")) / 2 ** 20
+                want = sum(ledger["memory_formula"].values()) / 2 ** 20
+                ax.bar(x, got, color=f"C{stage}", label=f"ZeRO-{stage}, measured" if n == ranks[0] else None)
+            ax.plot([x - 0.4, x + 0.4], [want, want], "k-", lw=2, label="the paper's formula" if x == 0 else None)
             x += 1
         x += 1
-    ax.set_xticks([1 + 4 * i for i in range(len(ranks))], [f"N = {n} ranks" for n in ranks])
+    ax.set_xticks([1.5 + 5 * i for i in range(len(ranks))], [f"N = {n} ranks" for n in ranks])
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.3)                  # room for the legend above the bars
     ax.set_ylabel("MiB per rank")
-    ax.set_title("model state per rank: measured (bars) and the ZeRO paper's formula (lines)")
-    ax.legend(fontsize=8)
+    ax.set_title("model state per rank (float32, the default model): measured (bars), formula (lines)", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
     save(fig, out_root / "04_zero" / "figures" / "memory.png")
 
 
@@ -255,7 +265,7 @@ def main(argv=None):
         grid_bytes(json.loads((work / "06_3d" / "ledger.json").read_text()), args.out_root)
         import_chapter("bench.layouts").layout_comparison(args.out_root, work)
         import_chapter("bench.dp_timeline").overlap_timeline(args.out_root, work, rounds=1 if quick else 5)
-        zero_memory(args.out_root, work, ranks=(2,) if quick else (2, 4))
+        zero_memory(args.out_root, work, ranks=(2,) if quick else (2, 4, 8))
         timelines.pipeline_figures(args.out_root, work, repeats=1 if quick else 3,
                                    microbatches=(1, 4) if quick else timelines.MICROBATCHES)
         recompute_figure(args.out_root, work, rounds=1 if quick else 3, steps=6 if quick else 20)
