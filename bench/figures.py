@@ -149,21 +149,27 @@ def context_figure(out_root, work, block_size, sizes=(1, 2, 4)):
     save(fig, out_root / "06_3d" / "figures" / "context.png")
 
 
-def grid_bytes(ledger, out_root):
-    """06: the bytes each rank passed to each axis's communicator in one step, measured against the formula."""
+def grid_bytes(out_root, work):
+    """06: the bytes each rank of a tp 2 x pp 2 x dp 2 grid passed to each axis's communicator in one step of the
+    small model, measured against the formula."""
+    out = work / "grid_bytes"
+    launch("06_3d/train.py", *small(1, out), "--tp", 2, "--pp", 2, "--dp", 2, "--microbatches", 2, ranks=8,
+           quiet=True)
+    ledger = json.loads((out / "ledger.json").read_text())
     axes_names = ("tp", "pp", "ends", "dp")
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    n = len(ledger["ranks"])
     for r, rank in enumerate(ledger["ranks"]):
         got = [sum(rank["comm"][a].values()) / 2 ** 20 for a in axes_names]
         want = [sum(rank["comm_formula"][a].values()) / 2 ** 20 for a in axes_names]
-        xs = np.arange(4) * 5 + r
-        ax.bar(xs, got, color=f"C{r}", label=f"world rank {r} (tp {rank['tp']}, pp {rank['pp']})")
+        xs = np.arange(4) * (n + 1) + r
+        ax.bar(xs, got, color=f"C{r}", label=f"rank {r}: tp {rank['tp']}, pp {rank['pp']}, dp {rank['dp']}")
         for x, w in zip(xs, want):
-            ax.plot([x - 0.4, x + 0.4], [w, w], "k-", lw=2)
-    ax.set_xticks(np.arange(4) * 5 + 1.5, axes_names)
+            ax.plot([x - 0.4, x + 0.4], [w, w], "k-", lw=1.5)
+    ax.set_xticks(np.arange(4) * (n + 1) + (n - 1) / 2, axes_names)
     ax.set_ylabel("MiB per step")
-    ax.set_title("bytes per axis, tp 2 x pp 2: measured (bars) = formula (lines)")
-    ax.legend(fontsize=7)
+    ax.set_title("bytes per axis, tp 2 x pp 2 x dp 2: measured (bars) = formula (lines)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
     save(fig, out_root / "06_3d" / "figures" / "bytes_per_axis.png")
 
 
@@ -262,7 +268,7 @@ def main(argv=None):
             for chapter, bug in bugs.items():
                 readme = ROOT / chapter / "README.md"
                 readme.write_text(gallery.quote(readme.read_text(), bug["verdict"]))
-        grid_bytes(json.loads((work / "06_3d" / "ledger.json").read_text()), args.out_root)
+        grid_bytes(args.out_root, work)
         import_chapter("bench.layouts").layout_comparison(args.out_root, work)
         import_chapter("bench.dp_timeline").overlap_timeline(args.out_root, work, rounds=1 if quick else 5)
         zero_memory(args.out_root, work, ranks=(2,) if quick else (2, 4, 8))
