@@ -32,15 +32,17 @@ def op_costs(traces):
             for op in ("forward", "backward", "weights")]
 
 
-def draw_trace(ax, traces, title):
+def draw_trace(ax, traces, title, label_over=2e-3):
+    """Each stage's operations as bars on its row (stage 0 at the bottom), in thousandths of the trace's time
+    unit; an operation longer than `label_over` is labelled with its micro-batch (and chunk)."""
     for s, trace in enumerate(traces):
         for op, m, c, start, end in trace:
             if op in COLORS:
                 ax.broken_barh([(start * 1e3, (end - start) * 1e3)], (s - 0.4, 0.8), color=COLORS[op])
-                if op in ("forward", "backward", "weights") and end - start > 2e-3:
+                if op in ("forward", "backward", "weights") and end - start > label_over:
                     ax.text((start + end) / 2 * 1e3, s, f"{m}{chr(ord('a') + c) if c else ''}", ha="center",
                             va="center", fontsize=6)
-    ax.set_yticks([0, 1], ["stage 0", "stage 1"])
+    ax.set_yticks(range(len(traces)), [f"stage {s}" for s in range(len(traces))])
     ax.set_title(title, fontsize=8)
 
 
