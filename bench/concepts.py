@@ -1,14 +1,12 @@
-"""Concept diagrams drawn from the code, not from runs: what each rank holds at each ZeRO stage (04) and the
-four pipeline schedules on ideal stages (05). bench/figures.py (`make figures`) draws them with the rest.
+"""Concept diagrams drawn from the code, not from runs: what each rank holds at each ZeRO stage (04), the four
+pipeline schedules on ideal stages (05) and the grid's axes (06, also drawn in its notebook). bench/figures.py
+(`make figures`) draws them with the rest.
 """
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.patches import FancyBboxPatch, Rectangle
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -16,6 +14,7 @@ sys.path.insert(0, str(ROOT))
 from common.chapters import import_chapter  # noqa: E402
 
 sched = import_chapter("05_pipeline.schedules")
+grid_lib = import_chapter("06_3d.grid")
 save = import_chapter("bench.plots").save
 timelines = import_chapter("bench.timelines")
 
@@ -68,6 +67,59 @@ def pipeline_schedules(out_root, P=4, M=8):
     save(fig, out_root / "05_pipeline" / "figures" / "schedules.png", rect=(0, 0, 1, 0.97))
 
 
+def draw_grid(tp, pp, dp, ax, slots=None):
+    """One box per world rank of a tp x pp x dp grid: columns tp, rows the pipeline stages (stage 0 on top),
+    replicas side by side, each axis's communication drawn between the boxes; `slots`: ranks per host."""
+    colors = plt.cm.tab10.colors
+    w, h, gx, gy, pad = 1.7, 1.05, 0.5, 0.75, 0.35
+    width = tp * w + (tp - 1) * gx + 2 * pad
+    centre = {}
+    for r in range(tp * pp * dp):
+        t, _, p, d = grid_lib.coords(r, tp=tp, pp=pp)
+        x = d * (width + 0.8) + pad + t * (w + gx)
+        y = (pp - 1 - p) * (h + gy) + pad
+        centre[r] = (x + w / 2, y + h / 2)
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02", fc=colors[p], alpha=0.55, ec="k"))
+        ax.text(x + w / 2, y + h / 2, f"rank {r}\n(tp {t}, pp {p}, dp {d})", ha="center", va="center", fontsize=8)
+    height = pp * h + (pp - 1) * gy + 2 * pad
+    for d in range(dp):
+        x0 = d * (width + 0.8)
+        ax.add_patch(FancyBboxPatch((x0, 0), width, height, boxstyle="round,pad=0.05", fc="none", ec="gray", ls="--"))
+        host = f", host {d * tp * pp // slots}" if slots else ""
+        ax.text(x0 + width / 2, height + 0.1, f"dp replica {d}{host}", ha="center", fontsize=9)
+    for r, (x, y) in centre.items():
+        t, _, p, d = grid_lib.coords(r, tp=tp, pp=pp)
+        if t + 1 < tp:                                   # tp: neighbours in a row
+            ax.annotate("", centre[r + 1], (x, y), arrowprops=dict(arrowstyle="<->", color="tab:red", lw=2,
+                                                                  shrinkA=42, shrinkB=42))
+        if p + 1 < pp:                                   # pp: down the column
+            ax.annotate("", centre[r + tp], (x, y), arrowprops=dict(arrowstyle="<->", color="tab:green", lw=2,
+                                                                   shrinkA=20, shrinkB=20))
+        if d + 1 < dp:                                   # dp: the same position in the next replica
+            ax.annotate("", centre[r + tp * pp], (x, y), arrowprops=dict(
+                arrowstyle="<->", color="tab:purple", lw=1, ls=":", shrinkA=38, shrinkB=38,
+                connectionstyle="arc3,rad=-0.25"))
+    ax.plot([], [], color="tab:red", lw=2, label="tp: all-reduce of activations, every block and micro-batch")
+    ax.plot([], [], color="tab:green", lw=2,
+            label="pp: one activation forward, its gradient back, per micro-batch and boundary")
+    ax.plot([], [], color="tab:purple", lw=1, ls=":", label="dp: all-reduce of the gradient, once per step")
+    ax.set_xlim(-0.3, dp * (width + 0.8))
+    ax.set_ylim(-0.4, height + 0.6)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=1, fontsize=8, frameon=False)
+    ax.set_title(f"(tp, pp, dp) = ({tp}, {pp}, {dp}): colour = pipeline stage")
+
+
+def grid(out_root):
+    """06: the 8 ranks of a tp 2 x pp 2 x dp 2 grid on hosts of 4, and which axis talks where."""
+    fig, ax = plt.subplots(figsize=(10, 5))
+    draw_grid(2, 2, 2, ax, slots=4)
+    save(fig, out_root / "06_3d" / "figures" / "grid.png")
+
+
 if __name__ == "__main__":
+    plt.switch_backend("Agg")                  # a script draws to files (imported by a notebook, it draws inline)
     zero_stages(ROOT)
     pipeline_schedules(ROOT)
+    grid(ROOT)

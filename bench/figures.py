@@ -272,6 +272,7 @@ def main(argv=None):
         concepts = import_chapter("bench.concepts")                 # drawn from the code, no run needed
         concepts.zero_stages(args.out_root)
         concepts.pipeline_schedules(args.out_root)
+        concepts.grid(args.out_root)
         import_chapter("bench.layouts").layout_comparison(args.out_root, work)
         import_chapter("bench.dp_timeline").overlap_timeline(args.out_root, work, rounds=1 if quick else 5)
         zero_memory(args.out_root, work, ranks=(2,) if quick else (2, 4, 8))

@@ -1,11 +1,8 @@
 """What every figure script shares: how a figure is saved (the resolution, the layout, the folder made)."""
 import io
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+from PIL import Image
 
 DPI = 150
 
