@@ -1,6 +1,7 @@
-"""Concept diagrams drawn from the code, not from runs: what each rank holds at each ZeRO stage (04), the four
-pipeline schedules on ideal stages (05) and the grid's axes (06, also drawn in its notebook). bench/figures.py
-(`make figures`) draws them with the rest.
+"""Concept diagrams drawn from the code, not from runs: the collectives and the f/g operators of tensor
+parallelism (02), what each rank holds at each ZeRO stage (04), the four pipeline schedules on ideal stages
+(05) and the grid's axes (06, also drawn in its notebook). bench/figures.py (`make figures`) draws them with
+the rest.
 """
 import sys
 from pathlib import Path
@@ -19,6 +20,62 @@ save = import_chapter("bench.plots").save
 timelines = import_chapter("bench.timelines")
 
 STATE = (("p", "parameters", "C0"), ("g", "gradients", "C1"), ("m", "Adam m", "C2"), ("v", "Adam v", "C3"))
+
+
+def _cells(ax, x, y, labels, colors, w=0.55):
+    for i, (label, color) in enumerate(zip(labels, colors)):
+        ax.add_patch(Rectangle((x + i * w, y), w, 0.5, fc=color, ec="k", lw=0.6))
+        ax.text(x + i * w + w / 2, y + 0.25, label, ha="center", va="center", fontsize=7)
+
+
+def _box(ax, x, y, text, color, w=1.75):
+    ax.add_patch(FancyBboxPatch((x, y), w, 0.55, boxstyle="round,pad=0.03", fc=color, ec="k", lw=0.6))
+    ax.text(x + w / 2, y + 0.27, text, ha="center", va="center", fontsize=6.5)
+
+
+def _arrow(ax, x0, x1, y):
+    ax.annotate("", (x1, y), (x0, y), arrowprops=dict(arrowstyle="->", lw=0.8))
+
+
+def tensor_parallel(out_root):
+    """02: the three collectives on 2 ranks (each rank's buffer before and after), and one MLP on 2 ranks: f
+    before the column-parallel c_fc, g after the row-parallel c_proj, nothing exchanged in between."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.2), gridspec_kw={"width_ratios": [1, 1.7]})
+    a, b = ("#9ecae1", "#fdae6b")                             # rank 0's numbers, rank 1's
+    rows = (("all-reduce", (["a0", "a1"], ["b0", "b1"]), (["a0+b0", "a1+b1"], ["a0+b0", "a1+b1"])),
+            ("reduce-scatter", (["a0", "a1"], ["b0", "b1"]), (["a0+b0"], ["a1+b1"])),
+            ("all-gather", (["a0"], ["b1"]), (["a0", "b1"], ["a0", "b1"])))
+    for k, (name, before, after) in enumerate(rows):
+        y = 2 * (2 - k)
+        left.text(0, y + 1.35, name, fontsize=8, weight="bold")
+        for r, (cells_before, cells_after) in enumerate(zip(before, after)):
+            yy = y + 0.6 - 0.65 * r
+            left.text(-0.1, yy + 0.25, f"rank {r}", ha="right", va="center", fontsize=7)
+            _cells(left, 0, yy, cells_before, [a if c.startswith("a") else b for c in cells_before])
+            _arrow(left, 1.25, 1.85, yy + 0.25)
+            _cells(left, 2.0, yy, cells_after, ["#c7e9c0" if "+" in c else a if c.startswith("a") else b
+                                                for c in cells_after], w=0.75 if "+" in cells_after[0] else 0.55)
+    left.set_xlim(-0.9, 3.6)
+    left.set_ylim(-0.4, 5.9)
+    left.axis("off")
+    left.set_title("the collectives, 2 ranks", fontsize=9)
+    for r in range(2):
+        y = 1.6 - 1.3 * r
+        right.text(-0.25, y + 0.27, f"rank {r}", ha="right", va="center", fontsize=7)
+        steps = [("x: LayerNorm\n(whole, replicated)", "#eeeeee"), ("f\nfwd: identity\nbwd: all-reduce", "#fde0dd"),
+                 (f"c_fc, columns\n{2 * r}C..{2 * r + 2}C: GELU", a if r == 0 else b),
+                 (f"c_proj, rows\n{2 * r}C..{2 * r + 2}C: partial sum", a if r == 0 else b),
+                 ("g\nfwd: all-reduce\nbwd: identity", "#fde0dd"), ("+ residual\n(whole, replicated)", "#eeeeee")]
+        for i, (text, color) in enumerate(steps):
+            _box(right, i * 2.05, y, text, color)
+            if i:
+                _arrow(right, i * 2.05 - 0.3, i * 2.05 - 0.05, y + 0.27)
+    right.set_xlim(-1.0, 12.2)
+    right.set_ylim(-0.2, 2.6)
+    right.axis("off")
+    right.set_title("an MLP on 2 ranks: one all-reduce forward (g), one backward (f); nothing in between",
+                    fontsize=9)
+    save(fig, out_root / "02_tensor_parallel" / "figures" / "f_g.png")
 
 
 def zero_stages(out_root, ranks=4):
@@ -120,6 +177,7 @@ def grid(out_root):
 
 if __name__ == "__main__":
     plt.switch_backend("Agg")                  # a script draws to files (imported by a notebook, it draws inline)
+    tensor_parallel(ROOT)
     zero_stages(ROOT)
     pipeline_schedules(ROOT)
     grid(ROOT)

@@ -270,6 +270,7 @@ def main(argv=None):
                 readme.write_text(gallery.quote(readme.read_text(), bug["verdict"]))
         grid_bytes(args.out_root, work)
         concepts = import_chapter("bench.concepts")                 # drawn from the code, no run needed
+        concepts.tensor_parallel(args.out_root)
         concepts.zero_stages(args.out_root)
         concepts.pipeline_schedules(args.out_root)
         concepts.grid(args.out_root)
