@@ -16,8 +16,7 @@ from common.config import (ConfigError, GPTConfig, ParallelConfig, Parser, Train
 from common.data import load_meta, load_tokens
 from common.loop import train
 from common.memory import Transient, check_fits, estimate, reuse_freed_memory
-from common.model import (SINGLE, evaluation_parts, gpt_backward, gpt_forward, gpt_layout, init_params,
-                          training_parts)
+from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
 from common.optim import AdamW, clip_grad_norm, decays
 from common.params import Layout
 from common.threads import size_blas_pool
@@ -73,8 +72,7 @@ def check_out_dir(out_dir):
 @dataclass
 class State:
     """One process's training state: the whole model in a flat buffer, its gradient (the same layout, `p` and
-    `g` are their named views) and AdamW; the model's parts as training runs them (--recompute), which hold
-    every cache they keep in `held`, so the bytes of activations are measured."""
+    `g` are their named views) and AdamW; `held` measures the bytes of activations the caches keep."""
     gpt_cfg: GPTConfig
     train_cfg: TrainConfig
     layout: Layout
@@ -85,15 +83,9 @@ class State:
     def __post_init__(self):
         self.p, self.g = self.views()
         self.held = Transient()
-        self.parts = training_parts(self.model_parts(), self.train_cfg.recompute, self.held)
-        self.evaluating = evaluation_parts(self.parts)
 
     def views(self):
         return self.layout.views(self.params), self.layout.views(self.grads)
-
-    def model_parts(self):
-        """What the model driver runs (common.model.Parts): the single-core layers."""
-        return SINGLE
 
     def whole(self):
         return single_core_state(self.layout, self.params, self.opt)
@@ -124,7 +116,8 @@ def train_step(state, batch, lr):
     """One optimizer step on one batch (x, y); returns the loss."""
     s, (x, y) = state, batch
     s.grads.fill(0)
-    _, loss, cache = gpt_forward(s.p, x, y, s.gpt_cfg, parts=s.parts)
+    _, loss, cache = gpt_forward(s.p, x, y, s.gpt_cfg, s.train_cfg.recompute)
+    s.held.hold("activations", cache)                   # the bytes it keeps for the backward, measured
     gpt_backward(cache, s.p, s.g)
     clip_grad_norm(s.grads, s.train_cfg.grad_clip)
     s.opt.step(s.params, s.grads, lr)
@@ -132,7 +125,8 @@ def train_step(state, batch, lr):
 
 
 def evaluate(state, batches):
-    return float(np.mean([gpt_forward(state.p, x, y, state.gpt_cfg, parts=state.evaluating)[1] for x, y in batches]))
+    """The mean loss; no backward follows, so each block keeps only its input (as full recomputation does)."""
+    return float(np.mean([gpt_forward(state.p, x, y, state.gpt_cfg, "full")[1] for x, y in batches]))
 
 
 def main(argv=None):

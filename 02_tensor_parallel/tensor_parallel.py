@@ -31,10 +31,10 @@ gradients, which now see only a part of the sequence each.
 import numpy as np
 
 from common.chapters import import_chapter
-from common.layers import (ATTENTION, accumulate, colsum, gelu_backward, gelu_forward,
-                           layernorm_backward, layernorm_forward, linear_backward, linear_forward, lm_head_backward,
-                           lm_head_forward, rowsum, scatter_add_rows)
-from common.model import Parts, gpt_backward, gpt_forward
+from common.driver import Parts, gpt_backward, gpt_forward
+from common.layers import (ATTENTION, colsum, gelu_backward, gelu_forward, layernorm_backward, layernorm_forward,
+                           linear_backward, linear_forward, lm_head_backward, lm_head_forward, rowsum,
+                           scatter_add_rows)
 from common.optim import global_norm
 
 sharding = import_chapter("02_tensor_parallel.sharding")     # the shard section, in a file of its own
@@ -112,14 +112,14 @@ def block_forward(x, p, n_head_local, tp, sp, keep_scores=True, attention=ATTENT
 
 def block_backward(dout, cache, p, g, tp, sp, attention=ATTENTION):
     c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj = cache
-    accumulate(g["mlp.c_proj.b"], colsum, dout)   # the bias is added after g (or the reduce-scatter): my positions
+    g["mlp.c_proj.b"] += colsum(dout)   # the bias is added after g (or the reduce-scatter): on my positions
     dh = leave_backward(dout, tp, sp)
     dh = linear_backward(dh, c_mproj, p["mlp.c_proj.w"], g["mlp.c_proj.w"], None)
     dh = gelu_backward(dh, c_gelu)
     dh = linear_backward(dh, c_fc, p["mlp.c_fc.w"], g["mlp.c_fc.w"], g["mlp.c_fc.b"])
     dh = enter_backward(dh, tp, sp)
     dx = dout + layernorm_backward(dh, c_ln2, p["ln_2.w"], g["ln_2.w"], g["ln_2.b"])
-    accumulate(g["attn.c_proj.b"], colsum, dx)
+    g["attn.c_proj.b"] += colsum(dx)
     dh = leave_backward(dx, tp, sp)
     dh = linear_backward(dh, c_proj, p["attn.c_proj.w"], g["attn.c_proj.w"], None)
     dh = attention.backward(dh, c_att)
@@ -156,12 +156,10 @@ def vocab_embedding_backward(dout, cache, dwte, dwpe, tp, sp):
     scatter_add_rows(dwte, local[mine], dout[mine])                           # only my vocabulary's rows
 
 
-def vocab_cross_entropy_forward(x, wte, targets, vocab_size, tp):
-    """Mean cross-entropy of the tied head's logits, each rank holding the logits of its vocabulary slice."""
-    logits, c_head = lm_head_forward(x, wte)                                  # (B,T,V/N)
-    Vl = wte.shape[0]
+def vocab_cross_entropy_forward(logits, targets, tp):
+    """Mean cross-entropy of the tied head's logits, each rank holding those of its vocabulary slice (B,T,V/N)."""
+    Vl = logits.shape[-1]
     lo = tp.rank * Vl
-    logits[..., max(0, min(Vl, vocab_size - lo)):] = -np.inf                  # padding rows never win
     z = logits.reshape(-1, Vl)                                                # (N,V/N)
     m = tp.allreduce(z.max(axis=-1, keepdims=True), op="max")                 # the global row max
     e = np.exp(z - m)
@@ -174,34 +172,40 @@ def vocab_cross_entropy_forward(x, wte, targets, vocab_size, tp):
     zt = tp.allreduce(zt)                                                     # the target's logit
     loss = float((np.log(s) + m - zt).mean())
     e /= s
-    return logits, loss, (e, t, rows, c_head)
+    return loss, (e, targets, t, rows)
 
 
-def vocab_cross_entropy_backward(dloss, cache, wte, dwte):
-    probs, t, rows, c_head = cache
+def vocab_cross_entropy_backward(dloss, cache):
+    probs, targets, t, rows = cache
     # loss = mean(log sum exp z - z[target]): dz = (softmax(z) - onehot(target)) / N on my vocabulary slice
     dz = probs
     dz[rows, t[rows]] -= 1.0
     dz *= dloss / dz.shape[0]
-    return lm_head_backward(dz.reshape(*c_head.shape[:-1], -1), c_head, wte, dwte)  # a partial sum over V
+    return dz.reshape(*targets.shape, -1)                                     # (B,T,V/N)
 
 
 def head_forward(x, p, targets, gpt_cfg, tp, sp):
     x, c_lnf = layernorm_forward(x, p["ln_f.w"], p["ln_f.b"])
     x = enter(x, tp, sp)
-    logits, loss, c_ce = vocab_cross_entropy_forward(x, p["wte"], targets, gpt_cfg.vocab_size, tp)
-    return logits, loss, (c_lnf, c_ce)
+    logits, c_head = lm_head_forward(x, p["wte"])                             # (B,T,V/N)
+    Vl = logits.shape[-1]
+    logits[..., max(0, min(Vl, gpt_cfg.vocab_size - tp.rank * Vl)):] = -np.inf  # padding rows never win
+    if targets is None:
+        return logits, None, None
+    loss, c_loss = vocab_cross_entropy_forward(logits, targets, tp)
+    return logits, loss, (c_lnf, c_head, c_loss)
 
 
 def head_backward(dloss, cache, p, g, tp, sp):
-    c_lnf, c_ce = cache
-    dx = vocab_cross_entropy_backward(dloss, c_ce, p["wte"], g["wte"])
+    c_lnf, c_head, c_loss = cache
+    dlogits = vocab_cross_entropy_backward(dloss, c_loss)
+    dx = lm_head_backward(dlogits, c_head, p["wte"], g["wte"])               # a partial sum over V
     dx = enter_backward(dx, tp, sp)
     return layernorm_backward(dx, c_lnf, p["ln_f.w"], g["ln_f.w"], g["ln_f.b"])
 
 
 def tp_parts(tp, sp=False, attention=ATTENTION, pos=None):
-    """What common.model's driver runs on this rank's shards: the vocab-parallel embedding, the blocks with f
+    """What common.driver runs on this rank's shards: the vocab-parallel embedding, the blocks with f
     and g written in, the vocab-parallel head and loss (its logits are this rank's (B,T,V_padded/N)). With sp,
     a part's replicated gradients are partial sums until settled over tp (the driver does so before its
     grads_ready hook; without a hook, call sync_replicated_grads once the backward is done). `attention` and
@@ -218,7 +222,7 @@ def tp_parts(tp, sp=False, attention=ATTENTION, pos=None):
 
 def tp_forward(p, idx, targets, gpt_cfg, tp, sp=False, parts=None):
     """This rank's logits (B,T,V_padded/N) and the loss, equal to the single-core model's on every rank
-    (`parts`: tp_parts(tp, sp) as training runs them, common.model.training_parts)."""
+    (`parts`: tp_parts(tp, sp) as training runs them, common.driver.training_parts)."""
     return gpt_forward(p, idx, targets, gpt_cfg, parts=parts or tp_parts(tp, sp))
 
 
@@ -237,7 +241,7 @@ def tp_backward(cache, p, g, tp, sp=False, dloss=1.0):
 
 def sync_replicated_grads(g, tp, part=None):
     """Sum the replicated tensors' gradients over tp in one all-reduce: all of them, or those of one `part`
-    of the model (see common.model.modules)."""
+    of the model (see common.driver.modules)."""
     names = [name for name in g if kind(name) == "replicated" and (part is None or part_of(name) == part)]
     if not names:
         return
@@ -249,7 +253,7 @@ def sync_replicated_grads(g, tp, part=None):
 
 
 def part_of(name):
-    """The part of the model (common.model.modules) a tensor belongs to; wte to the embedding."""
+    """The part of the model (common.driver.modules) a tensor belongs to; wte to the embedding."""
     if name.startswith("h."):
         return name[:name.index(".", 2)]
     return "head" if name.startswith("ln_f.") else "embedding"

@@ -17,6 +17,7 @@ from common.chapters import import_chapter
 from common.checkpoint import model_state
 from common.comm import Comm, world
 from common.config import NETWORK_FLAGS, ParallelConfig
+from common.driver import for_training
 from common.loop import prepare, train
 from common.memory import estimate
 from common.model import gpt_layout, init_params
@@ -47,12 +48,15 @@ def memory_estimate(gpt_cfg, train_cfg, par):
 
 @dataclass
 class State(single.State):
-    """Chapter 01's state holding this rank's shards: `layout` gives their per-rank shapes."""
+    """Chapter 01's state holding this rank's shards (`layout` gives their per-rank shapes), and the model's
+    parts as the driver runs them for training and for evaluation: the tensor-parallel layers."""
     par: ParallelConfig = field(kw_only=True)
     tp: Comm = field(kw_only=True)
 
-    def model_parts(self):
-        return tp_lib.tp_parts(self.tp, self.par.sequence_parallel)
+    def __post_init__(self):
+        super().__post_init__()
+        parts = tp_lib.tp_parts(self.tp, self.par.sequence_parallel)
+        self.parts, self.evaluating = for_training(parts, self.train_cfg, self.held)
 
     def whole(self):
         """Every tensor whole, on every rank (an all-gather over tp)."""

@@ -58,7 +58,7 @@ class GradSync:
 
     The protocol chapter 04's ZeRO implements too: zero_grad(); the model runs each part inside
     forward_hook/backward_hook (here only timed, when recording); each backward that communicates gets `ready`
-    as its hook (see common.model.stage_backward) and is followed by finish(), which completes the sum (only the
+    as its hook (see common.driver.stage_backward) and is followed by finish(), which completes the sum (only the
     last micro-batch's here: `every_microbatch` is False); step() clips by the global norm and updates. `gshard`
     is the gradient this rank updates from: for a replica, all of it."""
     every_microbatch = False

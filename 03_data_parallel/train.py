@@ -18,9 +18,9 @@ import numpy as np
 from common.chapters import import_chapter
 from common.comm import Comm, world
 from common.config import NETWORK_FLAGS, ConfigError, ParallelConfig
+from common.driver import SINGLE, for_training, gpt_backward, gpt_forward
 from common.loop import prepare, train
 from common.memory import estimate
-from common.model import gpt_backward, gpt_forward
 
 single = import_chapter("01_single_core.train")
 dp_lib = import_chapter("03_data_parallel.data_parallel")
@@ -49,10 +49,15 @@ def memory_estimate(gpt_cfg, train_cfg, par):
 
 @dataclass
 class State(single.State):
-    """Chapter 01's state, the whole model on every rank, and the gradient sync over the dp replicas."""
+    """Chapter 01's state, the whole model on every rank, and the gradient sync over the dp replicas; the model
+    runs through the driver (common.driver), whose grads_ready hook starts the sync's reductions."""
     par: ParallelConfig = field(kw_only=True)
     dp: Comm = field(kw_only=True)
     sync: dp_lib.GradSync = field(kw_only=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.parts, self.evaluating = for_training(SINGLE, self.train_cfg, self.held)
 
     def whole(self):
         """The replicas are identical: rank 0's tensors (None elsewhere)."""

@@ -19,9 +19,10 @@ import numpy as np
 from common.chapters import import_chapter
 from common.comm import world
 from common.config import NETWORK_FLAGS, ConfigError
+from common.driver import modules
 from common.loop import prepare, train
 from common.memory import estimate
-from common.model import gpt_layout, init_params, modules
+from common.model import gpt_layout, init_params
 from common.optim import AdamW, decays
 
 dp_train = import_chapter("03_data_parallel.train")

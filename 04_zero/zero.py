@@ -84,7 +84,7 @@ def owned_bytes(a):
 
 class Zero:
     """One rank's model state under ZeRO `stage`, and the hooks gpt_forward/gpt_backward call (see
-    common.model): `forward_hook`/`backward_hook` gather weights (stage 3) and create gradient buckets
+    common.driver): `forward_hook`/`backward_hook` gather weights (stage 3) and create gradient buckets
     (stages 2-3) into the dicts `p` and `g`; `ready` reduce-scatters the buckets the backward has finished.
     The same zero_grad/ready/finish/step protocol as chapter 03's GradSync; stages 2-3 have no full gradient
     to accumulate micro-batches in, so every micro-batch's backward communicates (`every_microbatch`)."""

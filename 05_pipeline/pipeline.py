@@ -14,7 +14,8 @@ summed over stages, counting wte once.
 
 Schedules. Each stage runs the list of instructions schedules.schedule gives it for one step (afab, 1f1b,
 interleaved, zb-h1: see schedules.py, which also checks and simulates them); `Stage` here executes such a
-list with MPI, holding each micro-batch's cache from its forward to its backward (zb-h1: to its W).
+list with MPI through the model driver (common/driver.py: stage_forward/stage_backward), holding each
+micro-batch's cache from its forward to its backward (zb-h1: to its W; zero_bubble.py splits the backward).
 
 Communication per step and chunk boundary (point-to-point): M activations of (B/M, T, C) forward and M
 gradients of the same shape backward, e bytes per element: B T C e each way; with V chunks a stage has 2V
@@ -29,14 +30,14 @@ from common.chapters import import_chapter
 from common.checkpoint import STATE
 from common.comm import wait_all
 from common.config import ConfigError
-from common.layers import queued_operands
-from common.memory import activation_bytes, deferred_bytes, recompute_bytes
-from common.model import (SINGLE, _no_hook, evaluation_parts, param_shapes, stage_backward, stage_forward,
-                          stage_weights)
+from common.driver import SINGLE, evaluation_parts, no_hook, stage_backward, stage_forward, stage_weights
+from common.memory import activation_bytes
+from common.model import param_shapes
 from common.optim import global_norm
 from common.params import Layout
 
 sched = import_chapter("05_pipeline.schedules")
+zb = import_chapter("05_pipeline.zero_bubble")
 
 
 # ----------------------------------------------------------------------------- shard
@@ -88,9 +89,8 @@ def activation_formula(gpt_cfg, rows, itemsize, par, stage, recompute="none", tp
         par.schedule, par.microbatches, stage, P, V,
         kept=lambda c: activation_bytes(gpt_cfg, rows, len(chunks[c]), stage == 0, last(c), recompute=recompute,
                                         **sizes),
-        deferred=lambda c: deferred_bytes(gpt_cfg, rows, len(chunks[c]), last(c), first=stage == 0 and c == 0,
-                                          **sizes),
-        working=recompute_bytes(gpt_cfg, rows, recompute=recompute, **sizes))
+        deferred=lambda c: zb.deferred_bytes(gpt_cfg, rows, len(chunks[c]), last(c), first=stage == 0 and c == 0,
+                                             **sizes))
 
 
 # ----------------------------------------------------------------------------- forward and backward
@@ -106,13 +106,14 @@ class Stage:
     a schedule, and the record of what ran when (`trace`) and how many micro-batch chunks were alive (`peak`).
     With `virtual` chunks, chunk v holds the blocks sched.chunk_layers(...)[v]."""
 
-    def __init__(self, gpt_cfg, stage, pp, p, g, parts=SINGLE, using=None, seq_len=None, dtype=None, virtual=1):
+    def __init__(self, gpt_cfg, stage, pp, p, g, parts=zb.deferring(SINGLE), using=None, seq_len=None, dtype=None,
+                 virtual=1):
         self.gpt_cfg, self.stage, self.pp, self.p, self.g = gpt_cfg, stage, pp, p, g
         self.chunks = sched.chunk_layers(gpt_cfg.n_layer, stage, pp.size, virtual)
         self.first, self.last = stage == 0, stage == pp.size - 1
-        self.parts = parts                                    # 06_3d passes tensor-parallel ones
+        self.parts = parts                      # common.driver.Parts able to defer (zb.deferring); 06_3d's are 02's
         self.evaluating = evaluation_parts(parts)             # forwards no backward follows
-        self.using = using or (_no_hook, _no_hook)            # (forward, backward) hooks: 06_3d's ZeRO-3
+        self.using = using or (no_hook, no_hook)            # (forward, backward) hooks: 06_3d's ZeRO-3
         self.seq_len = seq_len or gpt_cfg.block_size              # positions of the activations sent between stages
         self.dtype = dtype or next(iter(p.values())).dtype    # ZeRO-3's `p` is empty between parts
         self.trace, self.peak = [], 0
@@ -120,7 +121,7 @@ class Stage:
     def run(self, ops, x, y, scale=1.0, grads_ready=None, finish_each=None):
         """Execute `ops` on the M micro-batches x[m], y[m] (token ids; every stage has them, only the ends read
         them), the loss's gradient scaled by `scale` / M. The last backward of each chunk (its last W, if the
-        weight gradients are deferred) gets the `grads_ready` hook (see common.model.stage_backward): data
+        weight gradients are deferred) gets the `grads_ready` hook (see common.driver.stage_backward): data
         parallelism can start reducing while it runs. With `finish_each` (ZeRO-2/3's finish: no full gradient
         to accumulate in), every backward gets the hook and is followed by finish_each(). Returns the mean
         loss on the last stage, else None."""
@@ -161,7 +162,7 @@ class Stage:
                 grad_in[m, c] = stage_backward(caches.pop((m, c)), self.p, self.g,
                                                scale / M if last else grad_out.pop((m, c)), hook, self.using[1], queue)
                 if deferred and self.parts.hold:
-                    self.parts.hold(queued_operands(queue))          # the output gradients W will read
+                    self.parts.hold(zb.queued_operands(queue))          # the output gradients W will read
                 if finish_each:
                     finish_each()
             elif op == "weights":

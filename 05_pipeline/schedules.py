@@ -201,19 +201,17 @@ def alive_bound(kind, M, stage, pp_size, virtual=1):
             "zb-h1": min(P, M), "forward": 0}[kind]
 
 
-def activation_peak(kind, M, stage, pp_size, virtual, kept, deferred=None, working=0):
+def activation_peak(kind, M, stage, pp_size, virtual, kept, deferred=None):
     """The most bytes of activations `stage` holds at once in one step of `schedule(kind, ...)`: each micro-batch
     chunk's cache, kept(chunk) bytes, from its forward to its backward, or where the weight gradients wait (zb-h1),
-    deferred(chunk) bytes of it from there to its W; plus, under full recomputation, `working` (the one block
-    rebuilt) at each backward. Counted at the moments the measurement counts (common.memory.Transient.hold): as
-    each forward ends and as each backward rebuilds a block."""
+    deferred(chunk) bytes of it from there to its W. Counted at the moments the measurement counts
+    (common.memory.Transient.hold): as each forward ends and as each backward queues its W."""
     alive, peak = {}, 0
     for op, m, c in schedule(kind, M, stage, pp_size, virtual):
         if op == "forward":
             alive[m, c] = kept(c)
             peak = max(peak, sum(alive.values()))
         elif op == "backward":
-            peak = max(peak, sum(alive.values()) + working)
             alive[m, c] = deferred(c) if kind == "zb-h1" else 0
             peak = max(peak, sum(alive.values()))          # zb-h1: the queue's output gradients, counted as made
         elif op == "weights":

@@ -21,6 +21,7 @@ from common.chapters import import_chapter
 from common.checkpoint import model_state
 from common.comm import Comm, world
 from common.config import NETWORK_FLAGS, ConfigError, ParallelConfig
+from common.driver import SINGLE, for_training
 from common.loop import prepare, train
 from common.memory import estimate
 from common.model import gpt_layout, init_params
@@ -53,7 +54,7 @@ def memory_estimate(gpt_cfg, train_cfg, par, stage):
     rows, e = train_cfg.batch_size // par.microbatches, np.dtype(train_cfg.dtype).itemsize
     return estimate(gpt_cfg, e, params=n, grads=n, optimizer=n, rows=rows, blocks=None,
                     activations=pipe.activation_formula(gpt_cfg, rows, e, par, stage, train_cfg.recompute),
-                    whole=gpt_layout(gpt_cfg).size)
+                    recompute=train_cfg.recompute, whole=gpt_layout(gpt_cfg).size)
 
 
 @dataclass
@@ -66,7 +67,8 @@ class State(single.State):
     def __post_init__(self):
         super().__post_init__()
         stage = self.pp.rank
-        self.st = pipe.Stage(self.gpt_cfg, stage, self.pp, self.p, self.g, parts=self.parts,
+        parts, _ = for_training(pipe.zb.deferring(SINGLE), self.train_cfg, self.held)
+        self.st = pipe.Stage(self.gpt_cfg, stage, self.pp, self.p, self.g, parts=parts,
                              virtual=self.par.virtual_stages)
         self.ends = pipe.end_stages(self.pp, stage, self.pp.size)
 

@@ -47,7 +47,8 @@ from common.comm import Comm
 from common.config import ConfigError
 from common.layers import ATTENTION
 from common.memory import Transient
-from common.model import gpt_layout, modules, training_parts
+from common.driver import modules, training_parts
+from common.model import gpt_layout
 from common.optim import AdamW, decays, global_norm
 from common.params import Layout
 
@@ -165,7 +166,11 @@ class State:
         if par.cp > 1:
             self.pos = cp_lib.positions(T, par.cp, grid.cp.rank, par.cp_split)
             self.ring = cp_lib.Ring(grid.cp, T, par.cp_split)
-        parts = tp_lib.tp_parts(tp, sp, attention=self.ring or ATTENTION, pos=self.pos)
+        attention = self.ring or ATTENTION
+        parts = pipe.zb.deferring(tp_lib.tp_parts(tp, sp, attention, self.pos), attention=attention,
+                                  enter_backward=lambda dx: tp_lib.enter_backward(dx, tp, sp),
+                                  leave_backward=lambda dx: tp_lib.leave_backward(dx, tp, sp),
+                                  loss_backward=tp_lib.vocab_cross_entropy_backward)
         self.parts = training_parts(parts, train_cfg.recompute, self.held)
         self.st = pipe.Stage(gpt_cfg, self.stage, grid.pp, p, g, parts=self.parts, using=using,
                              seq_len=T // par.cp // (tp.size if sp else 1), dtype=full.dtype,

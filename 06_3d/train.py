@@ -25,7 +25,8 @@ from common.comm import world
 from common.config import NETWORK_FLAGS
 from common.loop import prepare, train
 from common.memory import estimate, peak_rss
-from common.model import gpt_layout, init_params, modules
+from common.driver import modules
+from common.model import gpt_layout, init_params
 
 single = import_chapter("01_single_core.train")
 dp_lib = import_chapter("03_data_parallel.data_parallel")
@@ -62,7 +63,8 @@ def memory_estimate(gpt_cfg, train_cfg, par, rank):
     rows = train_cfg.batch_size // (par.dp * M)
     return estimate(gpt_cfg, e, params=shard + module if par.zero_stage == 3 else n,
                     grads=shard + bucket if par.zero_stage > 1 else n, optimizer=shard if par.zero_stage else n,
-                    rows=rows, blocks=None, tp_size=par.tp,
+                    rows=rows, blocks=None, tp_size=par.tp, sp=par.sequence_parallel, cp_size=par.cp,
+                    recompute=train_cfg.recompute,
                     activations=pipe.activation_formula(gpt_cfg, rows, e, par, stage, train_cfg.recompute, par.tp,
                                                         par.sequence_parallel, par.cp),
                     whole=gpt_layout(gpt_cfg).size)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.chapters import import_chapter  # noqa: E402
-from common.memory import activation_bytes, recompute_bytes  # noqa: E402
+from common.memory import activation_bytes  # noqa: E402
 from common.metrics import read_metrics  # noqa: E402
 from common.notebook import launch  # noqa: E402
 
@@ -55,9 +55,9 @@ def single_core(name, mode, steps, work):
 
 
 def formula(name, mode):
+    """The bytes the caches keep (full recomputation's one rebuilt block is a working set, not counted here)."""
     gpt_cfg, batch_size = CONFIGS[name]
-    return (activation_bytes(gpt_cfg, batch_size, gpt_cfg.n_layer, recompute=mode) +
-            recompute_bytes(gpt_cfg, batch_size, recompute=mode))
+    return activation_bytes(gpt_cfg, batch_size, gpt_cfg.n_layer, recompute=mode)
 
 
 def modes_table(name, steps, rounds, work):

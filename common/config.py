@@ -50,7 +50,7 @@ def option(default, help, choices=None, group=None):
     return field(default=default, metadata={"help": help, "choices": choices, "group": group})
 
 
-RECOMPUTE = ("none", "selective", "full")                                # common/model.py's Parts.recompute
+RECOMPUTE = ("none", "selective", "full")                                # common/model.py's gpt_forward
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """The layers of the GPT as forward/backward pairs of free functions, and the small kernels they share.
 
-Forward returns `(out, cache)`; backward takes `dout` and that cache, accumulates parameter gradients into
-gradient views (`accumulate`: `+=`, or later if the view is `Deferred`) and returns the gradient of the
-input. Nothing is stored on objects, so any number of micro-batches can be in flight. Shapes: B batch,
-T time, C n_embd, V vocab, nh heads, hs head size.
+Forward returns `(out, cache)`; backward takes `dout` and that cache, adds the parameter gradients into
+gradient views (`+=`) and returns the gradient of the input. A layer with weights computes two things in its
+backward: the input gradient, which the layer before it waits for, and the weight gradients, which nothing
+needs until the optimizer step; each is a function of its own (`..._input_grad`, `..._weight_grads`), which
+its backward calls in turn. Nothing is stored on objects, so any number of micro-batches can be in flight.
+Shapes: B batch, T time, C n_embd, V vocab, nh heads, hs head size.
 """
 import functools
 import math
@@ -65,42 +67,6 @@ def causal_mask(T, dtype):
     return mask
 
 
-# ----------------------------------------------------------------------------- weight gradients, now or later
-# A backward computes two things: the gradient of its input, which the layer before it waits for, and the
-# gradients of its weights, which nothing waits for until the optimizer step. Zero-bubble pipeline schedules
-# run the second part later, in what would be idle time; every weight-gradient term goes through `accumulate`
-# so that a backward given Deferred views queues those terms instead of computing them.
-
-class Deferred:
-    """A gradient view whose accumulations are queued, as zero-argument calls, in `queue`."""
-    __slots__ = ("view", "queue")
-
-    def __init__(self, view, queue):
-        self.view, self.queue = view, queue
-
-
-def _add(view, fn, args):
-    view += fn(*args)
-
-
-def accumulate(grad, fn, *args):
-    """grad += fn(*args): now, or, if grad is Deferred, when its queue runs."""
-    if type(grad) is Deferred:
-        grad.queue.append(functools.partial(_add, grad.view, fn, args))
-    else:
-        grad += fn(*args)
-
-
-def queued_operands(queue):
-    """The arrays the terms queued by `accumulate` (and the embedding's backward) will read, not the gradients they
-    add to: what waiting for them keeps alive."""
-    return [item.args[2] if item.func is _add else item.args for item in queue if isinstance(item, functools.partial)]
-
-
-def _colsum_product(a, b):
-    return colsum(a * b)
-
-
 # ----------------------------------------------------------------------------- layers
 
 def embedding_forward(idx, wte, wpe):
@@ -138,9 +104,17 @@ def layernorm_forward(x, w, b):
 
 
 def layernorm_backward(dout, cache, w, dw, db):
+    layernorm_weight_grads(dout, cache[0], dw, db)
+    return layernorm_input_grad(dout, cache, w)
+
+
+def layernorm_weight_grads(dout, xhat, dw, db):
+    dw += colsum(dout * xhat)
+    db += colsum(dout)
+
+
+def layernorm_input_grad(dout, cache, w):
     xhat, rstd = cache
-    accumulate(dw, _colsum_product, dout, xhat)
-    accumulate(db, colsum, dout)
     # out = xhat*w + b with xhat = (x - mean) * rstd: the mean and the variance both depend on every x
     dxhat = dout * w
     dx = xhat * rowmean(dxhat * xhat)
@@ -159,10 +133,19 @@ def linear_forward(x, w, b):
 
 
 def linear_backward(dout, x, w, dw, db):
+    linear_weight_grads(dout, x, dw, db)
+    return linear_input_grad(dout, w)
+
+
+def linear_weight_grads(dout, x, dw, db):
     dout2 = dout.reshape(-1, dout.shape[-1])                        # (B*T,OC)
-    accumulate(dw, np.matmul, x.reshape(-1, x.shape[-1]).T, dout2)   # (C,OC)
+    dw += x.reshape(-1, x.shape[-1]).T @ dout2                      # (C,OC)
     if db is not None:
-        accumulate(db, colsum, dout2)
+        db += colsum(dout2)
+
+
+def linear_input_grad(dout, w):
+    dout2 = dout.reshape(-1, dout.shape[-1])
     return (dout2 @ w.T).reshape(*dout.shape[:-1], w.shape[0])      # (B,T,OC) @ (OC,C) -> (B,T,C)
 
 
@@ -282,10 +265,16 @@ def lm_head_forward(x, wte):
 
 
 def lm_head_backward(dout, x, wte, dwte):
-    C = x.shape[-1]
-    dout2 = dout.reshape(-1, dout.shape[-1])                        # (B*T,V)
-    accumulate(dwte, np.matmul, dout2.T, x.reshape(-1, C))          # (V,C)
-    return (dout2 @ wte).reshape(x.shape)                           # (B,T,C)
+    lm_head_weight_grads(dout, x, dwte)
+    return lm_head_input_grad(dout, wte)
+
+
+def lm_head_weight_grads(dout, x, dwte):
+    dwte += dout.reshape(-1, dout.shape[-1]).T @ x.reshape(-1, x.shape[-1])    # (V,C)
+
+
+def lm_head_input_grad(dout, wte):
+    return (dout.reshape(-1, dout.shape[-1]) @ wte).reshape(*dout.shape[:-1], wte.shape[1])    # (B,T,C)
 
 
 def cross_entropy_forward(logits, targets):

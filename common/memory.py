@@ -70,28 +70,10 @@ def activation_bytes(gpt_cfg, rows, blocks, first=True, last=True, tp_size=1, sp
     return rows * (blocks * block + head) * itemsize
 
 
-def deferred_bytes(gpt_cfg, rows, blocks, last=True, tp_size=1, sp=False, itemsize=4, cp_size=1, first=False):
-    """What waiting weight gradients hold, between a backward that deferred them (zero-bubble's B) and their
-    computation (W): what W reads. Of the cache of activation_bytes, per block and row, the two LayerNorms' xhat
-    (2 Tl C) and the inputs of the four linears (2 Tq C + 5 Tq C / tp); the head's ln_f xhat and output, and its
-    probabilities, which the loss's backward turns into the logits' gradient in place. And the output gradients
-    W multiplies them with, per block and row: the block's output gradient, the two LayerNorms' and the
-    attention projection's (4 Tl C), c_fc's and c_attn's (7 Tq C / tp), and under sp the two gathered ones that
-    enter the row-parallel linears (2 Tq C); ln_f's on the last stage and the embedding's on the first (Tl C)."""
-    T, C, V = gpt_cfg.block_size, gpt_cfg.n_embd, gpt_cfg.vocab_size
-    t = tp_size
-    Tq = T // cp_size
-    Tl = Tq // t if sp else Tq
-    cached = 2 * Tl * C + 2 * Tq * C + 5 * Tq * C // t
-    gradients = 4 * Tl * C + (2 * Tq * C if sp else 0) + 7 * Tq * C // t
-    head = (Tl * C + Tq * C + Tq * -(-V // t)) if last else 0
-    ends = (last + first) * Tl * C
-    return rows * (blocks * (cached + gradients) + head + ends) * itemsize
-
-
 def recompute_bytes(gpt_cfg, rows, tp_size=1, sp=False, itemsize=4, recompute="none", cp_size=1):
-    """What full recomputation holds on top of the kept inputs: one block's whole cache of one micro-batch,
-    which the backward rebuilds (and the forward makes and drops) one block at a time; 0 otherwise."""
+    """What full recomputation holds beside the kept inputs: one block's whole cache of one micro-batch, which
+    the backward rebuilds (and the forward makes and drops) one block at a time; 0 otherwise. A working set, not
+    a kept cache, so it is estimated apart from the activations the caches are measured to hold."""
     if recompute != "full":
         return 0
     return activation_bytes(gpt_cfg, rows, 1, last=False, tp_size=tp_size, sp=sp, itemsize=itemsize,
@@ -112,19 +94,20 @@ def temporary_bytes(gpt_cfg, rows, tp_size=1, itemsize=4):
 
 
 def estimate(gpt_cfg, itemsize, *, params, grads, optimizer, rows, blocks, first=True, last=True, tp_size=1,
-             sp=False, recompute="none", activations=None, whole=None):
+             sp=False, recompute="none", activations=None, whole=None, cp_size=1):
     """{kind: bytes} one rank will hold at its peak: `params`, `grads` and `optimizer` are element counts
     (AdamW keeps m, v and a work array of `optimizer` elements); one micro-batch of `rows` rows at a time keeps
-    its activations (activation_bytes and recompute_bytes), or, from a pipeline's schedule, `activations`.
-    `whole`: the model's element count, where a rank keeps less of it: each rank draws the whole initialisation
-    before it keeps its part, and a checkpoint gathers the whole state (parameters, m and v) where it is
-    written. Neither is freed to the system (the heap is kept, see reuse_freed_memory), so both count."""
+    its activations (activation_bytes), or, from a pipeline's schedule, `activations`; full recomputation
+    rebuilds one block's cache at a time (recompute_bytes). `whole`: the model's element count, where a rank
+    keeps less of it: each rank draws the whole initialisation before it keeps its part, and a checkpoint
+    gathers the whole state (parameters, m and v) where it is written. Neither is freed to the system (the
+    heap is kept, see reuse_freed_memory), so both count."""
     if activations is None:
-        activations = (activation_bytes(gpt_cfg, rows, blocks, first, last, tp_size, sp, itemsize, recompute) +
-                       recompute_bytes(gpt_cfg, rows, tp_size, sp, itemsize, recompute))
+        activations = activation_bytes(gpt_cfg, rows, blocks, first, last, tp_size, sp, itemsize, recompute)
     whole = whole or params
     return {"parameters": params * itemsize, "gradients": grads * itemsize, "optimizer": 3 * optimizer * itemsize,
             "activations": activations,
+            "recomputation": recompute_bytes(gpt_cfg, rows, tp_size, sp, itemsize, recompute, cp_size),
             "temporaries": temporary_bytes(gpt_cfg, rows, tp_size, itemsize),
             "initialisation": whole * itemsize if params < whole else 0,
             "checkpoint": 3 * whole * itemsize if optimizer < whole else 0}
@@ -297,7 +280,7 @@ def check_fits(estimate, host, configs, also=""):
     available = available_bytes()
     budget = Budget(estimate, total, available)
     if available is not None and total > available:
-        activations = estimate["activations"] + estimate["temporaries"]
+        activations = estimate["activations"] + estimate["recomputation"] + estimate["temporaries"]
         biggest = max((kind for kind in estimate if kind != "runtime"), key=estimate.get)
         fix = remedy(configs, "activations" if activations >= budget.total / 2 else "state", also)
         ranks = host.size if host is not None else 1

@@ -100,7 +100,9 @@ def test_bubble_formulas():
 
 
 def test_deferred_weight_gradients_are_bitwise_those_of_the_whole_backward():
-    from common.model import gpt_layout, init_params, SINGLE, stage_backward, stage_forward, stage_weights
+    from common.driver import SINGLE, stage_backward, stage_forward, stage_weights
+    from common.model import gpt_layout, init_params
+    parts = import_chapter("05_pipeline.zero_bubble").deferring(SINGLE)
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 11, (2, 4, 8))
@@ -108,11 +110,11 @@ def test_deferred_weight_gradients_are_bitwise_those_of_the_whole_backward():
         layout, flat = gpt_layout(cfg), init_params(cfg, 0, dtype)
         grads = [np.zeros_like(flat) for _ in range(2)]
         for g, weights in zip(grads, (None, [])):
-            _, _, cache = stage_forward(layout.views(flat), x, y, cfg, range(2))
+            _, _, cache = stage_forward(layout.views(flat), x, y, cfg, range(2), parts=parts)
             stage_backward(cache, layout.views(flat), layout.views(g), 1.0, weights=weights)
         assert not grads[1].any()                                 # B computed no weight gradient
         announced = []
-        stage_weights(weights, layout.views(grads[1]), SINGLE, announced.append)
+        stage_weights(weights, layout.views(grads[1]), parts, announced.append)
         assert np.array_equal(grads[0], grads[1]) and grads[0].any()
         assert announced == ["ln_f.w", "h.1.ln_1.w", "h.0.ln_1.w", "wte"] and weights == []
 
@@ -153,18 +155,19 @@ def schedule_without_a_w(kind, M, s, P, V=1):          # the last W of stage 0 n
 sched.schedule = schedule_without_a_w
 """
 W_TWICE = """
-import common.layers as layers
-accumulate = layers.accumulate
-def accumulate_in_b_too(grad, fn, *args):              # B computes the weight gradients, and W again
-    if type(grad) is layers.Deferred:
-        grad.view += fn(*args)
-    accumulate(grad, fn, *args)
-layers.accumulate = accumulate_in_b_too
+zb = import_chapter('05_pipeline.zero_bubble')
+block_input_grad = zb.block_input_grad
+def in_b_too(dout, cache, p, g, later, *args):         # B computes the blocks' weight gradients, and W again
+    def now_and_later(fn, inputs, *grads):
+        fn(*inputs, *grads)
+        later(fn, inputs, *grads)
+    return block_input_grad(dout, cache, p, g, now_and_later, *args)
+zb.block_input_grad = in_b_too
 """
 
 UNCOUNTED_GRADIENTS = """
-pipe = import_chapter('05_pipeline.pipeline')
-pipe.queued_operands = lambda queue: []                # the output gradients W waits with, left uncounted
+zb = import_chapter('05_pipeline.zero_bubble')
+zb.queued_operands = lambda queue: []                # the output gradients W waits with, left uncounted
 """
 
 

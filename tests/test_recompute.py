@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from common.config import GPTConfig
-from common.memory import Transient, activation_bytes, deferred_bytes, recompute_bytes
-from common.model import SINGLE, gpt_backward, gpt_forward, gpt_layout, init_params, training_parts
+from common.chapters import import_chapter
+from common.memory import Transient, activation_bytes
+from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
 from conftest import assert_one_error, read_run, run, run_mpi, sabotaged, verdict
 
 MODES = ("none", "selective", "full")
@@ -21,7 +22,8 @@ def one_step(gpt_cfg, rows, dtype, recompute):
     x, y = rng.integers(0, gpt_cfg.vocab_size, (2, rows, gpt_cfg.block_size))
     held, grads = Transient(), np.zeros(layout.size, dtype)
     p = layout.views(params)
-    _, _, cache = gpt_forward(p, x, y, gpt_cfg, parts=training_parts(SINGLE, recompute, held))
+    _, _, cache = gpt_forward(p, x, y, gpt_cfg, recompute)
+    held.hold("activations", cache)
     gpt_backward(cache, p, layout.views(grads))
     del cache
     assert held.held() == 0                             # nothing outlives the backward
@@ -34,9 +36,7 @@ def test_the_caches_hold_exactly_the_formulas_bytes_in_every_mode(gpt_cfg, rows,
     e = np.dtype(dtype).itemsize
     for mode in MODES:
         _, measured = one_step(gpt_cfg, rows, dtype, mode)
-        want = (activation_bytes(gpt_cfg, rows, gpt_cfg.n_layer, itemsize=e, recompute=mode) +
-                recompute_bytes(gpt_cfg, rows, itemsize=e, recompute=mode))
-        assert measured == want, mode
+        assert measured == activation_bytes(gpt_cfg, rows, gpt_cfg.n_layer, itemsize=e, recompute=mode), mode
 
 
 @pytest.mark.parametrize("gpt_cfg, rows", CONFIGS)
@@ -53,18 +53,19 @@ def test_recomputation_saves_what_the_formula_says_on_the_default_model():
     T, nh = gpt_cfg.block_size, gpt_cfg.n_head
     assert peaks["none"] - peaks["selective"] == rows * gpt_cfg.n_layer * nh * T * T * 4   # the probabilities
     assert peaks["none"] > 3 * peaks["full"]
-    assert deferred_bytes(gpt_cfg, rows, 1, last=False) < activation_bytes(gpt_cfg, rows, 1, last=False)
+    zb = import_chapter("05_pipeline.zero_bubble")
+    assert zb.deferred_bytes(gpt_cfg, rows, 1, last=False) < activation_bytes(gpt_cfg, rows, 1, last=False)
 
 
 def test_a_cache_kept_past_its_backward_raises_the_measured_peak():
     gpt_cfg, rows = CONFIGS[0]
     layout, held = gpt_layout(gpt_cfg), Transient()
     p = layout.views(init_params(gpt_cfg, 0, np.float64))
-    parts = training_parts(SINGLE, "none", held)
     x = np.zeros((rows, gpt_cfg.block_size), dtype=np.int64)
     leaked = []
     for _ in range(2):
-        _, _, cache = gpt_forward(p, x, x, gpt_cfg, parts=parts)
+        _, _, cache = gpt_forward(p, x, x, gpt_cfg)
+        held.hold("activations", cache)
         gpt_backward(cache, p, layout.views(np.zeros(layout.size)))
         leaked.append(cache)                                   # the bug: someone keeps the cache
         del cache
