@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.chapters import import_chapter  # noqa: E402
+from common.memory import recompute_bytes  # noqa: E402
 from common.metrics import read_metrics  # noqa: E402
 from common.notebook import launch  # noqa: E402
 
@@ -105,17 +106,23 @@ def recompute_figure(out_root, work, rounds, steps=20):
     """01: the bytes of activations the caches held at their peak and ms/step for each --recompute mode, the
     default model on one core (bench/recompute.py's runs, the median of `rounds`)."""
     rows = recompute.modes_table("cpu", steps, rounds, work)
+    gpt_cfg, batch_size = recompute.CONFIGS["cpu"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(7, 2.8))
     modes, colors = list(rows), ["C0", "C1", "C2"]
-    left.bar(modes, [rows[m]["activations"] / 2 ** 20 for m in modes], color=colors)
+    kept = [rows[m]["activations"] / 2 ** 20 for m in modes]
+    left.bar(modes, kept, color=colors)
+    rebuilt = [recompute_bytes(gpt_cfg, batch_size, recompute=m) / 2 ** 20 for m in modes]
+    left.bar(modes, rebuilt, bottom=kept, color="none", edgecolor="C2", hatch="///",
+             label="+ the block rebuilt (estimated)")
     for i, m in enumerate(modes):
         left.plot([i - 0.4, i + 0.4], [rows[m]["formula"] / 2 ** 20] * 2, "k-", lw=2,
                   label="formula" if i == 0 else None)
         right.text(i, rows[m]["ms"], f"x{rows[m]['ms'] / rows['none']['ms']:.2f}", ha="center", va="bottom",
                    fontsize=8)
     left.set_ylabel("MiB held by the caches")
-    left.set_title("activations at their peak (bars), formula (lines)", fontsize=8)
-    left.legend(fontsize=7)
+    left.set_title("kept by the caches at their peak (bars), formula (lines)", fontsize=8)
+    left.set_ylim(0, max(kept) * 1.45)
+    left.legend(fontsize=7, loc="upper right")
     right.bar(modes, [rows[m]["ms"] for m in modes], color=colors)
     right.set_ylabel("ms per step")
     right.set_ylim(0, max(r["ms"] for r in rows.values()) * 1.25)
