@@ -24,9 +24,10 @@ Communication per step, per rank, for B*T tokens of C channels (e = bytes per el
 Sequence parallelism (`sp`) also splits what lies between the blocks' parallel regions (LayerNorms, residuals,
 dropout in larger models) along the sequence, so each rank stores 1/N of those activations. An all-reduce is
 a reduce-scatter followed by an all-gather, so it trades each g for a reduce-scatter of the sequence and
-each f for an all-gather, moving the same bytes: (4 L + 2) all-gathers and (4 L + 2) reduce-scatters of
-B T C e per step, the same 3 cross-entropy all-reduces, plus one all-reduce of the replicated tensors'
-gradients, which now see only a part of the sequence each.
+each f for an all-gather, moving the same bytes. As Megatron does, a column-parallel linear keeps only this
+rank's part of its input and gathers it again in the backward, so that every activation is split: (6 L + 3)
+all-gathers and (4 L + 2) reduce-scatters of B T C e per step, the same 3 cross-entropy all-reduces, plus one
+all-reduce of the replicated tensors' gradients, which now see only a part of the sequence each.
 """
 import numpy as np
 
@@ -91,18 +92,21 @@ def leave_backward(dx, tp, sp):
     return gather_sequence(dx, tp) if sp else dx
 
 
+# A column-parallel linear's backward needs its whole input for its weight gradient. Under sequence parallelism
+# that input is the all-gather of every rank's part of the sequence; as Megatron does, its cache keeps this rank's
+# part alone (`c_qkv`, `c_fc`, `c_head`: the input before `enter`) and the backward gathers it again.
+
 def block_forward(x, p, n_head_local, tp, sp, keep_scores=True, attention=ATTENTION):
-    h, c_ln1 = layernorm_forward(x, p["ln_1.w"], p["ln_1.b"])
-    h = enter(h, tp, sp)                                                      # f, or all-gather the sequence
-    h, c_qkv = linear_forward(h, p["attn.c_attn.w"], p["attn.c_attn.b"])     # column-parallel: my heads' q|k|v
+    c_qkv, c_ln1 = layernorm_forward(x, p["ln_1.w"], p["ln_1.b"])
+    h = enter(c_qkv, tp, sp)                                                  # f, or all-gather the sequence
+    h, _ = linear_forward(h, p["attn.c_attn.w"], p["attn.c_attn.b"])         # column-parallel: my heads' q|k|v
     h, c_att = attention.forward(h, n_head_local, keep_scores)               # my heads, on my positions
     h, c_proj = linear_forward(h, p["attn.c_proj.w"], None)                  # row-parallel: a partial sum
     h = leave(h, tp, sp)                                                      # g, or reduce-scatter the sequence
     h += p["attn.c_proj.b"]
     x = x + h
-    h, c_ln2 = layernorm_forward(x, p["ln_2.w"], p["ln_2.b"])
-    h = enter(h, tp, sp)
-    h, c_fc = linear_forward(h, p["mlp.c_fc.w"], p["mlp.c_fc.b"])            # column-parallel
+    c_fc, c_ln2 = layernorm_forward(x, p["ln_2.w"], p["ln_2.b"])
+    h, _ = linear_forward(enter(c_fc, tp, sp), p["mlp.c_fc.w"], p["mlp.c_fc.b"])   # column-parallel
     h, c_gelu = gelu_forward(h)
     h, c_mproj = linear_forward(h, p["mlp.c_proj.w"], None)                  # row-parallel
     h = leave(h, tp, sp)
@@ -116,14 +120,14 @@ def block_backward(dout, cache, p, g, tp, sp, attention=ATTENTION):
     dh = leave_backward(dout, tp, sp)
     dh = linear_backward(dh, c_mproj, p["mlp.c_proj.w"], g["mlp.c_proj.w"], None)
     dh = gelu_backward(dh, c_gelu)
-    dh = linear_backward(dh, c_fc, p["mlp.c_fc.w"], g["mlp.c_fc.w"], g["mlp.c_fc.b"])
+    dh = linear_backward(dh, enter(c_fc, tp, sp), p["mlp.c_fc.w"], g["mlp.c_fc.w"], g["mlp.c_fc.b"])
     dh = enter_backward(dh, tp, sp)
     dx = dout + layernorm_backward(dh, c_ln2, p["ln_2.w"], g["ln_2.w"], g["ln_2.b"])
     g["attn.c_proj.b"] += colsum(dx)
     dh = leave_backward(dx, tp, sp)
     dh = linear_backward(dh, c_proj, p["attn.c_proj.w"], g["attn.c_proj.w"], None)
     dh = attention.backward(dh, c_att)
-    dh = linear_backward(dh, c_qkv, p["attn.c_attn.w"], g["attn.c_attn.w"], g["attn.c_attn.b"])
+    dh = linear_backward(dh, enter(c_qkv, tp, sp), p["attn.c_attn.w"], g["attn.c_attn.w"], g["attn.c_attn.b"])
     dh = enter_backward(dh, tp, sp)
     return dx + layernorm_backward(dh, c_ln1, p["ln_1.w"], g["ln_1.w"], g["ln_1.b"])
 
@@ -185,9 +189,8 @@ def vocab_cross_entropy_backward(dloss, cache):
 
 
 def head_forward(x, p, targets, gpt_cfg, tp, sp):
-    x, c_lnf = layernorm_forward(x, p["ln_f.w"], p["ln_f.b"])
-    x = enter(x, tp, sp)
-    logits, c_head = lm_head_forward(x, p["wte"])                             # (B,T,V/N)
+    c_head, c_lnf = layernorm_forward(x, p["ln_f.w"], p["ln_f.b"])
+    logits, _ = lm_head_forward(enter(c_head, tp, sp), p["wte"])              # (B,T,V/N)
     Vl = logits.shape[-1]
     logits[..., max(0, min(Vl, gpt_cfg.vocab_size - tp.rank * Vl)):] = -np.inf  # padding rows never win
     if targets is None:
@@ -199,7 +202,7 @@ def head_forward(x, p, targets, gpt_cfg, tp, sp):
 def head_backward(dloss, cache, p, g, tp, sp):
     c_lnf, c_head, c_loss = cache
     dlogits = vocab_cross_entropy_backward(dloss, c_loss)
-    dx = lm_head_backward(dlogits, c_head, p["wte"], g["wte"])               # a partial sum over V
+    dx = lm_head_backward(dlogits, enter(c_head, tp, sp), p["wte"], g["wte"])   # a partial sum over V
     dx = enter_backward(dx, tp, sp)
     return layernorm_backward(dx, c_lnf, p["ln_f.w"], g["ln_f.w"], g["ln_f.b"])
 
@@ -277,8 +280,10 @@ def comm_formula(gpt_cfg, rows, itemsize, sp=False, blocks=None, first=True, las
     """{kind: (calls, bytes)} one rank passes to tp collectives in a step of `microbatches` micro-batches of
     `rows` rows through `blocks` blocks (default all), the embedding if `first`, the head if `last` (see the
     module docstring). With sp, the `replicated` elements' gradients are all-reduced `settles` times, packed in
-    one call each time. Full recomputation runs each block's forward twice, and its two g's (or sp's all-gather
-    and reduce-scatter pairs) with it. `seq_len`: the positions a row holds here (context parallelism's T/cp)."""
+    one call each time, and the backward gathers again the part of each column-parallel input a rank kept (two per
+    block, one before the head). Full recomputation runs each block's forward twice, and its two g's (or sp's
+    all-gather and reduce-scatter pairs) with it. `seq_len`: the positions a row holds here (context
+    parallelism's T/cp)."""
     e, T, C, M = itemsize, seq_len or gpt_cfg.block_size, gpt_cfg.n_embd, microbatches
     blocks = gpt_cfg.n_layer if blocks is None else blocks
     forwards = 2 if recompute == "full" else 1
@@ -287,7 +292,8 @@ def comm_formula(gpt_cfg, rows, itemsize, sp=False, blocks=None, first=True, las
     loss = (3 * M, 3 * M * rows * T * e) if last else (0, 0)
     if not sp:
         return {"allreduce": (n + loss[0], n * big + loss[1])}
-    out = {"allgather": (n, n * big), "reduce_scatter": (n, n * big)}
+    gathers = n + M * (2 * blocks + last)                 # the backward gathers the kept inputs again
+    out = {"allgather": (gathers, gathers * big), "reduce_scatter": (n, n * big)}
     calls, nbytes = loss[0] + (settles if replicated else 0), loss[1] + settles * replicated * e
     return {**out, "allreduce": (calls, nbytes)} if calls else out
 

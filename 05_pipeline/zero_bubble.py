@@ -6,9 +6,9 @@ Every layer with weights in common/layers.py computes its backward as two functi
 `..._weight_grads`; here the block and the head call the first at once and queue the second, with the arrays
 it will read, as a `Later`. The common.driver runs these through `Parts.deferring`: stage_backward(...,
 weights=queue) is B, stage_weights(queue) is W, and the two add up bit for bit to the whole backward
-(tests/test_pipeline.py). The blocks are chapter 01's or, with the operators of chapter 02 (`enter_backward`
-and `leave_backward`: f and g, or sequence parallelism's all-gather and reduce-scatter) and its vocab-parallel
-loss, chapter 02's; `attention` is context parallelism's ring in chapter 06.
+(tests/test_pipeline.py). The blocks are chapter 01's or, with the operators of chapter 02 (`enter`,
+`enter_backward` and `leave_backward`: f and g, or sequence parallelism's all-gather and reduce-scatter) and its
+vocab-parallel loss, chapter 02's; `attention` is context parallelism's ring in chapter 06.
 """
 from dataclasses import replace
 from typing import Callable, NamedTuple
@@ -60,15 +60,17 @@ def bias_grad(dout, db):
     db += colsum(dout)
 
 
-def block_input_grad(dout, cache, p, g, later, enter_backward=same, leave_backward=same, attention=ATTENTION):
-    """B of a transformer block (01's block_backward, or 02's with its enter/leave operators): its input
-    gradient, every weight-gradient term passed to later(fn, inputs, *grads)."""
+def block_input_grad(dout, cache, p, g, later, enter=same, enter_backward=same, leave_backward=same,
+                     attention=ATTENTION):
+    """B of a transformer block (01's block_backward, or 02's with its operators: `enter` gathers again what
+    sequence parallelism's cache keeps of a column-parallel input): its input gradient, every weight-gradient
+    term passed to later(fn, inputs, *grads)."""
     c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj = cache
     later(bias_grad, (dout,), g["mlp.c_proj.b"])        # row-parallel biases act after g: on the output gradient
     dh = leave_backward(dout)
     later(linear_weight_grads, (dh, c_mproj), g["mlp.c_proj.w"], None)
     dh = gelu_backward(linear_input_grad(dh, p["mlp.c_proj.w"]), c_gelu)
-    later(linear_weight_grads, (dh, c_fc), g["mlp.c_fc.w"], g["mlp.c_fc.b"])
+    later(linear_weight_grads, (dh, enter(c_fc)), g["mlp.c_fc.w"], g["mlp.c_fc.b"])
     dh = enter_backward(linear_input_grad(dh, p["mlp.c_fc.w"]))
     later(layernorm_weight_grads, (dh, c_ln2[0]), g["ln_2.w"], g["ln_2.b"])
     dx = dout + layernorm_input_grad(dh, c_ln2, p["ln_2.w"])
@@ -76,23 +78,24 @@ def block_input_grad(dout, cache, p, g, later, enter_backward=same, leave_backwa
     dh = leave_backward(dx)
     later(linear_weight_grads, (dh, c_proj), g["attn.c_proj.w"], None)
     dh = attention.backward(linear_input_grad(dh, p["attn.c_proj.w"]), c_att)
-    later(linear_weight_grads, (dh, c_qkv), g["attn.c_attn.w"], g["attn.c_attn.b"])
+    later(linear_weight_grads, (dh, enter(c_qkv)), g["attn.c_attn.w"], g["attn.c_attn.b"])
     dh = enter_backward(linear_input_grad(dh, p["attn.c_attn.w"]))
     later(layernorm_weight_grads, (dh, c_ln1[0]), g["ln_1.w"], g["ln_1.b"])
     return dx + layernorm_input_grad(dh, c_ln1, p["ln_1.w"])
 
 
-def head_input_grad(dloss, cache, p, g, later, enter_backward=same, loss_backward=cross_entropy_backward):
+def head_input_grad(dloss, cache, p, g, later, enter=same, enter_backward=same,
+                    loss_backward=cross_entropy_backward):
     """B of the head: the loss's and the tied LM head's backward, then the final LayerNorm's."""
     c_lnf, c_head, c_loss = cache
     dlogits = loss_backward(dloss, c_loss)
-    later(lm_head_weight_grads, (dlogits, c_head), g["wte"])
+    later(lm_head_weight_grads, (dlogits, enter(c_head)), g["wte"])
     dx = enter_backward(lm_head_input_grad(dlogits, p["wte"]))
     later(layernorm_weight_grads, (dx, c_lnf[0]), g["ln_f.w"], g["ln_f.b"])
     return layernorm_input_grad(dx, c_lnf, p["ln_f.w"])
 
 
-def deferring(parts, enter_backward=same, leave_backward=same, attention=ATTENTION,
+def deferring(parts, enter=same, enter_backward=same, leave_backward=same, attention=ATTENTION,
               loss_backward=cross_entropy_backward):
     """`parts` (a common.driver.Parts) able to defer their weight gradients: their `deferring(queue)` gives the
     same parts with B for backwards, W's terms queued in `queue` (the embedding's backward, all weight
@@ -103,9 +106,9 @@ def deferring(parts, enter_backward=same, leave_backward=same, attention=ATTENTI
 
         return replace(
             parts,
-            block_backward=lambda dx, c, p, g: block_input_grad(dx, c, p, g, later, enter_backward, leave_backward,
-                                                                attention),
-            head_backward=lambda dloss, c, p, g: head_input_grad(dloss, c, p, g, later, enter_backward,
+            block_backward=lambda dx, c, p, g: block_input_grad(dx, c, p, g, later, enter, enter_backward,
+                                                                leave_backward, attention),
+            head_backward=lambda dloss, c, p, g: head_input_grad(dloss, c, p, g, later, enter, enter_backward,
                                                                  loss_backward),
             embedding_backward=lambda dx, c, p, g: later(parts.embedding_backward, (dx, c), p, g))
 

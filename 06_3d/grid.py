@@ -168,6 +168,7 @@ class State:
             self.ring = cp_lib.Ring(grid.cp, T, par.cp_split)
         attention = self.ring or ATTENTION
         parts = pipe.zb.deferring(tp_lib.tp_parts(tp, sp, attention, self.pos), attention=attention,
+                                  enter=lambda x: tp_lib.enter(x, tp, sp),
                                   enter_backward=lambda dx: tp_lib.enter_backward(dx, tp, sp),
                                   leave_backward=lambda dx: tp_lib.leave_backward(dx, tp, sp),
                                   loss_backward=tp_lib.vocab_cross_entropy_backward)

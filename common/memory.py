@@ -50,23 +50,25 @@ def activation_bytes(gpt_cfg, rows, blocks, first=True, last=True, tp_size=1, sp
     `cp_size` context-parallel ranks; the floating-point arrays, as the token ids are the batch's. With Tq = T/cp
     the positions a rank holds and Tl = Tq (Tq/tp with sp), per block and row:
         none       2 Tl C   LayerNorm xhat (two)            2 Tl     their rstd
-                   2 Tq C   the inputs of c_attn and c_fc, whole on every tp rank (under sp the all-gathered
-                            input is kept, not the rank's 1/tp of it as Megatron keeps)
+                   2 Tl C   the inputs of c_attn and c_fc (under sp the rank's part of the sequence, as Megatron
+                            keeps it: the backward gathers it again)
                    16 Tq C / tp  the split parts: qkv (3C), the attention output (C), c_fc's output, GELU's
                                  tanh and output (3 x 4C)
                    nh T T / tp   the attention probabilities (with cp > 1 none: ring attention keeps their
                                  log-sum-exp, nh Tq / tp)
         selective  the same without the probabilities, recomputed in the backward
         full       Tl C     the block's input alone
-    and the head's: ln_f xhat (Tl C) and rstd (Tl), its output (Tq C), the probabilities (Tq V / tp, padded)."""
+    and the head's: ln_f xhat (Tl C) and rstd (Tl), its output (Tl C), the probabilities (Tq V / tp, padded).
+    Under sp every term is the rank's 1/tp but the head's padding: sbh(34/t + 5as/ht) in Korthikanti et al.'s
+    count, where tp alone keeps sbh(10 + 24/t + 5as/ht)."""
     T, C, nh, V = gpt_cfg.block_size, gpt_cfg.n_embd, gpt_cfg.n_head, gpt_cfg.vocab_size
     t = tp_size
     Tq = T // cp_size
     Tl = Tq // t if sp else Tq
     scores = nh * T * T // t if cp_size == 1 else 0
-    whole = 2 * Tl * C + 2 * Tl + 2 * Tq * C + 16 * Tq * C // t + (scores or nh * Tq // t)
+    whole = 4 * Tl * C + 2 * Tl + 16 * Tq * C // t + (scores or nh * Tq // t)
     block = {"none": whole, "selective": whole - scores, "full": Tl * C}[recompute]
-    head = (Tl * C + Tl + Tq * C + Tq * -(-V // t)) if last else 0
+    head = (2 * Tl * C + Tl + Tq * -(-V // t)) if last else 0
     return rows * (blocks * block + head) * itemsize
 
 

@@ -71,3 +71,16 @@ def test_a_tp2_checkpoint_resumed_at_tp4_with_sequence_parallelism_continues_exa
     assert_same_run(sharded, straight, 10)
     sample = run(["01_single_core/sample.py", "--out-dir", sharded, "--max-new-tokens", 20, "--start", "ANNA"])
     assert sample.returncode == 0 and sample.stdout.startswith("ANNA"), sample.stderr
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_sequence_parallelism_keeps_one_tpth_of_every_activation_a_block_keeps(tp, recompute):
+    """As Megatron: each rank keeps its part of every kept tensor, the inputs of c_attn and c_fc included (the
+    backward gathers them again); verify and the runs check that the caches hold exactly these bytes."""
+    from common.memory import activation_bytes
+    cfg = GPTConfig(vocab_size=65)
+    whole = activation_bytes(cfg, 12, cfg.n_layer, last=False, recompute=recompute)
+    assert activation_bytes(cfg, 12, cfg.n_layer, last=False, tp_size=tp, sp=True, recompute=recompute) * tp == whole
+    if recompute != "full":                                  # tp alone keeps the LayerNorms' and those inputs whole
+        assert activation_bytes(cfg, 12, cfg.n_layer, last=False, tp_size=tp, recompute=recompute) * tp > whole
