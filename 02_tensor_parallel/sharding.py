@@ -75,10 +75,21 @@ def unshard_tensor(name, pieces, gpt_cfg):
     return pieces[0]
 
 
+def shard_shape(name, shape, gpt_cfg, tp_size):
+    """The shape of a rank's piece of the single-core tensor `name` of `shape` (shard_tensor's, from sizes alone)."""
+    k = kind(name)
+    if k == "vocab":
+        return (padded_vocab(gpt_cfg.vocab_size, tp_size) // tp_size, *shape[1:])
+    if k in ("heads", "columns"):
+        return (*shape[:-1], shape[-1] // tp_size)
+    if k == "rows":
+        return (shape[0] // tp_size, *shape[1:])
+    return tuple(shape)
+
+
 def tp_layout(gpt_cfg, tp_size):
     """The layout of one rank's flat buffer: the single-core names with their per-rank shapes."""
-    dummy = {name: np.empty(shape, dtype=np.uint8) for name, shape in param_shapes(gpt_cfg)}
-    return Layout([(name, shard_tensor(name, a, gpt_cfg, tp_size, 0).shape) for name, a in dummy.items()])
+    return Layout([(name, shard_shape(name, shape, gpt_cfg, tp_size)) for name, shape in param_shapes(gpt_cfg)])
 
 
 def shard(full_views, layout, gpt_cfg, tp_size, rank, dtype):

@@ -49,7 +49,7 @@ def memory_estimate(gpt_cfg, train_cfg, par):
     layout = gpt_layout(gpt_cfg)
     psi, stage = layout.size, par.zero_stage
     shard = -(-psi // par.dp)
-    part = max(sum(int(np.prod(layout.shapes[n])) for n in names) for names in modules(gpt_cfg).values())
+    part = zero_lib.largest_part(layout, modules(gpt_cfg))
     bucket = int(par.bucket_mb * 2 ** 20) // np.dtype(train_cfg.dtype).itemsize
     return estimate(gpt_cfg, np.dtype(train_cfg.dtype).itemsize, params=shard + part if stage == 3 else psi,
                     grads=psi if stage == 1 else shard + bucket, optimizer=shard,

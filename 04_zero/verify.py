@@ -44,8 +44,7 @@ def main(argv=None):
     batches, start, ref_losses, ref_params, ref_opt = reference(gpt_cfg, train_cfg, args.steps)
     layout = zero_train.gpt_layout(gpt_cfg)
     itemsize = ref_params.itemsize
-    largest_part = max(sum(np.prod(layout.shapes[n]) for n in names)
-                       for names in zero_train.modules(gpt_cfg).values()) * itemsize
+    largest_part = zero_lib.largest_part(layout, zero_train.modules(gpt_cfg)) * itemsize
 
     report, show = Report(TOL, detail=25), dp.rank == 0
     for stage in zero_lib.STAGES:

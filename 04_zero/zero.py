@@ -55,6 +55,13 @@ def overlap_counts(bounds, start, stop):
     return [max(0, min(stop, hi) - max(start, lo)) for lo, hi in zip(bounds, bounds[1:])]
 
 
+def largest_part(layout, parts):
+    """The most elements stage 3 gathers at once: the largest of the model's `parts` (common.driver.modules) of
+    which `layout` holds every tensor, in the layout's own shapes."""
+    return max(sum(layout.offsets[n][1] - layout.offsets[n][0] for n in names) for names in parts.values()
+               if all(n in layout.offsets for n in names))
+
+
 def take_shard(layout, tensors, lo, hi, out):
     """out = elements [lo, hi) of the flat buffer that the whole tensors {name: array} make up."""
     for name, (a, b) in layout.offsets.items():

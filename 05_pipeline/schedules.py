@@ -14,6 +14,8 @@ fraction (P-1)/(M+P-1), if every stage takes the same time per micro-batch; inte
 zb-h1 (P-1)(F+B-W)/(M(F+B+W)+(P-1)(F+B-W)) for a forward F, B and W. A schedule that cannot run as asked (sizes
 that break its rules, an invalid program, a deadlock) raises ScheduleError.
 """
+import functools
+
 import numpy as np
 
 from common.config import ConfigError
@@ -206,17 +208,27 @@ def activation_peak(kind, M, stage, pp_size, virtual, kept, deferred=None):
     chunk's cache, kept(chunk) bytes, from its forward to its backward, or where the weight gradients wait (zb-h1),
     deferred(chunk) bytes of it from there to its W. Counted at the moments the measurement counts
     (common.memory.Transient.hold): as each forward ends and as each backward queues its W."""
-    alive, peak = {}, 0
-    for op, m, c in schedule(kind, M, stage, pp_size, virtual):
+    kept = [kept(c) for c in range(virtual)]
+    after = [deferred(c) if kind == "zb-h1" else 0 for c in range(virtual)]
+    return max(sum(map(int.__mul__, counts, kept)) + sum(map(int.__mul__, waiting, after))
+               for counts, waiting in alive_counts(kind, M, stage, pp_size, virtual))
+
+
+@functools.lru_cache(maxsize=4096)
+def alive_counts(kind, M, stage, pp_size, virtual=1):
+    """Every distinct state of `stage` in one step: (micro-batches kept per chunk, waiting for their W per chunk),
+    after each forward, backward and W. Remembered: the planner asks it of every stage of every layout."""
+    cached, waiting, seen = [0] * virtual, [0] * virtual, {((0,) * virtual, (0,) * virtual)}
+    for op, _, c in schedule(kind, M, stage, pp_size, virtual):
         if op == "forward":
-            alive[m, c] = kept(c)
-            peak = max(peak, sum(alive.values()))
+            cached[c] += 1
         elif op == "backward":
-            alive[m, c] = deferred(c) if kind == "zb-h1" else 0
-            peak = max(peak, sum(alive.values()))          # zb-h1: the queue's output gradients, counted as made
+            cached[c] -= 1
+            waiting[c] += kind == "zb-h1"
         elif op == "weights":
-            alive[m, c] = 0
-    return peak
+            waiting[c] -= 1
+        seen.add((tuple(cached), tuple(waiting)))
+    return frozenset(seen)
 
 
 def bubble(trace, step_time):

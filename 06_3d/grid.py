@@ -36,6 +36,8 @@ Communication per step, as chapters 02, 05, 03/04 and context_parallel.py derive
     pp  per micro-batch and boundary b (T/tp with sp) C e each way; the loss broadcast; wte's all-reduce
     dp  the stage's local gradient once, over dcp: an all-reduce (or ZeRO's collectives, chapter 04's formula)
 """
+import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -44,7 +46,7 @@ import numpy as np
 from common.chapters import import_chapter
 from common.checkpoint import model_state
 from common.comm import Comm
-from common.config import ConfigError
+from common.config import ConfigError, GPTConfig
 from common.layers import ATTENTION
 from common.memory import Transient
 from common.driver import modules, training_parts
@@ -129,7 +131,14 @@ def check(gpt_cfg, train_cfg, par, world_size):
 
 
 def local_layout(gpt_cfg, stage, pp_size, tp_size, virtual=1):
-    """The tensors of pipeline stage `stage`, each with its shape on one of the tp ranks."""
+    """The tensors of pipeline stage `stage`, each with its shape on one of the tp ranks. Remembered, so that the
+    planner can ask it of every stage of every layout of a large model (no caller changes a Layout)."""
+    return _local_layout(dataclasses.astuple(gpt_cfg), stage, pp_size, tp_size, virtual)
+
+
+@functools.lru_cache(maxsize=4096)
+def _local_layout(sizes, stage, pp_size, tp_size, virtual):
+    gpt_cfg = GPTConfig(*sizes)
     shapes = tp_lib.tp_layout(gpt_cfg, tp_size).shapes
     return Layout([(name, shapes[name]) for name in pipe.stage_layout(gpt_cfg, stage, pp_size, virtual).shapes])
 

@@ -4,13 +4,16 @@ axis and pipeline bubble, predicted from the formulas the grid's ledgers are che
     python 06_3d/planner.py -n 8                                  # the default model, batch 32, 4 micro-batches
     python 06_3d/planner.py -n 16 --n-layer 8 --n-embd 256 --batch-size 64 --ranks-per-host 8
     python 06_3d/planner.py -n 8 --block-size 4096 --batch-size 8 --microbatches 1     # long context: cp
+    python 06_3d/planner.py -n 1024 --n-layer 96 --n-head 96 --n-embd 12288 --block-size 2048 --vocab-size 50257 \
+        --batch-size 1536 --micro-batch-size 1 --memory-per-rank 80 --ranks-per-host 8 --at-scale   # GPT-3 175B
 
 The choice follows the usual procedure: keep the layouts whose ranks fit in memory, then split the model as
 little as possible (tp x pp), since data parallelism's one gradient sum per step hides behind the backward while
 tp's all-reduces and the pipeline's bubble do not; shard the optimizer (ZeRO) before splitting the model; split
 the sequence (cp) only when nothing else fits, as for long contexts; and within a split, prefer tensor
 parallelism inside a host (--ranks-per-host a multiple of tp) and pipeline stages across hosts. The global batch
-is micro-batch x micro-batches x dp.
+is micro-batch x micro-batches x dp. Everything comes from the sizes alone (no array of the model is made), so a
+model of any size is planned in seconds.
 """
 import argparse
 import itertools
@@ -27,23 +30,36 @@ train3d = import_chapter("06_3d.train")
 AXES = ("tp", "cp", "pp", "ends", "dp")
 
 
-def layouts(gpt_cfg, batch_size, world_size, microbatches):
-    """Every (tp, cp, pp, dp, zero_stage) the grid accepts for these sizes (ZeRO-2/3 only without a pipeline;
-    cp where the context splits into 2 cp chunks, for the zig-zag split)."""
-    for tp, cp, pp in itertools.product(range(1, world_size + 1), repeat=3):
+def divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layouts(gpt_cfg, batch_size, world_size, microbatches=None, rows=None):
+    """Every (tp, cp, pp, dp, zero_stage, micro-batches) the grid accepts for these sizes (ZeRO-2/3 only without a
+    pipeline; cp where the context splits into 2 cp chunks, for the zig-zag split), with `microbatches` per
+    replica, or as many as make micro-batches of `rows` rows."""
+    for tp, cp, pp in itertools.product(divisors(world_size), repeat=3):
         dp = world_size // (tp * cp * pp)
         if tp * cp * pp * dp != world_size or gpt_cfg.n_head % tp or pp > gpt_cfg.n_layer:
             continue
-        if batch_size % (dp * microbatches) or (cp > 1 and gpt_cfg.block_size % (2 * cp)):
+        M = microbatches or batch_size // (dp * rows)
+        if M < 1 or batch_size % (dp * M) or (cp > 1 and gpt_cfg.block_size % (2 * cp)):
             continue
         for zero in (0,) if dp * cp == 1 else (0, 1) if pp > 1 else (0, 1, 2, 3):
-            yield tp, cp, pp, dp, zero
+            yield tp, cp, pp, dp, zero, M
 
 
-def predict(gpt_cfg, train_cfg, par):
-    """{memory: the largest rank's estimated bytes, axes: {axis: the largest stage's bytes per step}, bubble}."""
-    world = par.tp * par.cp * par.pp * par.dp
-    memory = max(sum(train3d.memory_estimate(gpt_cfg, train_cfg, par, rank).values()) for rank in range(world))
+AT_SCALE = ("initialisation", "checkpoint")   # what train.py holds of the whole model, and a large system does not
+
+
+def predict(gpt_cfg, train_cfg, par, at_scale=False):
+    """{memory: the largest rank's estimated bytes, axes: {axis: the largest stage's bytes per step}, bubble},
+    from the sizes alone: the ranks of one pipeline stage hold the same, so one rank of each stage is asked.
+    `at_scale`: leave out the whole model train.py draws on every rank and gathers where it saves (AT_SCALE), as
+    a system that initialises and checkpoints each shard where it lives does."""
+    stage_ranks = [stage * par.tp * par.cp for stage in range(par.pp)]          # (tp 0, cp 0, stage, dp 0)
+    memory = max(sum(b for kind, b in train3d.memory_estimate(gpt_cfg, train_cfg, par, rank).items()
+                     if not (at_scale and kind in AT_SCALE)) for rank in stage_ranks)
     itemsize = np.dtype(train_cfg.dtype).itemsize
     per_stage = [grid_lib.ledger_formula(gpt_cfg, par, s, train_cfg.batch_size, itemsize, train_cfg.recompute)
                  for s in range(par.pp)]
@@ -56,17 +72,26 @@ def tp_inside_host(tp, ranks_per_host):
     return ranks_per_host == 0 or ranks_per_host % tp == 0
 
 
-def plan(gpt_cfg, train_cfg, world_size, microbatches, ranks_per_host=0, budget=None):
-    """The table (one dict per layout, in preference order) and the recommended row (None if none fits)."""
-    rows = []
-    for tp, cp, pp, dp, zero in layouts(gpt_cfg, train_cfg.batch_size, world_size, microbatches):
-        par = ParallelConfig(tp=tp, cp=cp, pp=pp, dp=dp, zero_stage=zero, microbatches=microbatches)
-        row = {"tp": tp, "cp": cp, "pp": pp, "dp": dp, "zero": zero, **predict(gpt_cfg, train_cfg, par)}
+def plan(gpt_cfg, train_cfg, world_size, microbatches=None, ranks_per_host=0, budget=None, rows=None, sp=False,
+         at_scale=False):
+    """The table (one dict per layout, in preference order) and the recommended row (None if none fits);
+    `microbatches` per replica, or as many as make micro-batches of `rows` rows; `sp`: sequence parallelism
+    where tp > 1; `at_scale`: see predict."""
+    table = []
+    for tp, cp, pp, dp, zero, M in layouts(gpt_cfg, train_cfg.batch_size, world_size, microbatches, rows):
+        par = ParallelConfig(tp=tp, cp=cp, pp=pp, dp=dp, zero_stage=zero, microbatches=M,
+                             sequence_parallel=sp and tp > 1)
+        try:
+            grid_lib.check(gpt_cfg, train_cfg, par, world_size)       # what train.py would refuse is not planned
+        except ConfigError:
+            continue
+        row = {"tp": tp, "cp": cp, "pp": pp, "dp": dp, "zero": zero, "M": M,
+               **predict(gpt_cfg, train_cfg, par, at_scale)}
         row["fits"] = budget is None or row["memory"] <= budget
         row["tp_inside"] = tp_inside_host(tp, ranks_per_host)
-        rows.append(row)
-    rows.sort(key=lambda r: (not r["fits"], not r["tp_inside"], r["cp"], r["tp"] * r["pp"], r["zero"], r["pp"]))
-    return rows, next((r for r in rows if r["fits"]), None)
+        table.append(row)
+    table.sort(key=lambda r: (not r["fits"], not r["tp_inside"], r["cp"], r["tp"] * r["pp"], r["zero"], r["pp"]))
+    return table, next((r for r in table if r["fits"]), None)
 
 
 def mib(nbytes):
@@ -82,43 +107,64 @@ def main(argv=None):
     parser.add_argument("--block-size", type=int, default=64, help="context length in tokens (default: 64)")
     parser.add_argument("--vocab-size", type=int, default=65, help="symbols in the vocabulary (default: 65)")
     parser.add_argument("--batch-size", type=int, default=32, help="global batch in sequences (default: 32)")
-    parser.add_argument("--microbatches", type=int, default=4, help="micro-batches per replica (default: 4)")
+    split = parser.add_mutually_exclusive_group()
+    split.add_argument("--microbatches", type=int, help="micro-batches per replica (default: 4)")
+    split.add_argument("--micro-batch-size", type=int,
+                       help="rows per micro-batch instead: each layout then runs batch / (dp x this) micro-batches")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--recompute", default="none", choices=RECOMPUTE,
                         help="activations kept for the backward, as train.py's --recompute (default: none)")
+    parser.add_argument("--sequence-parallel", action="store_true",
+                        help="plan the layouts with tp > 1 with sequence parallelism, as train.py's flag")
+    parser.add_argument("--at-scale", action="store_true",
+                        help="leave out the whole model that train.py draws on every rank and gathers to save, as "
+                             "a large system that initialises and checkpoints shard by shard does")
     parser.add_argument("--ranks-per-host", type=int, default=0,
                         help="ranks on each host, for placing tp inside one (default: 0, all on one host)")
+    parser.add_argument("--memory-per-rank", type=float, default=0,
+                        help="GiB each rank may hold, e.g. 80 for an 80 GB accelerator (default: 0, this host's "
+                             "available memory shared by its ranks)")
     args = parser.parse_args(argv)
+    M, rows_each = (args.microbatches or (None if args.micro_batch_size else 4)), args.micro_batch_size
     try:
         gpt_cfg = GPTConfig(args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab_size)
         gpt_cfg.validate()
         train_cfg = TrainConfig(batch_size=args.batch_size, dtype=args.dtype, recompute=args.recompute)
-        if args.n < 1:
-            raise ConfigError(f"-n must be a positive number of ranks, got {args.n}")
+        for name, value in (("-n", args.n), ("--microbatches", M or 1), ("--micro-batch-size", rows_each or 1)):
+            if value < 1:
+                raise ConfigError(f"{name} must be a positive number, got {value}")
+        if args.memory_per_rank < 0:
+            raise ConfigError(f"--memory-per-rank must be positive (GiB), got {args.memory_per_rank}")
         available = available_bytes()
         per_host = args.ranks_per_host or args.n
-        budget = available / per_host if available else None
-        rows, best = plan(gpt_cfg, train_cfg, args.n, args.microbatches, args.ranks_per_host, budget)
+        budget = args.memory_per_rank * 2 ** 30 or (available / per_host if available else None)
+        rows, best = plan(gpt_cfg, train_cfg, args.n, M, args.ranks_per_host, budget, rows_each,
+                          args.sequence_parallel, args.at_scale)
         if not rows:
+            each = f"--microbatches {M} per replica" if M else f"micro-batches of --micro-batch-size {rows_each}"
             raise ConfigError(f"no tp x pp x dp of {args.n} ranks splits --batch-size {args.batch_size} into "
-                              f"--microbatches {args.microbatches} per replica; choose a batch that is a "
-                              f"multiple of {args.n * args.microbatches}")
+                              f"{each}; choose a batch that is a multiple of {args.n * (M or rows_each)}")
     except ConfigError as e:
         exit_with(e)
-    print(f"{args.n} ranks, batch {args.batch_size} x {args.block_size} in {args.microbatches} micro-batches "
-          f"per replica, {args.dtype}" + (f"; {size(budget)} of memory per rank" if budget else ""))
-    print(f"{'tp':>3} {'cp':>3} {'pp':>3} {'dp':>3} {'ZeRO':>4} {'memory/rank':>12} "
+    each = f"{M} micro-batches per replica" if M else f"micro-batches of {rows_each} rows"
+    print(f"{args.n} ranks, batch {args.batch_size} x {args.block_size} in {each}, {args.dtype}"
+          + (", sequence parallel" if args.sequence_parallel else "")
+          + (", initialised and saved shard by shard" if args.at_scale else "")
+          + (f"; {size(budget)} of memory per rank" if budget else ""))
+    print(f"{'tp':>3} {'cp':>3} {'pp':>3} {'dp':>3} {'ZeRO':>4} {'M':>4} {'memory/rank':>12} "
           + " ".join(f"{a + ' MiB':>8}" for a in AXES) + f" {'bubble':>7}  note")
     for r in rows:
         note = "does not fit" if not r["fits"] else "" if r["tp_inside"] else "tp crosses hosts"
         note += "  <- recommended" if r is best else ""
-        print(f"{r['tp']:>3} {r['cp']:>3} {r['pp']:>3} {r['dp']:>3} {r['zero']:>4} {size(r['memory']):>12} "
-              + " ".join(f"{mib(r['axes'][a]):>8}" for a in AXES) + f" {r['bubble']:>7.2f}  {note}")
+        print(f"{r['tp']:>3} {r['cp']:>3} {r['pp']:>3} {r['dp']:>3} {r['zero']:>4} {r['M']:>4} "
+              f"{size(r['memory']):>12} " + " ".join(f"{mib(r['axes'][a]):>8}" for a in AXES)
+              + f" {r['bubble']:>7.2f}  {note}")
     if best:
         zero = f" --zero-stage {best['zero']}" if best["zero"] else ""
         cp = f" --cp {best['cp']}" if best["cp"] > 1 else ""
         print(f"recommended: mpirun -n {args.n} python 06_3d/train.py --tp {best['tp']}{cp} --pp {best['pp']} "
-              f"--dp {best['dp']}{zero} --batch-size {args.batch_size} --microbatches {args.microbatches}"
+              f"--dp {best['dp']}{zero} --batch-size {args.batch_size} --microbatches {best['M']}"
+              + (" --sequence-parallel" if args.sequence_parallel and best["tp"] > 1 else "")
               + (f" --block-size {args.block_size}" if args.block_size != 64 else "")
               + (f" --recompute {args.recompute}" if args.recompute != "none" else ""))
     else:

@@ -57,8 +57,7 @@ def memory_estimate(gpt_cfg, train_cfg, par, rank):
     layout = grid_lib.local_layout(gpt_cfg, stage, par.pp, par.tp, par.virtual_stages)
     n, M, e = layout.size, par.microbatches, np.dtype(train_cfg.dtype).itemsize
     shard = -(-n // (par.dp * par.cp))                        # ZeRO shards over the ranks that sum gradients
-    module = max(sum(int(np.prod(layout.shapes[name])) for name in names) for names in modules(gpt_cfg).values()
-               if all(name in layout.shapes for name in names))
+    module = zero_lib.largest_part(layout, modules(gpt_cfg)) if par.zero_stage == 3 else 0
     bucket = int(par.bucket_mb * 2 ** 20) // e
     rows = train_cfg.batch_size // (par.dp * M)
     return estimate(gpt_cfg, e, params=shard + module if par.zero_stage == 3 else n,
@@ -67,7 +66,7 @@ def memory_estimate(gpt_cfg, train_cfg, par, rank):
                     recompute=train_cfg.recompute,
                     activations=pipe.activation_formula(gpt_cfg, rows, e, par, stage, train_cfg.recompute, par.tp,
                                                         par.sequence_parallel, par.cp),
-                    whole=gpt_layout(gpt_cfg).size)
+                    whole=grid_lib.local_layout(gpt_cfg, 0, 1, 1).size)
 
 
 def my_positions(state, x, y):

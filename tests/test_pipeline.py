@@ -27,6 +27,8 @@ def cases():
 def test_schedules_are_valid_programs_at_their_activation_bound_and_bubble(kind, P, M, V):
     peaks = sched.check_schedule(kind, M, P, V)        # every op once and in order, sends = recvs, no deadlock
     assert peaks == [sched.alive_bound(kind, M, s, P, V) for s in range(P)]
+    one = lambda chunk: 1                             # noqa: E731  (a chunk kept or waiting for its W counts 1)
+    assert [sched.activation_peak(kind, M, s, P, V, one, one) for s in range(P)] == peaks
     # forward 1, backward 2 per stage (a chunk: 1/V of that); zb-h1's backward split into B = W = 1
     costs = {"zb-h1": (1, 1, 1)}.get(kind, (1 / V, 2 / V, 0))
     traces = sched.simulate(kind, M, P, *costs, virtual=V)

@@ -85,3 +85,21 @@ def test_a_context_too_long_for_every_unsplit_sequence_is_planned_with_context_p
     unsplit = min(r["memory"] for r in rows if r["cp"] == 1)
     rows, best = planner.plan(gpt_cfg, TrainConfig(batch_size=4), 4, 1, budget=unsplit - 1)
     assert best is not None and best["cp"] > 1 and best["memory"] < unsplit, best
+
+
+GPT3 = ["-n", 1024, "--n-layer", 96, "--n-head", 96, "--n-embd", 12288, "--block-size", 2048, "--vocab-size", 50257,
+        "--batch-size", 1536, "--micro-batch-size", 1, "--memory-per-rank", 80, "--ranks-per-host", 8,
+        "--recompute", "selective", "--sequence-parallel"]
+
+
+def test_the_planner_plans_gpt3_175b_on_1024_ranks_from_the_sizes_alone():
+    """No array of the model is made: every layout of 1024 ranks is planned from the sizes (seconds, a few MB)."""
+    result = run(["06_3d/planner.py", *GPT3, "--at-scale"], timeout=300)
+    assert result.returncode == 0, result.stderr
+    command = result.stdout.split("recommended: mpirun -n 1024 python 06_3d/train.py ")[1].split()
+    assert int(command[command.index("--tp") + 1]) in (1, 2, 4, 8), command          # tp inside a host of 8
+    rows = [line.split() for line in result.stdout.splitlines()[2:]
+            if line.split() and all(word.isdigit() for word in line.split()[:6])]
+    assert len(rows) > 300 and any("fit" in row for row in rows)                      # some do not fit
+    whole = run(["06_3d/planner.py", *GPT3], timeout=300)                   # every rank drawing the whole model
+    assert whole.returncode == 0 and "no layout fits in memory" in whole.stdout, whole.stdout[-500:]

@@ -40,7 +40,8 @@ def test_verify_fails_when_a_communication_is_left_out(tmp_path, sabotage, flags
 def test_shard_then_unshard_gives_back_every_single_core_tensor(tp):
     cfg = GPTConfig(n_layer=1, n_head=4, n_embd=8, block_size=4, vocab_size=11)
     full = gpt_layout(cfg).views(init_params(cfg, 0, np.float64) + np.arange(gpt_layout(cfg).size))
-    local = tp_lib.tp_layout(cfg, tp)
+    local = tp_lib.tp_layout(cfg, tp)                       # from the sizes alone: the planner's, for any model
+    assert {name: tp_lib.shard_tensor(name, a, cfg, tp, tp - 1).shape for name, a in full.items()} == local.shapes
     pieces = [local.views(tp_lib.shard(full, local, cfg, tp, rank, np.float64)) for rank in range(tp)]
     for name, want in full.items():
         np.testing.assert_array_equal(tp_lib.unshard_tensor(name, [p[name] for p in pieces], cfg), want)
