@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+import common.startup as startup
 from common.chapters import import_chapter
 from common.checkpoint import model_state
 from common.comm import Comm, world
@@ -31,7 +32,7 @@ FLAGS = ("tp", "sequence_parallel", *NETWORK_FLAGS)
 
 
 def setup(argv, world_size):
-    gpt_cfg, train_cfg, tokens, val_tokens, par = single.setup(
+    gpt_cfg, train_cfg, tokens, val_tokens, par = startup.setup(
         argv, Path(__file__).parent.name, __doc__, {"out_dir": "out/tensor_parallel"}, axis="tp", world_size=world_size,
         flags=FLAGS)
     tp_lib.check_layout(gpt_cfg, par.tp, par.sequence_parallel)

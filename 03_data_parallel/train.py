@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+import common.startup as startup
 from common.chapters import import_chapter
 from common.comm import Comm, world
 from common.config import NETWORK_FLAGS, ConfigError, ParallelConfig
@@ -30,7 +31,7 @@ FLAGS = ("dp", "grad_accum", "dp_mode", "bucket_mb", "check_replicas", *NETWORK_
 
 
 def setup(argv, world_size, chapter=Path(__file__).parent.name, description=__doc__, defaults=None, flags=FLAGS):
-    gpt_cfg, train_cfg, tokens, val_tokens, par = single.setup(
+    gpt_cfg, train_cfg, tokens, val_tokens, par = startup.setup(
         argv, chapter, description, {"out_dir": "out/data_parallel", **(defaults or {})}, axis="dp",
         world_size=world_size, flags=flags)
     if train_cfg.batch_size % (par.dp * par.grad_accum):

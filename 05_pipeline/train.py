@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+import common.startup as startup
 from common.chapters import import_chapter
 from common.checkpoint import model_state
 from common.comm import Comm, world
@@ -36,7 +37,7 @@ FLAGS = ("pp", "microbatches", "schedule", "virtual_stages", *NETWORK_FLAGS)
 
 
 def setup(argv, world_size):
-    gpt_cfg, train_cfg, tokens, val_tokens, par = single.setup(
+    gpt_cfg, train_cfg, tokens, val_tokens, par = startup.setup(
         argv, Path(__file__).parent.name, __doc__, {"out_dir": "out/pipeline"}, axis="pp", world_size=world_size,
         flags=FLAGS, choices={"schedule": sched.SCHEDULES})
     pipe.check_layout(gpt_cfg, par, train_cfg.recompute)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+import common.startup as startup
 from common.chapters import import_chapter
 from common.comm import world
 from common.config import NETWORK_FLAGS
@@ -28,7 +29,6 @@ from common.memory import estimate, peak_rss
 from common.driver import modules
 from common.model import gpt_layout, init_params
 
-single = import_chapter("01_single_core.train")
 dp_lib = import_chapter("03_data_parallel.data_parallel")
 pipe = import_chapter("05_pipeline.pipeline")
 sched = import_chapter("05_pipeline.schedules")
@@ -41,7 +41,7 @@ FLAGS = ("tp", "sequence_parallel", "dp", "dp_mode", "bucket_mb", "check_replica
 
 
 def setup(argv, world_size):
-    gpt_cfg, train_cfg, tokens, val_tokens, par = single.setup(
+    gpt_cfg, train_cfg, tokens, val_tokens, par = startup.setup(
         argv, chapter=Path(__file__).parent.name, description=__doc__,
         defaults={"out_dir": "out/3d", "batch_size": 32}, shown={"dp": "the ranks left by tp x pp"}, flags=FLAGS,
         choices={"schedule": sched.SCHEDULES, "cp_split": grid_lib.cp_lib.SPLITS})
