@@ -29,13 +29,15 @@ rank's part of its input and gathers it again in the backward, so that every act
 all-gathers and (4 L + 2) reduce-scatters of B T C e per step, the same 3 cross-entropy all-reduces, plus one
 all-reduce of the replicated tensors' gradients, which now see only a part of the sequence each.
 """
+from typing import Callable, NamedTuple
+
 import numpy as np
 
 from common.chapters import import_chapter
 from common.driver import Parts, gpt_backward, gpt_forward
-from common.layers import (ATTENTION, colsum, gelu_backward, gelu_forward, layernorm_backward, layernorm_forward,
-                           linear_backward, linear_forward, lm_head_backward, lm_head_forward, rowsum,
-                           scatter_add_rows)
+from common.layers import (attention_backward, attention_forward, colsum, gelu_backward, gelu_forward,
+                           layernorm_backward, layernorm_forward, linear_backward, linear_forward, lm_head_backward,
+                           lm_head_forward, rowsum, scatter_add_rows)
 from common.optim import global_norm
 
 sharding = import_chapter("02_tensor_parallel.sharding")     # the shard section, in a file of its own
@@ -90,6 +92,16 @@ def leave(x, tp, sp):
 
 def leave_backward(dx, tp, sp):
     return gather_sequence(dx, tp) if sp else dx
+
+
+class Attention(NamedTuple):
+    """The attention pair a block runs, forward(qkv, n_head, keep_scores) -> (y, cache) and backward(dy, cache) ->
+    dqkv: chapter 01's on every position, or context parallelism's ring attention (chapter 06)."""
+    forward: Callable
+    backward: Callable
+
+
+ATTENTION = Attention(attention_forward, attention_backward)
 
 
 # A column-parallel linear's backward needs its whole input for its weight gradient. Under sequence parallelism

@@ -8,12 +8,12 @@ it will read, as a `Later`. The common.driver runs these through `Parts.deferrin
 weights=queue) is B, stage_weights(queue) is W, and the two add up bit for bit to the whole backward
 (tests/test_pipeline.py). The blocks are chapter 01's or, with the operators of chapter 02 (`enter`,
 `enter_backward` and `leave_backward`: f and g, or sequence parallelism's all-gather and reduce-scatter) and its
-vocab-parallel loss, chapter 02's; `attention` is context parallelism's ring in chapter 06.
+vocab-parallel loss, chapter 02's; `attention`, the attention's backward, is context parallelism's ring's in 06.
 """
 from dataclasses import replace
 from typing import Callable, NamedTuple
 
-from common.layers import (ATTENTION, colsum, cross_entropy_backward, gelu_backward, layernorm_input_grad,
+from common.layers import (attention_backward, colsum, cross_entropy_backward, gelu_backward, layernorm_input_grad,
                            layernorm_weight_grads, linear_input_grad, linear_weight_grads, lm_head_input_grad,
                            lm_head_weight_grads)
 
@@ -61,7 +61,7 @@ def bias_grad(dout, db):
 
 
 def block_input_grad(dout, cache, p, g, later, enter=same, enter_backward=same, leave_backward=same,
-                     attention=ATTENTION):
+                     attention=attention_backward):
     """B of a transformer block (01's block_backward, or 02's with its operators: `enter` gathers again what
     sequence parallelism's cache keeps of a column-parallel input): its input gradient, every weight-gradient
     term passed to later(fn, inputs, *grads)."""
@@ -77,7 +77,7 @@ def block_input_grad(dout, cache, p, g, later, enter=same, enter_backward=same, 
     later(bias_grad, (dx,), g["attn.c_proj.b"])
     dh = leave_backward(dx)
     later(linear_weight_grads, (dh, c_proj), g["attn.c_proj.w"], None)
-    dh = attention.backward(linear_input_grad(dh, p["attn.c_proj.w"]), c_att)
+    dh = attention(linear_input_grad(dh, p["attn.c_proj.w"]), c_att)
     later(linear_weight_grads, (dh, enter(c_qkv)), g["attn.c_attn.w"], g["attn.c_attn.b"])
     dh = enter_backward(linear_input_grad(dh, p["attn.c_attn.w"]))
     later(layernorm_weight_grads, (dh, c_ln1[0]), g["ln_1.w"], g["ln_1.b"])
@@ -95,7 +95,7 @@ def head_input_grad(dloss, cache, p, g, later, enter=same, enter_backward=same,
     return layernorm_input_grad(dx, c_lnf, p["ln_f.w"])
 
 
-def deferring(parts, enter=same, enter_backward=same, leave_backward=same, attention=ATTENTION,
+def deferring(parts, enter=same, enter_backward=same, leave_backward=same, attention=attention_backward,
               loss_backward=cross_entropy_backward):
     """`parts` (a common.driver.Parts) able to defer their weight gradients: their `deferring(queue)` gives the
     same parts with B for backwards, W's terms queued in `queue` (the embedding's backward, all weight

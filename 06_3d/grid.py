@@ -47,7 +47,6 @@ from common.chapters import import_chapter
 from common.checkpoint import model_state
 from common.comm import Comm
 from common.config import ConfigError, GPTConfig
-from common.layers import ATTENTION
 from common.memory import Transient
 from common.driver import modules, training_parts
 from common.model import gpt_layout
@@ -175,8 +174,8 @@ class State:
         if par.cp > 1:
             self.pos = cp_lib.positions(T, par.cp, grid.cp.rank, par.cp_split)
             self.ring = cp_lib.Ring(grid.cp, T, par.cp_split)
-        attention = self.ring or ATTENTION
-        parts = pipe.zb.deferring(tp_lib.tp_parts(tp, sp, attention, self.pos), attention=attention,
+        attention = self.ring or tp_lib.ATTENTION
+        parts = pipe.zb.deferring(tp_lib.tp_parts(tp, sp, attention, self.pos), attention=attention.backward,
                                   enter=lambda x: tp_lib.enter(x, tp, sp),
                                   enter_backward=lambda dx: tp_lib.enter_backward(dx, tp, sp),
                                   leave_backward=lambda dx: tp_lib.leave_backward(dx, tp, sp),

@@ -9,7 +9,6 @@ Shapes: B batch, T time, C n_embd, V vocab, nh heads, hs head size.
 """
 import functools
 import math
-from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -207,16 +206,6 @@ def attention_backward(dout, cache):
         dqkv[b, :, 0] = (dpre @ k[b]).transpose(0, 2, 1, 3)             # pre = q @ k^T * scale
         dqkv[b, :, 1] = (dpre.transpose(0, 1, 3, 2) @ q[b]).transpose(0, 2, 1, 3)
     return dqkv.reshape(B, T, 3 * nh * hs)
-
-
-class Attention(NamedTuple):
-    """An attention pair, forward(qkv, n_head, keep_scores) -> (y, cache) and backward(dy, cache) -> dqkv, for
-    blocks that take their attention as a part (context parallelism's ring attention is another)."""
-    forward: Callable
-    backward: Callable
-
-
-ATTENTION = Attention(attention_forward, attention_backward)
 
 
 def gelu_forward(x):
