@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from common.checkpoint import load_model
-from common.config import ConfigError, Parser, exit_with, refuse_several_processes
+from common.config import ConfigError, Parser, exit_with
 from common.data import load_meta
 from common.model import generate, gpt_layout
+from common.startup import refuse_several_processes
 
 
 def main(argv=None):

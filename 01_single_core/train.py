@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from common.checkpoint import single_core_state
-from common.config import ConfigError, GPTConfig, TrainConfig, exit_with, refuse_several_processes
+from common.config import ConfigError, GPTConfig, TrainConfig, exit_with
 from common.loop import train
 from common.memory import Transient, check_fits, estimate, reuse_freed_memory
 from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
 from common.optim import AdamW, clip_grad_norm, decays
 from common.params import Layout
-from common.startup import setup
+from common.startup import refuse_several_processes, setup
 from common.threads import size_blas_pool
 
 CHAPTER = Path(__file__).parent.name

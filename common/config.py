@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,22 +26,6 @@ class Parser(argparse.ArgumentParser):
 def exit_with(error):
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
-
-
-# where MPI launchers put a process's rank and the job's size: MPICH (and Intel MPI, Slurm's PMI), Open MPI
-LAUNCHER_ENV = (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"))
-
-
-def refuse_several_processes(script, instead):
-    """For a one-process script: if an MPI launcher started it as several processes, rank 0 says so (`instead`:
-    what to run) and every one exits with status 2, before any work and without starting MPI."""
-    for rank, size in LAUNCHER_ENV:
-        ranks = int(os.environ.get(size, 1))
-        if ranks > 1:
-            if int(os.environ.get(rank, 0)) == 0:
-                exit_with(f"{script} runs on one process, but it was started as {ranks} (mpirun -n {ranks}); run "
-                          f"it with python alone, or {instead}")
-            sys.exit(2)
 
 
 def option(default, help, choices=None, group=None):

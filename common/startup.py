@@ -1,10 +1,13 @@
 """What every chapter's train.py does before any work: its configs from the flags it implements (and a JSON file),
-the data, the output folder, all checked, so a mistake is one clear line on rank 0 and no compute was spent.
+the data, the output folder, all checked, so a mistake is one clear line on rank 0 and no compute was spent; and
+a one-process script's refusal to run as several.
 """
 import os
+import sys
 from pathlib import Path
 
-from common.config import ConfigError, GPTConfig, ParallelConfig, Parser, TrainConfig, add_config_args, config_from_args
+from common.config import (ConfigError, GPTConfig, ParallelConfig, Parser, TrainConfig, add_config_args,
+                           config_from_args, exit_with)
 from common.data import load_meta, load_tokens
 
 
@@ -47,3 +50,19 @@ def check_out_dir(out_dir):
                           f"checkpoint and metrics")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"--out-dir {out_dir}: {existing} is not writable; name a folder you can write in")
+
+
+# where MPI launchers put a process's rank and the job's size: MPICH (and Intel MPI, Slurm's PMI), Open MPI
+LAUNCHER_ENV = (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"))
+
+
+def refuse_several_processes(script, instead):
+    """For a one-process script: if an MPI launcher started it as several processes, rank 0 says so (`instead`:
+    what to run) and every one exits with status 2, before any work and without starting MPI."""
+    for rank, size in LAUNCHER_ENV:
+        ranks = int(os.environ.get(size, 1))
+        if ranks > 1:
+            if int(os.environ.get(rank, 0)) == 0:
+                exit_with(f"{script} runs on one process, but it was started as {ranks} (mpirun -n {ranks}); run "
+                          f"it with python alone, or {instead}")
+            sys.exit(2)
