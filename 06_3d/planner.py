@@ -34,19 +34,25 @@ def divisors(n):
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def layouts(gpt_cfg, batch_size, world_size, microbatches=None, rows=None):
-    """Every (tp, cp, pp, dp, zero_stage, micro-batches) the grid accepts for these sizes (ZeRO-2/3 only without a
-    pipeline; cp where the context splits into 2 cp chunks, for the zig-zag split), with `microbatches` per
-    replica, or as many as make micro-batches of `rows` rows."""
+def layouts(gpt_cfg, train_cfg, world_size, microbatches=None, rows=None, sp=False):
+    """The ParallelConfig of every layout of `world_size` ranks that train.py accepts (grid.check), ZeRO-2/3 only
+    where the grid allows them, with `microbatches` per replica or as many as make micro-batches of `rows` rows;
+    `sp`: sequence parallelism where tp > 1."""
     for tp, cp, pp in itertools.product(divisors(world_size), repeat=3):
         dp = world_size // (tp * cp * pp)
-        if tp * cp * pp * dp != world_size or gpt_cfg.n_head % tp or pp > gpt_cfg.n_layer:
+        if tp * cp * pp * dp != world_size:
             continue
-        M = microbatches or batch_size // (dp * rows)
-        if M < 1 or batch_size % (dp * M) or (cp > 1 and gpt_cfg.block_size % (2 * cp)):
+        M = microbatches or train_cfg.batch_size // (dp * rows)
+        if M < 1:
             continue
-        for zero in (0,) if dp * cp == 1 else (0, 1) if pp > 1 else (0, 1, 2, 3):
-            yield tp, cp, pp, dp, zero, M
+        for zero in (0,) if dp * cp == 1 else (0, 1, 2, 3):
+            par = ParallelConfig(tp=tp, cp=cp, pp=pp, dp=dp, zero_stage=zero, microbatches=M,
+                                 sequence_parallel=sp and tp > 1)
+            try:
+                grid_lib.check(gpt_cfg, train_cfg, par, world_size)
+            except ConfigError:
+                continue
+            yield par
 
 
 AT_SCALE = ("initialisation", "checkpoint")   # what train.py holds of the whole model, and a large system does not
@@ -78,17 +84,11 @@ def plan(gpt_cfg, train_cfg, world_size, microbatches=None, ranks_per_host=0, bu
     `microbatches` per replica, or as many as make micro-batches of `rows` rows; `sp`: sequence parallelism
     where tp > 1; `at_scale`: see predict."""
     table = []
-    for tp, cp, pp, dp, zero, M in layouts(gpt_cfg, train_cfg.batch_size, world_size, microbatches, rows):
-        par = ParallelConfig(tp=tp, cp=cp, pp=pp, dp=dp, zero_stage=zero, microbatches=M,
-                             sequence_parallel=sp and tp > 1)
-        try:
-            grid_lib.check(gpt_cfg, train_cfg, par, world_size)       # what train.py would refuse is not planned
-        except ConfigError:
-            continue
-        row = {"tp": tp, "cp": cp, "pp": pp, "dp": dp, "zero": zero, "M": M,
+    for par in layouts(gpt_cfg, train_cfg, world_size, microbatches, rows, sp):
+        row = {"tp": par.tp, "cp": par.cp, "pp": par.pp, "dp": par.dp, "zero": par.zero_stage, "M": par.microbatches,
                **predict(gpt_cfg, train_cfg, par, at_scale)}
         row["fits"] = budget is None or row["memory"] <= budget
-        row["tp_inside"] = tp_inside_host(tp, ranks_per_host)
+        row["tp_inside"] = tp_inside_host(par.tp, ranks_per_host)
         table.append(row)
     table.sort(key=lambda r: (not r["fits"], not r["tp_inside"], r["cp"], r["tp"] * r["pp"], r["zero"], r["pp"]))
     return table, next((r for r in table if r["fits"]), None)
