@@ -14,8 +14,9 @@ from common.config import ConfigError, GPTConfig, TrainConfig, exit_with
 from common.loop import train
 from common.memory import Transient, check_fits, estimate, reuse_freed_memory
 from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
-from common.optim import AdamW, clip_grad_norm, decays
+from common.optim import AdamW, decays
 from common.params import Layout
+from common.precision import describe, grad_dtype, make_adamw, master_dtype, storage, widths
 from common.startup import refuse_several_processes, setup
 from common.threads import size_blas_pool
 
@@ -50,21 +51,23 @@ class State:
         for kind, views in self.whole().items():
             for name, view in views.items():
                 view[...] = whole[kind][name]
+        self.opt.cast(self.params)                      # mixed precision: the 16-bit weights from the master
 
 
 def build(gpt_cfg, train_cfg):
-    """The flat parameters (nanoGPT's init from the seed), a gradient buffer of the same layout, and AdamW."""
-    dtype = np.dtype(train_cfg.dtype)
+    """The flat parameters (nanoGPT's init from the seed), a gradient buffer of the same layout, and AdamW; in
+    mixed precision the init is AdamW's float32 master, and the model reads 16-bit weights rounded from it."""
     layout = gpt_layout(gpt_cfg)
-    params = init_params(gpt_cfg, train_cfg.seed, dtype)
-    opt = AdamW(layout.mask(decays), train_cfg.beta1, train_cfg.beta2, train_cfg.weight_decay, dtype=dtype)
-    return State(gpt_cfg, train_cfg, layout, params, np.zeros_like(params), opt)
+    master = init_params(gpt_cfg, train_cfg.seed, master_dtype(train_cfg))
+    opt = make_adamw(train_cfg, layout.mask(decays), master)
+    params = master.astype(storage(train_cfg), copy=False)
+    return State(gpt_cfg, train_cfg, layout, params, np.zeros(layout.size, grad_dtype(train_cfg)), opt)
 
 
 def memory_estimate(gpt_cfg, train_cfg):
     """{kind: bytes} this process will hold: the whole model, its gradient and AdamW, one batch's activations."""
     n = gpt_layout(gpt_cfg).size
-    return estimate(gpt_cfg, np.dtype(train_cfg.dtype).itemsize, params=n, grads=n, optimizer=n,
+    return estimate(gpt_cfg, widths(train_cfg), params=n, grads=n, optimizer=n,
                     rows=train_cfg.batch_size, blocks=gpt_cfg.n_layer, recompute=train_cfg.recompute)
 
 
@@ -74,9 +77,8 @@ def train_step(state, batch, lr):
     s.grads.fill(0)
     _, loss, cache = gpt_forward(s.p, x, y, s.gpt_cfg, s.train_cfg.recompute)
     s.held.hold("activations", cache)                   # the bytes it keeps for the backward, measured
-    gpt_backward(cache, s.p, s.g)
-    clip_grad_norm(s.grads, s.train_cfg.grad_clip)
-    s.opt.step(s.params, s.grads, lr)
+    gpt_backward(cache, s.p, s.g, dloss=s.opt.loss_scale)   # fp16: the loss scaled, so small gradients survive
+    s.opt.update(s.params, s.opt.unscaled(s.grads), lr, s.train_cfg.grad_clip)
     return loss
 
 
@@ -97,7 +99,7 @@ def main(argv=None):
     reuse_freed_memory()
     state = build(gpt_cfg, train_cfg)
     train(state, tokens, val_tokens, train_step, evaluate, budget, threads=threads,
-          banner=f"{state.layout.size:,} parameters, {train_cfg.dtype}, batch {train_cfg.batch_size} x "
+          banner=f"{state.layout.size:,} parameters, {describe(train_cfg)}, batch {train_cfg.batch_size} x "
                  f"{gpt_cfg.block_size} tokens")
 
 

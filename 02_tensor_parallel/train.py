@@ -22,7 +22,8 @@ from common.driver import for_training
 from common.loop import prepare, train
 from common.memory import estimate
 from common.model import gpt_layout, init_params
-from common.optim import AdamW, clip_grad_norm, decays
+from common.optim import decays
+from common.precision import describe, grad_dtype, make_adamw, master_dtype, storage, widths
 
 single = import_chapter("01_single_core.train")
 tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
@@ -42,7 +43,7 @@ def setup(argv, world_size):
 def memory_estimate(gpt_cfg, train_cfg, par):
     """{kind: bytes} one rank will hold: its shards, their gradient and AdamW, its part of the activations."""
     n = tp_lib.tp_layout(gpt_cfg, par.tp).size
-    return estimate(gpt_cfg, np.dtype(train_cfg.dtype).itemsize, params=n, grads=n, optimizer=n,
+    return estimate(gpt_cfg, widths(train_cfg), params=n, grads=n, optimizer=n,
                     rows=train_cfg.batch_size, blocks=gpt_cfg.n_layer, tp_size=par.tp, sp=par.sequence_parallel,
                     recompute=train_cfg.recompute, whole=gpt_layout(gpt_cfg).size)
 
@@ -67,17 +68,19 @@ class State(single.State):
     def load(self, whole):
         for kind, flat in model_state(self.params, self.opt).items():
             flat[...] = tp_lib.shard(whole[kind], self.layout, self.gpt_cfg, self.tp.size, self.tp.rank, flat.dtype)
+        self.opt.cast(self.params)                      # mixed precision: the 16-bit shards from the master
 
 
 def build(gpt_cfg, train_cfg, par, tp, full=None):
     """Every rank draws the whole single-core initialisation from the seed (or takes `full`) and keeps its
     shards, so the two models start identical with no communication."""
-    dtype = np.dtype(train_cfg.dtype)
+    dtype = master_dtype(train_cfg)
     full = init_params(gpt_cfg, train_cfg.seed, dtype) if full is None else full
     local = tp_lib.tp_layout(gpt_cfg, tp.size)
-    params = tp_lib.shard(gpt_layout(gpt_cfg).views(full), local, gpt_cfg, tp.size, tp.rank, dtype)
-    opt = AdamW(local.mask(decays), train_cfg.beta1, train_cfg.beta2, train_cfg.weight_decay, dtype=dtype)
-    return State(gpt_cfg, train_cfg, local, params, np.zeros_like(params), opt, par=par, tp=tp)
+    master = tp_lib.shard(gpt_layout(gpt_cfg).views(full), local, gpt_cfg, tp.size, tp.rank, dtype)
+    opt = make_adamw(train_cfg, local.mask(decays), master)
+    params = master.astype(storage(train_cfg), copy=False)
+    return State(gpt_cfg, train_cfg, local, params, np.zeros(local.size, grad_dtype(train_cfg)), opt, par=par, tp=tp)
 
 
 def train_step(state, batch, lr):
@@ -85,9 +88,9 @@ def train_step(state, batch, lr):
     s, (x, y), sp = state, batch, state.par.sequence_parallel
     s.grads.fill(0)
     _, loss, cache = tp_lib.tp_forward(s.p, x, y, s.gpt_cfg, s.tp, sp, parts=s.parts)
-    tp_lib.tp_backward(cache, s.p, s.g, s.tp, sp)
-    clip_grad_norm(s.grads, s.train_cfg.grad_clip, tp_lib.grad_norm(s.grads, s.layout, s.tp))
-    s.opt.step(s.params, s.grads, lr)
+    tp_lib.tp_backward(cache, s.p, s.g, s.tp, sp, dloss=s.opt.loss_scale)
+    g = s.opt.unscaled(s.grads)
+    s.opt.update(s.params, g, lr, s.train_cfg.grad_clip, tp_lib.grad_norm(g, s.layout, s.tp))
     return loss
 
 
@@ -102,7 +105,7 @@ def main(argv=None):
     state = build(gpt_cfg, train_cfg, par, tp)
     train(state, tokens, val_tokens, train_step, evaluate, budget, threads=tp.host.threads, comm=tp,
           banner=f"{gpt_layout(gpt_cfg).size:,} parameters, {state.layout.size:,} on each of {tp.size} ranks, "
-                 f"{train_cfg.dtype}, batch {train_cfg.batch_size} x {gpt_cfg.block_size} tokens")
+                 f"{describe(train_cfg)}, batch {train_cfg.batch_size} x {gpt_cfg.block_size} tokens")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import contextlib
 import numpy as np
 
 from common.network import now
-from common.optim import clip_grad_norm
 
 
 # ----------------------------------------------------------------------------- shard (the batch, not the model)
@@ -123,10 +122,11 @@ class GradSync:
                     self.dp.allreduce(self.grads[start:stop])
         self.requests, self.launched = [], 0
 
-    def step(self, opt, lr, grad_clip, norm=None):
-        """Clip by the global `norm` (default: this replica's, the same on every rank) and update."""
-        clip_grad_norm(self.grads, grad_clip, norm)
-        opt.step(self.params, self.grads, lr)
+    def step(self, opt, lr, grad_clip, norm_of=None):
+        """Clip by the global norm, norm_of(gradient) (default: this replica's, the same on every rank), and
+        update (in mixed precision: from the gradient unscaled to float32, see common.precision)."""
+        g = opt.unscaled(self.grads)
+        opt.update(self.params, g, lr, grad_clip, norm_of(g) if norm_of else None)
 
 
 def comm_formula(mode, layout, n_buckets, itemsize):

@@ -22,6 +22,7 @@ from common.config import NETWORK_FLAGS, ConfigError, ParallelConfig
 from common.driver import SINGLE, for_training, gpt_backward, gpt_forward
 from common.loop import prepare, train
 from common.memory import estimate
+from common.precision import describe, widths
 
 single = import_chapter("01_single_core.train")
 dp_lib = import_chapter("03_data_parallel.data_parallel")
@@ -43,7 +44,7 @@ def setup(argv, world_size, chapter=Path(__file__).parent.name, description=__do
 def memory_estimate(gpt_cfg, train_cfg, par):
     """{kind: bytes} one rank will hold: the whole model, gradient and AdamW, one micro-batch's activations."""
     n = single.gpt_layout(gpt_cfg).size
-    return estimate(gpt_cfg, np.dtype(train_cfg.dtype).itemsize, params=n, grads=n, optimizer=n,
+    return estimate(gpt_cfg, widths(train_cfg), params=n, grads=n, optimizer=n,
                     rows=train_cfg.batch_size // (par.dp * par.grad_accum), blocks=gpt_cfg.n_layer,
                     recompute=train_cfg.recompute)
 
@@ -82,8 +83,8 @@ def train_step(state, batch, lr):
         rows = dp_lib.micro_batch_rows(s.train_cfg.batch_size, dp.size, M, dp.rank, micro)
         _, micro_loss, cache = gpt_forward(s.p, x[rows], y[rows], s.gpt_cfg, using=sync.forward_hook, parts=s.parts)
         communicate = micro == M - 1 or sync.every_microbatch       # once the sum is complete
-        gpt_backward(cache, s.p, s.g, dloss=1.0 / (dp.size * M), grads_ready=sync.ready if communicate else None,
-                     using=sync.backward_hook)
+        gpt_backward(cache, s.p, s.g, dloss=s.opt.loss_scale / (dp.size * M),
+                     grads_ready=sync.ready if communicate else None, using=sync.backward_hook)
         del cache                                # or it lives on through the next micro-batch's forward
         if communicate:
             sync.finish()
@@ -136,7 +137,7 @@ def main(argv=None):
     train(state, tokens, val_tokens, train_step, evaluate, budget, threads=dp.host.threads, comm=dp,
           before_step=lambda step: state.sync.record() if step == last else None,
           after_step=lambda step, first: after_step(state, step),
-          banner=f"{state.layout.size:,} parameters on each of {dp.size} ranks, {train_cfg.dtype}, global batch "
+          banner=f"{state.layout.size:,} parameters on each of {dp.size} ranks, {describe(train_cfg)}, global batch "
                  f"{train_cfg.batch_size} x {gpt_cfg.block_size} tokens in {par.grad_accum} micro-batch(es) per "
                  f"rank, {par.dp_mode} all-reduce in {len(state.sync.buckets)} buckets")
 

@@ -14,8 +14,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from common.chapters import import_chapter
 from common.comm import world
 from common.config import NETWORK_FLAGS, ConfigError
@@ -23,7 +21,8 @@ from common.driver import modules
 from common.loop import prepare, train
 from common.memory import estimate
 from common.model import gpt_layout, init_params
-from common.optim import AdamW, decays
+from common.optim import decays
+from common.precision import describe, grad_dtype, make_adamw, master_dtype, storage, widths
 
 dp_train = import_chapter("03_data_parallel.train")
 zero_lib = import_chapter("04_zero.zero")
@@ -50,8 +49,8 @@ def memory_estimate(gpt_cfg, train_cfg, par):
     psi, stage = layout.size, par.zero_stage
     shard = -(-psi // par.dp)
     part = zero_lib.largest_part(layout, modules(gpt_cfg))
-    bucket = int(par.bucket_mb * 2 ** 20) // np.dtype(train_cfg.dtype).itemsize
-    return estimate(gpt_cfg, np.dtype(train_cfg.dtype).itemsize, params=shard + part if stage == 3 else psi,
+    bucket = int(par.bucket_mb * 2 ** 20) // widths(train_cfg).grads
+    return estimate(gpt_cfg, widths(train_cfg), params=shard + part if stage == 3 else psi,
                     grads=psi if stage == 1 else shard + bucket, optimizer=shard,
                     rows=train_cfg.batch_size // (par.dp * par.grad_accum), blocks=gpt_cfg.n_layer,
                     recompute=train_cfg.recompute, whole=psi)
@@ -75,13 +74,13 @@ class State(dp_train.State):
 
 def build(gpt_cfg, train_cfg, par, dp, params=None):
     """Every rank draws the whole init from the seed (or takes `params`) and keeps what its stage keeps; AdamW
-    holds m and v for this rank's shard only."""
+    holds m and v for this rank's shard only (in mixed precision also the float32 master of the shard)."""
     layout = gpt_layout(gpt_cfg)
-    params = init_params(gpt_cfg, train_cfg.seed, np.dtype(train_cfg.dtype)) if params is None else params
-    zero = zero_lib.Zero(par.zero_stage, layout, modules(gpt_cfg), params, dp, par.bucket_mb)
-    opt = AdamW(layout.mask(decays)[zero.lo:zero.hi], train_cfg.beta1, train_cfg.beta2, train_cfg.weight_decay,
-                dtype=params.dtype)
-    held = params if zero.stage < 3 else zero.pshard
+    master = init_params(gpt_cfg, train_cfg.seed, master_dtype(train_cfg)) if params is None else params
+    zero = zero_lib.Zero(par.zero_stage, layout, modules(gpt_cfg), master.astype(storage(train_cfg), copy=False),
+                         dp, par.bucket_mb, grad_dtype(train_cfg))
+    opt = make_adamw(train_cfg, layout.mask(decays)[zero.lo:zero.hi], master[zero.lo:zero.hi].copy())
+    held = zero.params if zero.stage < 3 else zero.pshard
     return State(gpt_cfg, train_cfg, layout, held, zero.grads if zero.stage == 1 else zero.gshard, opt, par=par,
                  dp=dp, sync=zero)
 
@@ -90,13 +89,14 @@ def ledgers(state):
     """This rank's model-state bytes measured from its arrays and the bytes of one step's collectives, each
     beside its formula (zero.py)."""
     zero, opt, dp = state.sync, state.opt, state.dp
-    itemsize = opt.m.itemsize
+    w = widths(state.train_cfg)
     return {"stage": zero.stage, "ranks": dp.size, "parameters": zero.layout.size,
-            "memory": zero.memory(opt),
-            "memory_formula": zero_lib.memory_formula(zero.stage, zero.layout.size, zero.hi - zero.lo, itemsize),
+            "precision": state.train_cfg.precision, "memory": zero.memory(opt),
+            "memory_formula": zero_lib.memory_formula(zero.stage, zero.layout.size, zero.hi - zero.lo, w),
             "comm": {kind: row["bytes"] for kind, row in dp.ledger.as_dict().items()},
             "comm_seconds": dict(dp.ledger.seconds),                   # modelled, with --network
-            "comm_formula": zero_lib.comm_formula(zero.stage, zero.layout, state.par.grad_accum, itemsize)}
+            "comm_formula": zero_lib.comm_formula(zero.stage, zero.layout, state.par.grad_accum, w.weights,
+                                                  w.grads)}
 
 
 def memory_table(ledger):
@@ -127,7 +127,7 @@ def main(argv=None):
           comm=dp, before_step=lambda step: dp.ledger.reset(),
           after_step=lambda step, first: after_step(state, step, first),
           banner=f"{state.layout.size:,} parameters, ZeRO stage {zero.stage} on {dp.size} ranks "
-                 f"({zero.hi - zero.lo:,} per shard), {train_cfg.dtype}, global batch {train_cfg.batch_size} x "
+                 f"({zero.hi - zero.lo:,} per shard), {describe(train_cfg)}, global batch {train_cfg.batch_size} x "
                  f"{gpt_cfg.block_size} tokens in {par.grad_accum} micro-batch(es) per rank, "
                  f"{len(zero.buckets)} gradient buckets")
 

@@ -37,7 +37,8 @@ import numpy as np
 from common.chapters import import_chapter
 from common.checkpoint import model_state
 from common.memory import Transient
-from common.optim import clip_grad_norm, global_norm
+from common.optim import global_norm
+from common.precision import plain
 
 dp_lib = import_chapter("03_data_parallel.data_parallel")
 STAGES = (1, 2, 3)
@@ -96,11 +97,12 @@ class Zero:
     The same zero_grad/ready/finish/step protocol as chapter 03's GradSync; stages 2-3 have no full gradient
     to accumulate micro-batches in, so every micro-batch's backward communicates (`every_microbatch`)."""
 
-    def __init__(self, stage, layout, modules, full_params, dp, bucket_mb):
+    def __init__(self, stage, layout, modules, full_params, dp, bucket_mb, grad_dtype=None):
         self.stage, self.layout, self.modules, self.dp = stage, layout, modules, dp
         self.bounds = shard_bounds(layout.size, dp.size)
         self.lo, self.hi = self.bounds[dp.rank], self.bounds[dp.rank + 1]
         self.dtype = full_params.dtype
+        self.grad_dtype = np.dtype(grad_dtype or self.dtype)       # mixed precision with --fp32-grads: float32
         if stage < 3:
             self.params = full_params                               # every rank keeps the whole model
             self.p = layout.views(full_params)
@@ -109,13 +111,13 @@ class Zero:
             self.pshard = full_params[self.lo:self.hi].copy()       # the rest of full_params is dropped
             self.p = {}                                             # filled part by part, just in time
         if stage == 1:
-            self.grads = np.zeros_like(full_params)
+            self.grads = np.zeros(layout.size, self.grad_dtype)
             self.g = layout.views(self.grads)
             self.gshard = self.grads[self.lo:self.hi]
         else:
-            self.gshard = np.zeros(self.hi - self.lo, self.dtype)
+            self.gshard = np.zeros(self.hi - self.lo, self.grad_dtype)
             self.g = {}                                             # filled bucket by bucket in the backward
-        self.buckets = dp_lib.buckets(layout, bucket_mb * 2 ** 20, self.dtype.itemsize)
+        self.buckets = dp_lib.buckets(layout, bucket_mb * 2 ** 20, self.grad_dtype.itemsize)
         self.bucket_of = {name: i for i, (start, stop) in enumerate(self.buckets)
                           for name, (a, _) in layout.offsets.items() if start <= a < stop}
         self.bucket_names = [[n for n, b in self.bucket_of.items() if b == i] for i in range(len(self.buckets))]
@@ -162,7 +164,7 @@ class Zero:
 
     def _new_bucket(self, i):
         start, stop = self.buckets[i]
-        self.live[i] = buf = self.transient.new("gradients", stop - start, self.dtype, zeroed=True)
+        self.live[i] = buf = self.transient.new("gradients", stop - start, self.grad_dtype, zeroed=True)
         for name in self.bucket_names[i]:
             s, e = self.layout.offsets[name]
             self.g[name] = buf[s - start:e - start].reshape(self.layout.shapes[name])
@@ -193,7 +195,7 @@ class Zero:
             send = self.live.pop(i)
             for name in self.bucket_names[i]:
                 del self.g[name]                                    # the buffer is freed with `send`
-        piece = self.transient.new("gradients", counts[self.dp.rank], self.dtype)
+        piece = self.transient.new("gradients", counts[self.dp.rank], self.grad_dtype)
         self.dp.reduce_scatter(send, piece, counts)
         if self.stage == 1:
             self.gshard[self._own(start, stop)] = piece     # grads held this rank's partial sums until now
@@ -203,15 +205,16 @@ class Zero:
     def zero_grad(self):
         (self.grads if self.stage == 1 else self.gshard).fill(0)
 
-    def grad_norm(self):
-        """The L2 norm of the whole gradient, from every rank's shard."""
-        return global_norm(self.gshard, [(0, self.gshard.size)], self.dp)
+    def grad_norm(self, g):
+        """The L2 norm of the whole gradient, from every rank's shard `g`."""
+        return global_norm(g, [(0, g.size)], self.dp)
 
-    def step(self, opt, lr, grad_clip, norm=None):
-        """Clip (by the global `norm`, or this data-parallel group's), update this rank's shard with its slice
-        of AdamW; stages 1-2 all-gather the parameters."""
-        clip_grad_norm(self.gshard, grad_clip, norm=self.grad_norm() if norm is None else norm)
-        opt.step(self.pshard, self.gshard, lr)
+    def step(self, opt, lr, grad_clip, norm_of=None):
+        """Clip (by the global norm, norm_of(gradient shard), or this data-parallel group's), update this rank's
+        shard with its slice of AdamW (in mixed precision: its master shard, then the 16-bit one is rounded from
+        it); stages 1-2 all-gather the parameters."""
+        g = opt.unscaled(self.gshard)
+        opt.update(self.pshard, g, lr, grad_clip, (norm_of or self.grad_norm)(g))
         if self.stage < 3:
             self.dp.allgather(None, self.params, np.diff(self.bounds))   # in place: our shard is already there
 
@@ -219,7 +222,7 @@ class Zero:
 
     def gather_flat(self, shard, root=0):
         """The whole flat buffer of every rank's `shard` (of params, m or v) on `root`, None elsewhere."""
-        flat = np.empty(self.layout.size, self.dtype) if self.dp.rank == root else None
+        flat = np.empty(self.layout.size, shard.dtype) if self.dp.rank == root else None
         self.dp.gather(shard, flat, np.diff(self.bounds), root)
         return flat
 
@@ -234,31 +237,38 @@ class Zero:
         """Take this rank's shards from a consolidated state (any number of ranks may have written it)."""
         for kind, shard in model_state(self.pshard, opt).items():
             take_shard(self.layout, state[kind], self.lo, self.hi, shard)
+        opt.cast(self.pshard)                               # mixed precision: the 16-bit shard from the master
         if self.stage < 3:
             take_shard(self.layout, state["params"], 0, self.layout.size, self.params)
 
     def memory(self, opt):
         """Bytes this rank holds, measured from the arrays: the persistent state, and the transient peaks."""
+        master, grad = (getattr(opt, name, None) for name in ("master", "grad"))    # mixed precision's
         return {"parameters": owned_bytes(self.pshard), "gradients": owned_bytes(self.gshard),
-                "optimizer": owned_bytes(opt.m) + owned_bytes(opt.v),
-                "optimizer scratch": owned_bytes(opt.tmp),          # AdamW's work array: not in the paper's count
+                "optimizer": sum(owned_bytes(a) for a in (master, opt.m, opt.v) if a is not None),
+                "optimizer scratch": sum(owned_bytes(a) for a in (opt.tmp, grad) if a is not None),  # not the paper's
                 "gathered parameters (peak)": self.transient.peak["parameters"],
                 "gradient buckets (peak)": self.transient.peak["gradients"]}
 
 
-def memory_formula(stage, psi, shard, itemsize):
-    """The paper's model-state bytes per rank, Psi/N being this rank's `shard` (stage 0: data parallelism)."""
-    e = itemsize
-    return {"parameters": e * (shard if stage >= 3 else psi), "gradients": e * (shard if stage >= 2 else psi),
-            "optimizer": 2 * e * (shard if stage >= 1 else psi)}
+def memory_formula(stage, psi, shard, widths):
+    """The paper's model-state bytes per rank, Psi/N being this rank's `shard` (stage 0: data parallelism), with
+    `widths` (common.precision.widths; a number e: all in e bytes) bytes per element: float32 4 + 4 + 8, mixed
+    precision 2 + 2 + 12 (the paper's K = 12)."""
+    widths = plain(widths) if isinstance(widths, int) else widths
+    return {"parameters": widths.weights * (shard if stage >= 3 else psi),
+            "gradients": widths.grads * (shard if stage >= 2 else psi),
+            "optimizer": widths.state * (shard if stage >= 1 else psi)}
 
 
-def comm_formula(stage, layout, grad_accum, itemsize):
-    """{kind: bytes} each rank passes to collectives in one training step (see the module docstring)."""
+def comm_formula(stage, layout, grad_accum, itemsize, grad_itemsize=None):
+    """{kind: bytes} each rank passes to collectives in one training step (see the module docstring): weights
+    of `itemsize` bytes, gradients of `grad_itemsize` (mixed precision with --fp32-grads: 4; default the same)."""
     psi, e, M = layout.size, itemsize, grad_accum
+    eg = grad_itemsize or itemsize
     if stage == 1:
-        return {"reduce_scatter": e * psi, "allgather": e * psi}
+        return {"reduce_scatter": eg * psi, "allgather": e * psi}
     if stage == 2:
-        return {"reduce_scatter": M * e * psi, "allgather": e * psi}
+        return {"reduce_scatter": M * eg * psi, "allgather": e * psi}
     vc, tc = (int(np.prod(layout.shapes[name])) for name in ("wte", "wpe"))   # this rank's shapes (TP: a shard)
-    return {"reduce_scatter": M * e * psi, "allgather": M * e * (2 * psi + vc - tc)}
+    return {"reduce_scatter": M * eg * psi, "allgather": M * e * (2 * psi + vc - tc)}

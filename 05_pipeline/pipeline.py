@@ -57,8 +57,9 @@ def stage_layout(gpt_cfg, stage, pp_size, virtual=1):
 
 # ----------------------------------------------------------------------------- schedules
 
-def check_layout(gpt_cfg, par, recompute="none"):
+def check_layout(gpt_cfg, par, train_cfg):
     """A pipeline's sizes and schedule, checked: one ConfigError naming the flag to change."""
+    recompute = train_cfg.recompute
     V, chunks = par.virtual_stages, par.pp * par.virtual_stages
     if gpt_cfg.n_layer < chunks:
         what = (f"--pp {par.pp} x --virtual-stages {V} = {chunks} chunks, and every chunk" if V > 1 else
@@ -73,6 +74,10 @@ def check_layout(gpt_cfg, par, recompute="none"):
         raise ConfigError("--recompute full with --schedule zb-h1 would keep each recomputed block alive until its "
                           "deferred weight gradients run, undoing most of what recomputing saves; use --recompute "
                           "selective with zb-h1, or --schedule 1f1b")
+    if par.schedule == "zb-h1" and train_cfg.precision != "fp32":
+        raise ConfigError(f"--schedule zb-h1 defers weight gradients, which mixed precision does not yet round "
+                          f"into 16 bits; use --precision fp32 with zb-h1, or --schedule 1f1b with --precision "
+                          f"{train_cfg.precision}")
 
 
 def activation_formula(gpt_cfg, rows, itemsize, par, stage, recompute="none", tp_size=1, sp=False, cp_size=1):

@@ -26,7 +26,8 @@ from common.driver import SINGLE, for_training
 from common.loop import prepare, train
 from common.memory import estimate
 from common.model import gpt_layout, init_params
-from common.optim import AdamW, clip_grad_norm, decays
+from common.optim import decays
+from common.precision import describe, grad_dtype, make_adamw, master_dtype, storage, widths
 
 single = import_chapter("01_single_core.train")
 pipe = import_chapter("05_pipeline.pipeline")
@@ -40,7 +41,7 @@ def setup(argv, world_size):
     gpt_cfg, train_cfg, tokens, val_tokens, par = startup.setup(
         argv, Path(__file__).parent.name, __doc__, {"out_dir": "out/pipeline"}, axis="pp", world_size=world_size,
         flags=FLAGS, choices={"schedule": sched.SCHEDULES})
-    pipe.check_layout(gpt_cfg, par, train_cfg.recompute)
+    pipe.check_layout(gpt_cfg, par, train_cfg)
     if train_cfg.batch_size % par.microbatches:
         raise ConfigError(f"--batch-size {train_cfg.batch_size} is not divisible by --microbatches "
                           f"{par.microbatches}; choose a multiple of {par.microbatches}")
@@ -52,9 +53,9 @@ def memory_estimate(gpt_cfg, train_cfg, par, stage):
     the micro-batch chunks its schedule keeps alive at once (pipeline.activation_formula: afab all M, 1f1b at
     most P - stage, ...)."""
     n = pipe.stage_layout(gpt_cfg, stage, par.pp, par.virtual_stages).size
-    rows, e = train_cfg.batch_size // par.microbatches, np.dtype(train_cfg.dtype).itemsize
-    return estimate(gpt_cfg, e, params=n, grads=n, optimizer=n, rows=rows, blocks=None,
-                    activations=pipe.activation_formula(gpt_cfg, rows, e, par, stage, train_cfg.recompute),
+    rows, w = train_cfg.batch_size // par.microbatches, widths(train_cfg)
+    return estimate(gpt_cfg, w, params=n, grads=n, optimizer=n, rows=rows, blocks=None,
+                    activations=pipe.activation_formula(gpt_cfg, rows, w.activations, par, stage, train_cfg.recompute),
                     recompute=train_cfg.recompute, whole=gpt_layout(gpt_cfg).size)
 
 
@@ -82,18 +83,21 @@ class State(single.State):
         for kind, flat in model_state(self.params, self.opt).items():
             for name, view in self.layout.views(flat).items():
                 view[...] = whole[kind][name]
+        self.opt.cast(self.params)                      # mixed precision: the 16-bit weights from the master
 
 
 def build(gpt_cfg, train_cfg, par, pp, full=None):
     """This stage's tensors, cut from the whole init every rank draws from the seed (or from `full`)."""
     layout = pipe.stage_layout(gpt_cfg, pp.rank, pp.size, par.virtual_stages)
-    full = init_params(gpt_cfg, train_cfg.seed, np.dtype(train_cfg.dtype)) if full is None else full
+    full = init_params(gpt_cfg, train_cfg.seed, master_dtype(train_cfg)) if full is None else full
     whole = gpt_layout(gpt_cfg).views(full)
-    params = np.empty(layout.size, full.dtype)
-    for name, view in layout.views(params).items():
+    master = np.empty(layout.size, full.dtype)
+    for name, view in layout.views(master).items():
         view[...] = whole[name]
-    opt = AdamW(layout.mask(decays), train_cfg.beta1, train_cfg.beta2, train_cfg.weight_decay, dtype=full.dtype)
-    return State(gpt_cfg, train_cfg, layout, params, np.zeros_like(params), opt, par=par, pp=pp)
+    opt = make_adamw(train_cfg, layout.mask(decays), master)
+    params = master.astype(storage(train_cfg), copy=False)
+    return State(gpt_cfg, train_cfg, layout, params, np.zeros(layout.size, grad_dtype(train_cfg)), opt, par=par,
+                 pp=pp)
 
 
 def train_step(state, batch, lr):
@@ -103,10 +107,10 @@ def train_step(state, batch, lr):
     s.grads.fill(0)
     pp.barrier()                                          # a common start, so the ranks' timelines line up
     loss = st.run(sched.schedule(s.par.schedule, M, st.stage, pp.size, s.par.virtual_stages), np.split(x, M),
-                  np.split(y, M))
+                  np.split(y, M), scale=s.opt.loss_scale)
     pipe.sync_tied_embedding(st.g, s.ends, st.stage, pp.size)
-    clip_grad_norm(s.grads, s.train_cfg.grad_clip, norm=pipe.grad_norm(s.grads, s.layout, st.stage, pp))
-    s.opt.step(s.params, s.grads, lr)
+    g = s.opt.unscaled(s.grads)
+    s.opt.update(s.params, g, lr, s.train_cfg.grad_clip, pipe.grad_norm(g, s.layout, st.stage, pp))
     return float(pp.bcast(np.array([loss or 0.0]), root=pp.size - 1)[0])
 
 
@@ -164,7 +168,7 @@ def main(argv=None):
                        " block(s)" for s in range(pp.size))
     train(state, tokens, val_tokens, train_step, evaluate, budget, threads=pp.host.threads, comm=pp,
           before_step=lambda step: pp.ledger.reset(), after_step=lambda step, first: after_step(state, step),
-          banner=f"{gpt_layout(gpt_cfg).size:,} parameters in {pp.size} stage(s) of {stages}, {train_cfg.dtype}, "
+          banner=f"{gpt_layout(gpt_cfg).size:,} parameters in {pp.size} stage(s) of {stages}, {describe(train_cfg)}, "
                  f"batch {train_cfg.batch_size} x {gpt_cfg.block_size} tokens in {par.microbatches} "
                  f"micro-batches, {par.schedule} schedule" + (f" over {V} chunks per stage" if V > 1 else ""))
 

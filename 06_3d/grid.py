@@ -50,8 +50,9 @@ from common.config import ConfigError, GPTConfig
 from common.memory import Transient
 from common.driver import modules, training_parts
 from common.model import gpt_layout
-from common.optim import AdamW, decays, global_norm
+from common.optim import decays, global_norm
 from common.params import Layout
+from common.precision import grad_dtype, make_adamw, mixed, plain, storage
 
 tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
 dp_lib = import_chapter("03_data_parallel.data_parallel")
@@ -116,7 +117,7 @@ def check(gpt_cfg, train_cfg, par, world_size):
     tp_lib.check_layout(gpt_cfg, par.tp, par.sequence_parallel)
     if par.cp > 1:
         cp_lib.check_layout(gpt_cfg, par.cp, par.cp_split, par.tp, par.sequence_parallel)
-    pipe.check_layout(gpt_cfg, par, train_cfg.recompute)
+    pipe.check_layout(gpt_cfg, par, train_cfg)
     if train_cfg.batch_size % (par.dp * par.microbatches):
         raise ConfigError(f"--batch-size {train_cfg.batch_size} is not divisible by --dp {par.dp} x --microbatches "
                           f"{par.microbatches}; choose a multiple of {par.dp * par.microbatches}")
@@ -153,21 +154,21 @@ class State:
         self.gpt_cfg, self.train_cfg, self.par, self.grid = gpt_cfg, train_cfg, par, grid
         self.stage, P, tp = grid.pp.rank, grid.pp.size, grid.tp
         self.layout = local_layout(gpt_cfg, self.stage, P, tp.size, par.virtual_stages)
-        params = tp_lib.shard(gpt_layout(gpt_cfg).views(full), self.layout, gpt_cfg, tp.size, tp.rank, full.dtype)
-        decay = self.layout.mask(decays)
-        using = None
+        master = tp_lib.shard(gpt_layout(gpt_cfg).views(full), self.layout, gpt_cfg, tp.size, tp.rank, full.dtype)
+        params, decay, using = master.astype(storage(train_cfg), copy=False), self.layout.mask(decays), None
         if par.zero_stage:
-            self.zero = zero_lib.Zero(par.zero_stage, self.layout, modules(gpt_cfg), params, grid.dcp, par.bucket_mb)
+            self.zero = zero_lib.Zero(par.zero_stage, self.layout, modules(gpt_cfg), params, grid.dcp, par.bucket_mb,
+                                      grad_dtype(train_cfg))
             self.sync, p, g = self.zero, self.zero.p, self.zero.g
             self.params = params if par.zero_stage < 3 else self.zero.pshard
             self.grads = self.zero.grads if par.zero_stage == 1 else self.zero.gshard
-            decay = decay[self.zero.lo:self.zero.hi]
+            decay, master = decay[self.zero.lo:self.zero.hi], master[self.zero.lo:self.zero.hi].copy()
             using = self.zero.forward_hook, self.zero.backward_hook
         else:
-            self.zero, self.params, self.grads = None, params, np.zeros_like(params)
+            self.zero, self.params, self.grads = None, params, np.zeros(params.size, grad_dtype(train_cfg))
             p, g = self.layout.views(params), self.layout.views(self.grads)
             self.sync = dp_lib.GradSync(par.dp_mode, self.layout, self.grads, grid.dcp, par.bucket_mb, params)
-        self.opt = AdamW(decay, train_cfg.beta1, train_cfg.beta2, train_cfg.weight_decay, dtype=full.dtype)
+        self.opt = make_adamw(train_cfg, decay, master)
         sp, T = par.sequence_parallel, gpt_cfg.block_size
         self.held = Transient()                  # the activations' bytes, measured: every cache kept is held here
         self.pos, self.ring = None, None         # with cp: the same parts on this rank's positions, the ring inside
@@ -180,9 +181,9 @@ class State:
                                   enter_backward=lambda dx: tp_lib.enter_backward(dx, tp, sp),
                                   leave_backward=lambda dx: tp_lib.leave_backward(dx, tp, sp),
                                   loss_backward=tp_lib.vocab_cross_entropy_backward)
-        self.parts = training_parts(parts, train_cfg.recompute, self.held)
+        self.parts = training_parts(mixed(parts, params.dtype), train_cfg.recompute, self.held)
         self.st = pipe.Stage(gpt_cfg, self.stage, grid.pp, p, g, parts=self.parts, using=using,
-                             seq_len=T // par.cp // (tp.size if sp else 1), dtype=full.dtype,
+                             seq_len=T // par.cp // (tp.size if sp else 1), dtype=params.dtype,
                              virtual=par.virtual_stages)
         self.counted = self._counted()
 
@@ -207,9 +208,9 @@ class State:
         gathered over dp (ZeRO's shards), then tp (02's unshard), then pp (05's stages)."""
         grid, opt = self.grid, self.opt
         flats = list(model_state(self.params, opt).values())
-        if self.zero:
-            flats = [self.zero.gather_flat(shard) if sharded else shard for shard, sharded in
-                     ((self.params, self.zero.stage == 3), (opt.m, True), (opt.v, True))]
+        if self.zero:                   # m and v are sharded, and the weights from stage 3 (their master always)
+            sharded = (self.zero.stage == 3 or hasattr(opt, "master"), True, True)
+            flats = [self.zero.gather_flat(shard) if cut else shard for shard, cut in zip(flats, sharded)]
         if grid.dcp.rank != 0:
             return None
         V = self.par.virtual_stages
@@ -225,21 +226,26 @@ class State:
     def load(self, whole):
         """Take this rank's shards of a consolidated state, whatever layout wrote it: its tp shard of its stage's
         tensors, and under ZeRO its dp x cp shard of m and v (and from stage 3 of the parameters)."""
-        grid, opt, dtype = self.grid, self.opt, self.params.dtype
+        grid, opt = self.grid, self.opt
         for kind, dest in model_state(self.params, opt).items():
-            flat = tp_lib.shard(whole[kind], self.layout, self.gpt_cfg, grid.tp.size, grid.tp.rank, dtype)
-            if self.zero is None or (kind == "params" and self.zero.stage < 3):
-                dest[...] = flat
-            else:
-                dest[...] = flat[self.zero.lo:self.zero.hi]
+            flat = tp_lib.shard(whole[kind], self.layout, self.gpt_cfg, grid.tp.size, grid.tp.rank, dest.dtype)
+            dest[...] = flat if dest.size == flat.size else flat[self.zero.lo:self.zero.hi]
+        if self.zero and self.zero.stage < 3 and hasattr(opt, "master"):      # the whole 16-bit copy too
+            self.params[...] = tp_lib.shard(whole["params"], self.layout, self.gpt_cfg, grid.tp.size, grid.tp.rank,
+                                            self.params.dtype)
+        opt.cast(self.zero.pshard if self.zero else self.params)
 
 
 # ----------------------------------------------------------------------------- the ledgers
 
 def ledger_formula(gpt_cfg, par, stage, batch_size, itemsize, recompute="none"):
     """{axis: {kind: bytes}} of one training step on a rank of pipeline stage `stage`, from the sizes alone
-    (chapters 02, 05 and 03/04's formulas): what the ledger of any rank of that stage measures."""
-    e, M, sp = itemsize, par.microbatches, par.sequence_parallel
+    (chapters 02, 05 and 03/04's formulas): what the ledger of any rank of that stage measures. `itemsize`: bytes
+    per element, or a run's common.precision.widths. In mixed precision what tp and cp send inside a part of the
+    model is float32 (each part computes in float32), the activations between stages are 16-bit, and the
+    gradients' sums (sequence parallelism's, the tied embedding's, dp's) are in the gradient's width."""
+    w = plain(itemsize) if isinstance(itemsize, int) else itemsize
+    e, M, sp = w.work, par.microbatches, par.sequence_parallel
     b = batch_size // (par.dp * M)                            # rows of one micro-batch
     V = par.virtual_stages
     layout = local_layout(gpt_cfg, stage, par.pp, par.tp, V)
@@ -252,19 +258,21 @@ def ledger_formula(gpt_cfg, par, stage, batch_size, itemsize, recompute="none"):
                          if tp_lib.kind(name) == "replicated") if sp else 0
         want = tp_lib.comm_formula(gpt_cfg, b, e, sp, blocks, first, last, M, replicated,
                                    settles=M if par.zero_stage > 1 else 1,   # ZeRO-2/3 settle every micro-batch
-                                   recompute=recompute, seq_len=T)
+                                   recompute=recompute, seq_len=T, grad_itemsize=w.grads)
         out["tp"] = {kind: nbytes for kind, (_, nbytes) in want.items()}
     out["cp"] = cp_lib.comm_formula(gpt_cfg, b, e, par.cp, par.tp, blocks, M, recompute)
     if par.pp > 1:
-        out["pp"] = pipe.p2p_formula(gpt_cfg, batch_size // par.dp, stage, par.pp, e, T // par.tp if sp else T, V)
+        out["pp"] = pipe.p2p_formula(gpt_cfg, batch_size // par.dp, stage, par.pp, w.activations,
+                                     T // par.tp if sp else T, V)
         out["pp"]["bcast"] = 8
         if first or last:
-            out["ends"] = {"allreduce": int(np.prod(layout.shapes["wte"])) * e}
+            out["ends"] = {"allreduce": int(np.prod(layout.shapes["wte"])) * w.grads}
     if par.dp * par.cp > 1:                                   # the gradient's sum, over dp x cp
         if par.zero_stage:
-            out["dp"] = {**zero_lib.comm_formula(par.zero_stage, layout, M, e), "allreduce": 8}   # + the loss
+            out["dp"] = {**zero_lib.comm_formula(par.zero_stage, layout, M, w.weights, w.grads),
+                         "allreduce": 8}                      # + the loss
         else:
-            buckets = dp_lib.buckets(layout, par.bucket_mb * 2 ** 20, e)
-            want = dp_lib.comm_formula(par.dp_mode, layout, len(buckets), e)
+            buckets = dp_lib.buckets(layout, par.bucket_mb * 2 ** 20, w.grads)
+            want = dp_lib.comm_formula(par.dp_mode, layout, len(buckets), w.grads)
             out["dp"] = {kind: nbytes for kind, (_, nbytes) in want.items()}
     return out

@@ -28,6 +28,7 @@ from common.loop import prepare, train
 from common.memory import estimate, peak_rss
 from common.driver import modules
 from common.model import gpt_layout, init_params
+from common.precision import describe, master_dtype, widths
 
 dp_lib = import_chapter("03_data_parallel.data_parallel")
 pipe = import_chapter("05_pipeline.pipeline")
@@ -55,17 +56,17 @@ def memory_estimate(gpt_cfg, train_cfg, par, rank):
     tp (chapter 02)."""
     stage = grid_lib.coords(rank, par.tp, par.cp, par.pp).pp
     layout = grid_lib.local_layout(gpt_cfg, stage, par.pp, par.tp, par.virtual_stages)
-    n, M, e = layout.size, par.microbatches, np.dtype(train_cfg.dtype).itemsize
+    n, M, w = layout.size, par.microbatches, widths(train_cfg)
     shard = -(-n // (par.dp * par.cp))                        # ZeRO shards over the ranks that sum gradients
     module = zero_lib.largest_part(layout, modules(gpt_cfg)) if par.zero_stage == 3 else 0
-    bucket = int(par.bucket_mb * 2 ** 20) // e
+    bucket = int(par.bucket_mb * 2 ** 20) // w.grads
     rows = train_cfg.batch_size // (par.dp * M)
-    return estimate(gpt_cfg, e, params=shard + module if par.zero_stage == 3 else n,
+    return estimate(gpt_cfg, w, params=shard + module if par.zero_stage == 3 else n,
                     grads=shard + bucket if par.zero_stage > 1 else n, optimizer=shard if par.zero_stage else n,
                     rows=rows, blocks=None, tp_size=par.tp, sp=par.sequence_parallel, cp_size=par.cp,
                     recompute=train_cfg.recompute,
-                    activations=pipe.activation_formula(gpt_cfg, rows, e, par, stage, train_cfg.recompute, par.tp,
-                                                        par.sequence_parallel, par.cp),
+                    activations=pipe.activation_formula(gpt_cfg, rows, w.activations, par, stage,
+                                                        train_cfg.recompute, par.tp, par.sequence_parallel, par.cp),
                     whole=grid_lib.local_layout(gpt_cfg, 0, 1, 1).size)
 
 
@@ -92,12 +93,12 @@ def train_step(state, batch, lr):
 
     ops = sched.schedule(par.schedule, M, st.stage, grid.pp.size, par.virtual_stages)
     loss = st.run(ops, np.split(x, M), np.split(y, M),
-                  scale=1.0 / grid.dcp.size, grads_ready=ready,             # the loss: a mean over dp x cp
+                  scale=state.opt.loss_scale / grid.dcp.size, grads_ready=ready,    # a mean over dp x cp
                   finish_each=sync.finish if sync.every_microbatch else None)
     pipe.sync_tied_embedding(st.g, grid.ends, st.stage, grid.pp.size)
     if not sync.every_microbatch:
         sync.finish()
-    sync.step(state.opt, lr, state.train_cfg.grad_clip, norm=state.grad_norm(sync.gshard))
+    sync.step(state.opt, lr, state.train_cfg.grad_clip, norm_of=state.grad_norm)
     loss = grid.dcp.allreduce(np.array([(loss or 0.0) / grid.dcp.size]))
     return float(grid.pp.bcast(loss, root=grid.pp.size - 1)[0])
 
@@ -128,7 +129,8 @@ def ledger(state, batch_size):
             "attention_work": state.ring.work if state.ring else None,
             "host": host.index, "host_ranks": host.comm.size, "blas_threads": host.threads.blas,
             "parameters": zero_lib.owned_bytes(state.params), "gradients": zero_lib.owned_bytes(state.grads),
-            "optimizer": zero_lib.owned_bytes(opt.m) + zero_lib.owned_bytes(opt.v),
+            "optimizer": sum(zero_lib.owned_bytes(a) for a in (getattr(opt, "master", None), opt.m, opt.v)
+                             if a is not None),                     # mixed precision: the master too
             "activations": state.held.peak["activations"],
             "activations_formula": memory_estimate(state.gpt_cfg, state.train_cfg, state.par,
                                                    grid.world.rank)["activations"],
@@ -136,7 +138,7 @@ def ledger(state, batch_size):
             "comm": {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()} for axis, c in comms.items()},
             "comm_seconds": {axis: dict(c.ledger.seconds) for axis, c in comms.items()},   # with --network
             "comm_formula": grid_lib.ledger_formula(state.gpt_cfg, state.par, state.stage, batch_size,
-                                                    state.params.itemsize, state.train_cfg.recompute)}
+                                                    widths(state.train_cfg), state.train_cfg.recompute)}
     return grid.world.gather_object(mine)
 
 
@@ -169,7 +171,7 @@ def main(argv=None):
         "raise --tp, --pp or --zero-stage")
     grid = grid_lib.Grid.build(comm, par.tp, par.cp, par.pp, par.dp)
     state = grid_lib.State(gpt_cfg, train_cfg, par, grid, init_params(gpt_cfg, train_cfg.seed,
-                                                                    np.dtype(train_cfg.dtype)))
+                                                                    master_dtype(train_cfg)))
     zero = f", ZeRO-{par.zero_stage}" if par.zero_stage else ""
 
     def before_step(step):
@@ -182,7 +184,7 @@ def main(argv=None):
           before_step=before_step, after_step=lambda step, first: after_step(state, step, first),
           banner=f"{gpt_layout(gpt_cfg).size:,} parameters on a grid of tp {par.tp} x cp {par.cp}"
                  f"{f' ({par.cp_split})' if par.cp > 1 else ''} x pp {par.pp} x dp {par.dp}"
-                 f"{' (sequence parallel)' if par.sequence_parallel else ''}{zero}, {train_cfg.dtype}, batch "
+                 f"{' (sequence parallel)' if par.sequence_parallel else ''}{zero}, {describe(train_cfg)}, batch "
                  f"{train_cfg.batch_size} x {gpt_cfg.block_size} tokens, {par.microbatches} micro-batches per "
                  f"replica, {par.schedule}\n" + rank_map(par))
 

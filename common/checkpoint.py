@@ -83,8 +83,9 @@ STATE = ("params", "adam_m", "adam_v")     # what a training checkpoint holds of
 
 def model_state(params, opt):
     """{"params" | "adam_m" | "adam_v": flat buffer}: the three arrays of one layout a rank trains, whatever part
-    of the model they hold (all of it, a shard, a stage)."""
-    return dict(zip(STATE, (params, opt.m, opt.v)))
+    of the model they hold (all of it, a shard, a stage). In mixed precision the parameters are the optimizer's
+    float32 master, not the 16-bit weights rounded from it, so a checkpoint is the same whatever the precision."""
+    return dict(zip(STATE, (getattr(opt, "master", params), opt.m, opt.v)))
 
 
 def save_training_state(path, state, adam_t, step, gpt_cfg, train_cfg):

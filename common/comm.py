@@ -8,6 +8,7 @@ for the chapters to derive. A communicator of one rank is a no-op and records no
 common/network.py's SimulatedComm, a subclass chosen when a run asks for --network, makes every call also wait
 the time a modelled link would take; the calls here are plain MPI.
 """
+import functools
 import hashlib
 import sys
 import time
@@ -25,6 +26,7 @@ mpi4py.rc(initialize=False, finalize=True)
 from mpi4py import MPI  # noqa: E402
 
 from common.config import ConfigError
+from common.precision import is_sixteen
 from common.threads import Threads, size_blas_pool
 
 
@@ -49,6 +51,31 @@ class Ledger:
                 for k in sorted(self.calls)}
 
 
+def _buf(a, counts=None):
+    """mpi4py's buffer for the array `a` (with `counts`: a vector's): MPI datatypes are inferred from NumPy's,
+    but MPI has no 16-bit float, so bfloat16 and float16 travel as their bits."""
+    if not is_sixteen(a.dtype):
+        return a if counts is None else [a, counts]
+    bits = a.view(np.uint16)
+    return [bits, MPI.UINT16_T] if counts is None else [bits, counts, MPI.UINT16_T]
+
+
+@functools.cache
+def _sum16(dtype):
+    """MPI's sum for a 16-bit float type: each pair of buffers added in float32 and the sum rounded once."""
+    def add(inbuf, inoutbuf, datatype):
+        a, b = np.frombuffer(inbuf, dtype), np.frombuffer(inoutbuf, dtype)
+        b[...] = a.astype(np.float32) + b.astype(np.float32)
+    return MPI.Op.Create(add, commute=True)
+
+
+def _op(op, dtype):
+    if is_sixteen(dtype):
+        assert op == "sum", f"{op} of 16-bit floats"
+        return _sum16(np.dtype(dtype))
+    return {"sum": MPI.SUM, "max": MPI.MAX}[op]
+
+
 class Comm:
     """An MPI communicator with a ledger. Buffers are NumPy arrays; MPI datatypes are inferred from them."""
 
@@ -66,7 +93,7 @@ class Comm:
         """Reduce `buf` over all ranks in place: op "sum" or "max"."""
         if self.size > 1:
             self.ledger.record("allreduce", buf.nbytes)
-            self.mpi.Allreduce(MPI.IN_PLACE, buf, op={"sum": MPI.SUM, "max": MPI.MAX}[op])
+            self.mpi.Allreduce(MPI.IN_PLACE, _buf(buf), op=_op(op, buf.dtype))
         return buf
 
     def iallreduce(self, buf):
@@ -74,7 +101,7 @@ class Comm:
         if self.size == 1:
             return MPI.REQUEST_NULL
         self.ledger.record("iallreduce", buf.nbytes)
-        return self.mpi.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        return self.mpi.Iallreduce(MPI.IN_PLACE, _buf(buf), op=_op("sum", buf.dtype))
 
     def reduce_scatter(self, send, recv, counts=None):
         """recv = this rank's block of the sum over ranks of `send`; the blocks are equal, or rank r's is
@@ -85,7 +112,7 @@ class Comm:
             recv[...] = send.reshape(recv.shape)
             return recv
         self.ledger.record("reduce_scatter", send.nbytes)
-        self.mpi.Reduce_scatter(send, recv, recvcounts=counts, op=MPI.SUM)
+        self.mpi.Reduce_scatter(_buf(send), _buf(recv), recvcounts=counts, op=_op("sum", send.dtype))
         return recv
 
     def allgather(self, send, recv, counts=None):
@@ -98,7 +125,7 @@ class Comm:
                 recv[...] = send.reshape(recv.shape)
             return recv
         self.ledger.record("allgather", recv.nbytes)
-        self.mpi.Allgatherv(MPI.IN_PLACE if send is None else send, [recv, counts])
+        self.mpi.Allgatherv(MPI.IN_PLACE if send is None else _buf(send), _buf(recv, counts))
         return recv
 
     def gather(self, send, recv, counts, root=0):
@@ -109,7 +136,7 @@ class Comm:
             recv[...] = send.reshape(recv.shape)
             return recv
         self.ledger.record("gather", send.itemsize * sum(counts))
-        self.mpi.Gatherv(send, [recv, counts] if self.rank == root else None, root=root)
+        self.mpi.Gatherv(_buf(send), _buf(recv, counts) if self.rank == root else None, root=root)
         return recv
 
     def _counts(self, total, counts):
@@ -122,27 +149,27 @@ class Comm:
     def bcast(self, buf, root=0):
         if self.size > 1:
             self.ledger.record("bcast", buf.nbytes)
-            self.mpi.Bcast(buf, root=root)
+            self.mpi.Bcast(_buf(buf), root=root)
         return buf
 
     # --------------------------------------------------------------------- point to point
 
     def send(self, buf, dest, tag=0):
         self.ledger.record("send", buf.nbytes)
-        self.mpi.Send(buf, dest=dest, tag=tag)
+        self.mpi.Send(_buf(buf), dest=dest, tag=tag)
 
     def recv(self, buf, source, tag=0):
         self.ledger.record("recv", buf.nbytes)
-        self.mpi.Recv(buf, source=source, tag=tag)
+        self.mpi.Recv(_buf(buf), source=source, tag=tag)
         return buf
 
     def isend(self, buf, dest, tag=0):
         self.ledger.record("isend", buf.nbytes)
-        return self.mpi.Isend(buf, dest=dest, tag=tag)
+        return self.mpi.Isend(_buf(buf), dest=dest, tag=tag)
 
     def irecv(self, buf, source, tag=0):
         self.ledger.record("irecv", buf.nbytes)
-        return self.mpi.Irecv(buf, source=source, tag=tag)
+        return self.mpi.Irecv(_buf(buf), source=source, tag=tag)
 
     def identical(self, buf):
         """Whether `buf` holds the same bytes on every rank (compares digests, not the arrays)."""

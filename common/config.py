@@ -34,6 +34,7 @@ def option(default, help, choices=None, group=None):
 
 
 RECOMPUTE = ("none", "selective", "full")                                # common/model.py's gpt_forward
+PRECISIONS = ("fp32", "bf16", "fp16")                                    # common/precision.py
 
 
 @dataclass
@@ -77,6 +78,13 @@ class TrainConfig:
     eval_iters: int = option(20, "val batches per evaluation")
     log_interval: int = option(10, "steps between progress lines")
     dtype: str = option("float32", "float32 to train, float64 to check exactness", choices=("float32", "float64"))
+    precision: str = option("fp32", "fp32: everything in --dtype; bf16 or fp16: weights, activations and gradients "
+                            "in 16 bits, float32 arithmetic and master weights (common/precision.py)",
+                            choices=PRECISIONS)
+    loss_scale: float = option(0.0, "with --precision fp16: the loss scale, fixed (1: none), or 0: dynamic, "
+                               "from 2^16")
+    fp32_grads: bool = option(False, "with --precision bf16 or fp16: keep, accumulate and reduce the gradients "
+                              "in float32")
     seed: int = option(1337, "seed of the initial weights and of the batch sampler")
     recompute: str = option("none", "activations kept for the backward: none recomputes nothing; selective "
                             "recomputes attention's (heads x T x T) probabilities in the backward; full keeps only "
@@ -92,6 +100,15 @@ class TrainConfig:
                 raise ConfigError(f"--{flag(name)} must be zero or positive, got {getattr(self, name)}")
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision != "fp32" and self.dtype != "float32":
+            raise ConfigError(f"--precision {self.precision} keeps float32 master weights: leave --dtype at float32")
+        if self.loss_scale < 0 or (self.loss_scale and self.precision != "fp16"):
+            raise ConfigError(f"--loss-scale {self.loss_scale:g} is for --precision fp16: 0 (dynamic) or a positive "
+                              f"fixed scale")
+        if self.fp32_grads and self.precision == "fp32":
+            raise ConfigError("--fp32-grads is for --precision bf16 or fp16 (with fp32 every gradient is already)")
         if self.recompute not in RECOMPUTE:
             raise ConfigError(f"--recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
         if not 0 <= self.min_lr <= self.learning_rate:

@@ -20,6 +20,7 @@ from typing import Callable
 from common.layers import embedding_backward, embedding_forward
 from common.model import Rerun, block_backward, block_forward, block_shapes, head_backward, head_forward
 from common.params import sub
+from common.precision import mixed, storage
 
 
 def no_hook(part):
@@ -68,8 +69,8 @@ def evaluation_parts(parts):
 
 
 def for_training(parts, train_cfg, held):
-    """(parts as training runs them, as evaluation runs them)."""
-    training = training_parts(parts, train_cfg.recompute, held)
+    """(parts as training runs them, as evaluation runs them), in the run's precision (common.precision.mixed)."""
+    training = training_parts(mixed(parts, storage(train_cfg)), train_cfg.recompute, held)
     return training, evaluation_parts(training)
 
 

@@ -94,18 +94,19 @@ def stop_diverged(train_cfg, step, what, saved, log, verbose):
 
 
 def run_training(train_cfg, start_step, tokens_per_step, train_step, evaluate, save, metrics_path, verbose=True,
-                 agree=None, resume="--resume"):
+                 agree=None, resume="--resume", status=dict):
     """Steps start_step..max_iters-1 with nanoGPT's cadence: evaluate and save at every eval_interval and at
     the end. train_step(step, lr) -> loss; evaluate() -> val loss; save(step) writes the state before `step`.
     agree(n) -> the largest n over the ranks (a collective; one process: n itself): the signal to stop on, if
-    any; `resume`: the command that continues a stopped run."""
+    any; `resume`: the command that continues a stopped run; status() -> what the step's update did besides
+    (fp16: the loss scale, and whether the step was skipped), logged with it."""
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"), Stopping(agree) as stopping:
         _run(train_cfg, start_step, tokens_per_step, train_step, evaluate, save, metrics_path, verbose,
-             stopping.agreed, resume)
+             stopping.agreed, resume, status)
 
 
 def _run(train_cfg, start_step, tokens_per_step, train_step, evaluate, save, metrics_path, verbose, signalled,
-         resume):
+         resume, status):
     log = MetricsLog(metrics_path, start_step) if metrics_path else None
     t_start, steps_done, saved = time.perf_counter(), 0, (start_step if start_step else None)
     for step in range(start_step, train_cfg.max_iters + 1):
@@ -132,8 +133,12 @@ def _run(train_cfg, start_step, tokens_per_step, train_step, evaluate, save, met
             stop_diverged(train_cfg, step, f"the loss is {loss}", saved, log, verbose)
         dt = time.perf_counter() - t0
         steps_done += 1
+        update = status()
         if log:
-            log.log(step=step, loss=loss, lr=lr, ms=dt * 1e3, tokens_per_s=tokens_per_step / dt)
+            log.log(step=step, loss=loss, lr=lr, ms=dt * 1e3, tokens_per_s=tokens_per_step / dt, **update)
+        if verbose and update.get("skipped"):           # fp16's overflow: not a divergence, the scale adapts
+            print(f"step {step:>5}: gradients not finite, step skipped; loss scale now {update['loss_scale']:g}",
+                  flush=True)
         if verbose and (step % train_cfg.log_interval == 0 or step == train_cfg.max_iters - 1):
             elapsed = time.perf_counter() - t_start
             eta = elapsed / steps_done * (train_cfg.max_iters - step - 1)
@@ -205,7 +210,7 @@ def train(state, tokens, val_tokens, train_step, evaluate, budget, banner, threa
 
     run_training(train_cfg, start, B * T, step_fn, evaluate=lambda: evaluate(state, val_batches), save=save,
                  metrics_path=Path(train_cfg.out_dir) / "metrics.jsonl" if leader else None, verbose=leader,
-                 agree=comm.agree if comm is not None else None, resume=resume_command(comm))
+                 agree=comm.agree if comm is not None else None, resume=resume_command(comm), status=state.opt.status)
     if leader:
         print(budget.summary(state.held.peak["activations"]))
 

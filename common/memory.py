@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import ConfigError, flag
+from common.precision import is_sixteen
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -95,24 +96,26 @@ def temporary_bytes(gpt_cfg, rows, tp_size=1, itemsize=4):
     return int(largest + 4 * rows * T * C * e)
 
 
-def estimate(gpt_cfg, itemsize, *, params, grads, optimizer, rows, blocks, first=True, last=True, tp_size=1,
+def estimate(gpt_cfg, widths, *, params, grads, optimizer, rows, blocks, first=True, last=True, tp_size=1,
              sp=False, recompute="none", activations=None, whole=None, cp_size=1):
     """{kind: bytes} one rank will hold at its peak: `params`, `grads` and `optimizer` are element counts
-    (AdamW keeps m, v and a work array of `optimizer` elements); one micro-batch of `rows` rows at a time keeps
-    its activations (activation_bytes), or, from a pipeline's schedule, `activations`; full recomputation
+    (AdamW keeps m, v and a work array of `optimizer` elements, in mixed precision also the float32 master and
+    gradient), `widths` their bytes per element (common.precision.widths); one micro-batch of `rows` rows at a time
+    keeps its activations (activation_bytes), or, from a pipeline's schedule, `activations`; full recomputation
     rebuilds one block's cache at a time (recompute_bytes). `whole`: the model's element count, where a rank
     keeps less of it: each rank draws the whole initialisation before it keeps its part, and a checkpoint
     gathers the whole state (parameters, m and v) where it is written. Neither is freed to the system (the
     heap is kept, see reuse_freed_memory), so both count."""
+    e, act = widths.work, widths.activations
     if activations is None:
-        activations = activation_bytes(gpt_cfg, rows, blocks, first, last, tp_size, sp, itemsize, recompute)
+        activations = activation_bytes(gpt_cfg, rows, blocks, first, last, tp_size, sp, act, recompute)
     whole = whole or params
-    return {"parameters": params * itemsize, "gradients": grads * itemsize, "optimizer": 3 * optimizer * itemsize,
-            "activations": activations,
-            "recomputation": recompute_bytes(gpt_cfg, rows, tp_size, sp, itemsize, recompute, cp_size),
-            "temporaries": temporary_bytes(gpt_cfg, rows, tp_size, itemsize),
-            "initialisation": whole * itemsize if params < whole else 0,
-            "checkpoint": 3 * whole * itemsize if optimizer < whole else 0}
+    return {"parameters": params * widths.weights, "gradients": grads * widths.grads,
+            "optimizer": optimizer * (widths.state + widths.scratch), "activations": activations,
+            "recomputation": recompute_bytes(gpt_cfg, rows, tp_size, sp, act, recompute, cp_size),
+            "temporaries": temporary_bytes(gpt_cfg, rows, tp_size, e),
+            "initialisation": whole * e if params < whole else 0,
+            "checkpoint": 3 * whole * e if optimizer < whole else 0}
 
 
 # ----------------------------------------------------------------------------- the memory a run holds
@@ -140,7 +143,7 @@ class Transient:
             if isinstance(item, np.ndarray):
                 while isinstance(item.base, np.ndarray):
                     item = item.base
-                if item.dtype.kind in "fc":
+                if item.dtype.kind in "fc" or is_sixteen(item.dtype):      # bfloat16's kind is "V"
                     found.append(item)
             elif isinstance(item, (tuple, list)):
                 todo.extend(item)

@@ -12,6 +12,7 @@ from common.layers import (attention_backward, attention_forward, cross_entropy_
                            layernorm_backward, layernorm_forward, linear_backward, linear_forward, lm_head_backward,
                            lm_head_forward)
 from common.params import Layout, sub
+from common.precision import autocast
 
 # ----------------------------------------------------------------------------- the transformer block
 
@@ -113,27 +114,30 @@ class Rerun(NamedTuple):
 
 
 def gpt_forward(p, idx, targets, gpt_cfg, recompute="none"):
-    """Logits (B,T,V) and, when targets are given, the mean cross-entropy loss; plus the cache for backward."""
-    x, c_emb = embedding_forward(idx, p["wte"], p["wpe"])
+    """Logits (B,T,V) and, when targets are given, the mean cross-entropy loss; plus the cache for backward.
+    Given 16-bit weights, in mixed precision: each part computes in float32 and stores in 16 bits."""
+    mp = autocast(p["wte"].dtype)           # mp(f) is f itself unless the weights have 16 bits
+    x, c_emb = mp(embedding_forward)(idx, p["wte"], p["wpe"])
     c_blocks = []
     for i in range(gpt_cfg.n_layer):
         x_in = x
-        x, c = block_forward(x, sub(p, f"h.{i}."), gpt_cfg.n_head, keep_scores=recompute != "selective")
+        x, c = mp(block_forward)(x, sub(p, f"h.{i}."), gpt_cfg.n_head, recompute != "selective")
         c_blocks.append(Rerun(x_in, gpt_cfg) if recompute == "full" else c)
-    logits, loss, c_head = head_forward(x, p, targets)
+    logits, loss, c_head = mp(head_forward)(x, p, targets)
     return logits, loss, (c_emb, c_blocks, c_head)
 
 
 def gpt_backward(cache, p, g, dloss=1.0):
     """Accumulate d(dloss * loss)/d(param) into the gradient views `g`."""
     c_emb, c_blocks, c_head = cache
-    dx = head_backward(dloss, c_head, p, g)
+    mp = autocast(p["wte"].dtype)           # mp(f, grads=k): f's last k arguments are gradients it adds into
+    dx = mp(head_backward, grads=1)(dloss, c_head, p, g)
     for i in reversed(range(len(c_blocks))):
         c = c_blocks[i]
         if type(c) is Rerun:                # the same forward on the same input: bit for bit the same cache
-            _, c = block_forward(c.x, sub(p, f"h.{i}."), c.gpt_cfg.n_head)
-        dx = block_backward(dx, c, sub(p, f"h.{i}."), sub(g, f"h.{i}."))
-    embedding_backward(dx, c_emb, g["wte"], g["wpe"])                # wte's gradient also has the LM head's part
+            _, c = mp(block_forward)(c.x, sub(p, f"h.{i}."), c.gpt_cfg.n_head)
+        dx = mp(block_backward, grads=1)(dx, c, sub(p, f"h.{i}."), sub(g, f"h.{i}."))
+    mp(embedding_backward, grads=2)(dx, c_emb, g["wte"], g["wpe"])  # wte's gradient also has the LM head's part
 
 
 def generate(p, gpt_cfg, idx, max_new_tokens, rng, temperature=1.0, top_k=None):

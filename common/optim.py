@@ -56,6 +56,24 @@ class AdamW:
         self.beta1, self.beta2, self.weight_decay, self.eps = beta1, beta2, weight_decay, eps
         self.t = 0
 
+    loss_scale = 1.0            # what the backward multiplies the loss by (common.precision's optimizer: fp16's)
+
+    def unscaled(self, grads):
+        """The gradient the update takes: here `grads` itself (common.precision's: float32, divided by the scale)."""
+        return grads
+
+    def update(self, params, g, lr, grad_clip, norm=None):
+        """Clip g by its global `norm` (None: g's own) and step `params`."""
+        clip_grad_norm(g, grad_clip, norm)
+        self.step(params, g, lr)
+
+    def cast(self, params):
+        """Make `params` what the optimizer holds (in mixed precision: round them from the master)."""
+
+    def status(self):
+        """What the last update did beyond stepping, for the log (in mixed precision, fp16's loss scale)."""
+        return {}
+
     def step(self, p, g, lr):
         self.t += 1
         b1, b2, tmp = self.beta1, self.beta2, self.tmp

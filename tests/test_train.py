@@ -57,11 +57,13 @@ def test_same_seed_gives_bit_identical_losses_and_another_seed_does_not(tiny_dat
     assert [loss for _, loss, _ in train_losses(other_seed)] != [loss for _, loss, _ in train_losses(first)]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_resumed_run_matches_an_uninterrupted_one_exactly(tiny_data, trained, tmp_path, dtype):
-    straight = trained("--max-iters", 10, "--dtype", dtype)
-    train(tiny_data, tmp_path, "--max-iters", 5, "--dtype", dtype)
-    resumed = train(tiny_data, tmp_path, "--max-iters", 10, "--dtype", dtype, "--resume")
+@pytest.mark.parametrize("dtype, precision", [("float32", "fp32"), ("float64", "fp32"), ("float32", "bf16")])
+def test_resumed_run_matches_an_uninterrupted_one_exactly(tiny_data, trained, tmp_path, dtype, precision):
+    """(bf16: the checkpoint holds the float32 master weights, from which the 16-bit ones are rounded again.)"""
+    flags = ("--dtype", dtype, "--precision", precision)
+    straight = trained("--max-iters", 10, *flags)
+    train(tiny_data, tmp_path, "--max-iters", 5, *flags)
+    resumed = train(tiny_data, tmp_path, "--max-iters", 10, *flags, "--resume")
     assert "at step 5" in resumed.stdout
 
     assert train_losses(tmp_path) == train_losses(straight)          # exact floats, one line per step

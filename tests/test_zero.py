@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from common.chapters import import_chapter
+from common.config import TrainConfig
 from common.params import Layout
+from common.precision import widths
 from conftest import assert_one_error, assert_same_run, run, run_mpi, sabotaged, verdict
 
 VERIFY = "04_zero/verify.py"
@@ -32,6 +34,16 @@ def test_the_memory_formula_is_the_papers_for_float32():
     psi, n = 1000, 4
     per_stage = [sum(zero_lib.memory_formula(stage, psi, psi / n, 4).values()) for stage in range(4)]
     assert per_stage == [16 * psi, 8 * psi + 8 * psi / n, 4 * psi + 12 * psi / n, 16 * psi / n]
+
+
+def test_the_memory_formula_in_mixed_precision_gives_the_papers_table():
+    """Rajbhandari et al., Figure 1: a 7.5B model on 64 GPUs holds 120, 31.4, 16.6 and 1.9 GB per GPU of model
+    states (2 + 2 + 12 bytes a parameter); Table 1's 1T model on 1024 GPUs, 15.6 GB at stage 3."""
+    mixed = widths(TrainConfig(precision="bf16"))
+    psi, n = 7.5e9, 64
+    per_stage = [sum(zero_lib.memory_formula(stage, psi, psi / n, mixed).values()) / 1e9 for stage in range(4)]
+    assert [round(gb, 1) for gb in per_stage] == [120.0, 31.4, 16.6, 1.9]
+    assert round(sum(zero_lib.memory_formula(3, 1e12, 1e12 / 1024, mixed).values()) / 1e9, 1) == 15.6
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])

@@ -1,0 +1,314 @@
+"""Mixed precision (Micikevicius et al., 2018): weights, activations and gradients stored in 16 bits, the
+arithmetic done in float32, and a float32 master copy of the weights that the optimizer updates.
+
+    fp32   everything in --dtype (float32 to train, float64 to check): the reference
+    bf16   bfloat16 (ml_dtypes): float32's 8 exponent bits, so its range, and 8 significand bits: unit roundoff
+           u = 2^-8. No loss scaling.
+    fp16   IEEE half precision: 11 significand bits (u = 2^-11) but 5 exponent bits. Magnitudes below 6.1e-5
+           lose bits and below 6e-8 become zero, where much of a large model's gradient lies, so the loss is
+           multiplied by a large scale before the backward and the gradients divided by it after (dynamic loss
+           scaling, LossScaler).
+
+Where a value is rounded. NumPy has no 16-bit matrix multiply (and ml_dtypes' bfloat16 arithmetic runs element
+by element in software), so each part of the model (the embedding, a block, the head) computes in float32 from
+its 16-bit inputs and weights and rounds once what it stores: its output, every array its cache keeps for the
+backward, and in the backward its input gradient and the weight gradients it adds into the 16-bit gradient
+buffer (`autocast`). A GPU does the same at a finer grain: each matmul reads 16-bit operands, accumulates in
+float32 and rounds its output.
+Recomputation: full rebuilds a block's 16-bit cache bit for bit; selective recomputes attention's probabilities
+in float32 from the cached q and k and never rounds them, so its gradients differ from keeping them by about u.
+
+Bytes per parameter: 2 (16-bit weights) + 2 (16-bit gradients) + 12 (float32 master weights, Adam's m and v), the
+16 of the ZeRO paper's count (K = 12); --fp32-grads keeps the gradient in float32 (4 bytes), as Megatron's
+--accumulate-allreduce-grads-in-fp32 does.
+"""
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import NamedTuple
+
+import numpy as np
+
+from common.optim import AdamW, Diverged, clip_grad_norm
+
+SIXTEEN = ("bf16", "fp16")
+
+
+def sixteen(precision):
+    """The NumPy dtype of "bf16" (imported only when asked for: ml_dtypes takes 8 MB a process) or "fp16"."""
+    if precision == "bf16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(np.float16)
+
+
+def storage(train_cfg):
+    """The dtype weights and activations are stored in: 16 bits in mixed precision, else --dtype."""
+    return sixteen(train_cfg.precision) if train_cfg.precision in SIXTEEN else np.dtype(train_cfg.dtype)
+
+
+def grad_dtype(train_cfg):
+    """The dtype of the gradient buffer (and so of its reduction): the storage's, or float32 with --fp32-grads."""
+    return np.dtype(np.float32) if train_cfg.fp32_grads else storage(train_cfg)
+
+
+def master_dtype(train_cfg):
+    """The dtype of the weights the optimizer updates, and of Adam's m and v."""
+    return np.dtype(np.float32) if train_cfg.precision in SIXTEEN else np.dtype(train_cfg.dtype)
+
+
+def describe(train_cfg):
+    """The precision for a banner: "float32", or e.g. "bf16 mixed precision (float32 master weights)"."""
+    if train_cfg.precision not in SIXTEEN:
+        return train_cfg.dtype
+    grads = ", float32 gradients" if train_cfg.fp32_grads else ""
+    return f"{train_cfg.precision} mixed precision (float32 master weights{grads})"
+
+
+def is_sixteen(dtype):
+    return np.dtype(dtype).name in ("bfloat16", "float16")
+
+
+def unit_roundoff(dtype):
+    """u = 2^-(significand bits): the largest relative error of rounding to nearest in `dtype`."""
+    significand = {"bfloat16": 8, "float16": 11, "float32": 24, "float64": 53}[np.dtype(dtype).name]
+    return 2.0 ** -significand
+
+
+class Widths(NamedTuple):
+    """Bytes per element of what a run keeps: the weights as the model reads them, their gradient, the
+    optimizer's kept state (master weights if any, m and v) and its work arrays, the activations the caches
+    keep, and the arithmetic (every intermediate)."""
+    weights: int
+    grads: int
+    state: int
+    scratch: int
+    activations: int
+    work: int
+
+
+def widths(train_cfg):
+    """The Widths of a run's configuration."""
+    if train_cfg.precision not in SIXTEEN:
+        return plain(np.dtype(train_cfg.dtype).itemsize)
+    return Widths(2, grad_dtype(train_cfg).itemsize, 12, 8, 2, 4)  # master, m, v; a work array, the unscaled grad
+
+
+def plain(e):
+    """The widths of training in one dtype of e bytes: weights, gradient, m and v, one work array, activations."""
+    return Widths(e, e, 2 * e, e, e, e)
+
+
+def flushed(got, want):
+    """The share of elements that are zero in `got` where `want` (the same values in float32) has none: what
+    rounding to 16 bits flushed to zero, e.g. fp16 gradients without loss scaling."""
+    return float(np.mean((np.asarray(got) == 0) & (np.asarray(want) != 0)))
+
+
+# ----------------------------------------------------------------------------- the model in mixed precision
+
+def _widen(obj, wide):
+    """obj with every 16-bit array in it (nested in tuples and lists) as a float32 copy, made once per array."""
+    if isinstance(obj, np.ndarray):
+        if not is_sixteen(obj.dtype):
+            return obj
+        if id(obj) not in wide:
+            wide[id(obj)] = (obj, obj.astype(np.float32))
+        return wide[id(obj)][1]
+    if isinstance(obj, tuple):
+        items = [_widen(o, wide) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    if isinstance(obj, list):
+        return [_widen(o, wide) for o in obj]
+    return obj
+
+
+def _narrow(obj, dtype, back, narrow):
+    """obj with every float32 array in it rounded to `dtype`, once per array; a float32 copy that `_widen` made
+    goes back to the 16-bit array it came from (`back`: id of the copy -> that array)."""
+    if isinstance(obj, np.ndarray):
+        if obj.dtype != np.float32:
+            return obj
+        if id(obj) not in narrow:
+            came = back.get(id(obj))
+            narrow[id(obj)] = came if came is not None else obj.astype(dtype)
+        return narrow[id(obj)]
+    if isinstance(obj, tuple):
+        items = [_narrow(o, dtype, back, narrow) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    if isinstance(obj, list):
+        return [_narrow(o, dtype, back, narrow) for o in obj]
+    return obj
+
+
+class _Wide(Mapping):
+    """A dict of 16-bit weights read as float32: each one cast when first read."""
+
+    def __init__(self, views, wide):
+        self.views, self.wide = views, wide
+
+    def __getitem__(self, name):
+        return _widen(self.views[name], self.wide)
+
+    def __iter__(self):
+        return iter(self.views)
+
+    def __len__(self):
+        return len(self.views)
+
+
+class _Sums(Mapping):
+    """Float32 gradients, zero when first written, standing in for 16-bit ones (a dict `views`); `add` adds each
+    into its 16-bit buffer, rounding once."""
+
+    def __init__(self, views):
+        self.views, self.sums = views, {}
+
+    def __getitem__(self, name):
+        if name not in self.sums:
+            self.sums[name] = np.zeros(self.views[name].shape, np.float32)
+        return self.sums[name]
+
+    def __setitem__(self, name, value):                 # g[name] += x: the in-place sum, stored back
+        self.sums[name] = value
+
+    def __iter__(self):
+        return iter(self.views)
+
+    def __len__(self):
+        return len(self.views)
+
+    def add(self):
+        for name, s in self.sums.items():
+            s += self.views[name]                       # float32 + 16-bit: exact, then one rounding below
+            self.views[name][...] = s
+
+
+def _dtype(g):
+    return next(iter(g.values())).dtype if isinstance(g, Mapping) else g.dtype
+
+
+def autocast(dtype):
+    """mp(fn, grads=0): fn run in mixed precision if `dtype` (of the weights) has 16 bits, else fn itself.
+    fn computes in float32 from its arguments (16-bit arrays, nested in tuples or in dicts of weights), and its
+    float32 results are rounded to `dtype`. grads = k: fn's last k arguments are gradient buffers (arrays, or
+    dicts of them) it adds into: 16-bit ones are replaced by float32 zeros, which are then added into them
+    (float32 ones, with --fp32-grads, are added into directly)."""
+    if not is_sixteen(dtype):
+        return lambda fn, grads=0: fn
+
+    def mp(fn, grads=0):
+        @functools.wraps(fn)
+        def run(*args):
+            wide, n = {}, len(args) - grads
+            ins = [_Wide(a, wide) if isinstance(a, Mapping) else _widen(a, wide) for a in args[:n]]
+            sums, outs = [], []
+            for g in args[n:]:
+                if _dtype(g) == np.float32:
+                    outs.append(g)
+                else:
+                    sums.append(_Sums(g if isinstance(g, Mapping) else {0: g}))
+                    outs.append(sums[-1] if isinstance(g, Mapping) else sums[-1][0])
+            result = fn(*ins, *outs)
+            for s in sums:
+                s.add()
+            return _narrow(result, dtype, {id(w): a for a, w in wide.values()}, {})
+        return run
+    return mp
+
+
+# the functions of common.driver.Parts, and how many gradient buffers each one's last arguments are
+PART_FUNCTIONS = {"embedding_forward": 0, "block_forward": 0, "head_forward": 0,
+                  "embedding_backward": 1, "block_backward": 1, "head_backward": 1}
+
+
+def mixed(parts, dtype):
+    """A common.driver.Parts whose every part runs in mixed precision (autocast) if `dtype` has 16 bits. Zero
+    bubble's deferred weight gradients are not among them (chapter 05 refuses the pair)."""
+    if not is_sixteen(dtype):
+        return parts
+    mp = autocast(dtype)
+    return replace(parts, deferring=None, **{name: mp(getattr(parts, name), grads)
+                                              for name, grads in PART_FUNCTIONS.items()})
+
+
+# ----------------------------------------------------------------------------- the optimizer in mixed precision
+
+class LossScaler:
+    """Dynamic loss scaling, as PyTorch's GradScaler and Megatron's: the backward runs on scale x loss. A step
+    whose gradients are not finite (on any rank: their norm is global) is skipped and halves the scale; after
+    `window` finite steps in a row the scale doubles. At a scale of 1, gradients that are still not finite are
+    a divergence. `dynamic` False: a fixed scale, and a non-finite gradient is a divergence at once."""
+
+    def __init__(self, scale=2.0 ** 16, window=1000, dynamic=True):
+        self.scale, self.window, self.dynamic = float(scale), window, dynamic
+        self.clean = 0                  # finite steps since the scale last changed
+        self.skipped = 0                # steps skipped so far
+
+    def update(self, finite):
+        """After a step's gradients are known: whether to apply the step."""
+        if finite:
+            self.clean += 1
+            if self.dynamic and self.clean == self.window:
+                self.scale *= 2.0
+                self.clean = 0
+            return True
+        if not self.dynamic or self.scale <= 1.0:
+            raise Diverged(f"the gradients are not finite at loss scale {self.scale:g}")
+        self.scale /= 2.0
+        self.clean = 0
+        self.skipped += 1
+        return False
+
+
+class MixedAdamW(AdamW):
+    """AdamW in mixed precision: it updates a float32 master copy of the 16-bit weights (or of this rank's shard
+    of them, `master`) from the 16-bit gradient divided by the loss scale into float32 (`unscaled`), and rounds
+    the weights from the master after each step. The master, m and v are what ZeRO shards: 12 bytes a parameter."""
+
+    def __init__(self, decay_mask, beta1, beta2, weight_decay, master, scaler=None, eps=1e-8):
+        super().__init__(decay_mask, beta1, beta2, weight_decay, eps, dtype=np.float32)
+        self.master, self.scaler = master, scaler
+        self.grad = np.zeros_like(master)                  # the gradient in float32, unscaled
+        self.skipped = False                               # whether the last update was skipped
+
+    @property
+    def loss_scale(self):
+        return self.scaler.scale if self.scaler else 1.0
+
+    def unscaled(self, grads):
+        np.multiply(grads, 1.0 / self.loss_scale, out=self.grad, dtype=np.float32)
+        return self.grad
+
+    def update(self, params, g, lr, grad_clip, norm=None):
+        """Skip the step if the loss scaler says so (the norm is not finite); else clip g, step the master and
+        round `params` (the 16-bit weights it stands for) from it."""
+        if norm is None:
+            norm = math.sqrt(float(np.dot(g, g)))
+        self.skipped = self.scaler is not None and not self.scaler.update(math.isfinite(norm))
+        if self.skipped:
+            return
+        clip_grad_norm(g, grad_clip, norm)
+        self.step(self.master, g, lr)
+        self.cast(params)
+
+    def cast(self, params):
+        params[...] = self.master
+
+    def status(self):
+        if self.scaler is None:
+            return {}
+        return {"loss_scale": self.scaler.scale, **({"skipped": True} if self.skipped else {})}
+
+
+def make_adamw(train_cfg, decay_mask, master):
+    """The optimizer of a run: AdamW on the weights themselves, or in mixed precision MixedAdamW on a float32
+    `master` (with fp16, a LossScaler: dynamic from 2^16 unless --loss-scale fixes it)."""
+    hyper = (decay_mask, train_cfg.beta1, train_cfg.beta2, train_cfg.weight_decay)
+    if train_cfg.precision not in SIXTEEN:
+        return AdamW(*hyper, dtype=master.dtype)
+    scaler = None
+    if train_cfg.precision == "fp16":
+        scaler = LossScaler(train_cfg.loss_scale or 2.0 ** 16, dynamic=train_cfg.loss_scale == 0)
+    return MixedAdamW(*hyper, master=master, scaler=scaler)
