@@ -2,12 +2,16 @@
 
     python 01_single_core/verify.py            # float64, a tiny model; prints one row per tensor, then PASS/FAIL
 """
+from dataclasses import replace
+from typing import NamedTuple
+
 import numpy as np
 
 from common.chapters import import_chapter
 from common.checks import Report
 from common.config import ConfigError, GPTConfig, Parser, exit_with
 from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
+from common.precision import storage, unit_roundoff
 
 
 def gradcheck(gpt_cfg, seed=0, eps=1e-6, tol=1e-6, verbose=True):
@@ -42,19 +46,57 @@ def gradcheck(gpt_cfg, seed=0, eps=1e-6, tol=1e-6, verbose=True):
     return report
 
 
+class Run(NamedTuple):
+    """A single-core run as the parallel verify.py compare against it: `start` the weights before the first
+    step (in mixed precision, as everywhere below, the float32 master), `params` after the last, `grads` the
+    first step's gradient."""
+    batches: list
+    start: np.ndarray
+    losses: list
+    params: np.ndarray
+    opt: object
+    grads: np.ndarray
+
+
 def reference(gpt_cfg, train_cfg, steps, seed=0):
     """What the parallel chapters' verify.py compare against: `steps` random batches, starting weights moved off
-    the init (biases off 0, gains off 1), and the single-core run on them with train.py's train_step.
-    Returns (batches, start, losses, params, opt): `start` a copy of the weights before the first step."""
+    the init (biases off 0, gains off 1), and the single-core run on them with train.py's train_step (a Run)."""
     train = import_chapter("01_single_core.train")
     rng = np.random.default_rng(seed)
     batches = [tuple(rng.integers(0, gpt_cfg.vocab_size, (2, train_cfg.batch_size, gpt_cfg.block_size)))
                for _ in range(steps)]
     state = train.build(gpt_cfg, train_cfg)
-    state.params += rng.normal(0.0, 0.1, state.params.shape)
-    start = state.params.copy()
-    losses = [train.train_step(state, batch, train_cfg.learning_rate) for batch in batches]
-    return batches, start, losses, state.params, state.opt
+    start_weights(state, weights(state) + rng.normal(0.0, 0.1, state.params.shape))
+    start, losses, grads = weights(state).copy(), [], None
+    for batch in batches:
+        losses.append(train.train_step(state, batch, train_cfg.learning_rate))
+        grads = state.grads.copy() if grads is None else grads
+    return Run(batches, start, losses, weights(state), state.opt, grads)
+
+
+def weights(state):
+    """The weights the optimizer updates: the parameters, or in mixed precision their float32 master."""
+    return getattr(state.opt, "master", state.params)
+
+
+def start_weights(state, start):
+    """Set the weights (in mixed precision the master, and the 16-bit parameters rounded from it)."""
+    weights(state)[...] = start
+    state.opt.cast(state.params)
+
+
+def mixed(train_cfg, precision="bf16"):
+    """The float64 verify's training config in mixed precision (float32 master weights and arithmetic)."""
+    return replace(train_cfg, dtype="float32", precision=precision)
+
+
+def mixed_tolerance(train_cfg, n_layer, reductions):
+    """How far a first-step gradient (or loss) of two mixed-precision runs of the same step may differ, relative to
+    its largest element, when they round to 16 bits at different points: (2 L + 4 + reductions) u. Each rounding
+    moves a value by at most u (the unit roundoff) of its size; on the way to a weight's gradient a value is
+    rounded once per part in the forward (the embedding, L blocks, the head: L + 2) and in the backward (at most
+    L + 2), then the gradient itself and its reduction's partial sums (`reductions`). See chapter 01's README."""
+    return (2 * n_layer + 4 + reductions) * unit_roundoff(storage(train_cfg))
 
 
 def main(argv=None):

@@ -5,18 +5,22 @@
 
 Both models start from the same weights and take the same AdamW steps on the same batches, in this one job.
 Rows compare logits, loss and every gradient of the first step, every parameter after the last, the
-replicated gradients across ranks, and the communication ledger of one step against the formula.
+replicated gradients across ranks, and the communication ledger of one step against the formula. Then the
+first step of train.py's train_step in bf16 mixed precision against single-core bf16: the loss and every gradient
+within the tolerance derived from bf16's unit roundoff (chapter 01's README).
 """
 import numpy as np
 
 from common.checks import Report
 from common.chapters import import_chapter
 from common.comm import checked, world
-from common.config import ConfigError, GPTConfig, Parser
+from common.config import ConfigError, GPTConfig, ParallelConfig, Parser, TrainConfig
 from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
 from common.optim import AdamW, clip_grad_norm, decays
 
 tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
+tp_train = import_chapter("02_tensor_parallel.train")
+ref = import_chapter("01_single_core.verify")
 TOL = 1e-10
 LR, BETA1, BETA2, WD, CLIP = 1e-2, 0.9, 0.99, 0.1, 1.0
 
@@ -113,7 +117,24 @@ def main(argv=None):
 
     report.compare_tensors(f"after {args.steps} steps: param", tp_lib.unshard(params, local, gpt_cfg, tp),
                            layout.views(ref_p), show)
+    mixed_step(report, gpt_cfg, tp, sp, show)
     return report.finish(f"tp={tp.size}{' with sequence parallelism' if sp else ''}: ", show)
+
+
+def mixed_step(report, gpt_cfg, tp, sp, show):
+    """train.py's first step in bf16 against single core's: the loss and every gradient within the derived
+    tolerance (the gradient rounded once, and under sp the replicated ones at each of the tp - 1 additions of
+    their all-reduce). The blocks compute in float32, so tensor parallelism's own sums add no rounding."""
+    train_cfg = ref.mixed(TrainConfig(batch_size=3, learning_rate=LR, beta1=BETA1, beta2=BETA2, weight_decay=WD,
+                                      grad_clip=CLIP, seed=0))
+    one = ref.reference(gpt_cfg, train_cfg, 1)
+    state = tp_train.build(gpt_cfg, train_cfg, ParallelConfig(tp=tp.size, sequence_parallel=sp), tp,
+                           full=one.start.copy())
+    loss = tp_train.train_step(state, one.batches[0], LR)
+    tol = ref.mixed_tolerance(train_cfg, gpt_cfg.n_layer, tp.size)
+    report.compare(f"{train_cfg.precision}: loss", loss, one.losses[0], show, tol=tol)
+    report.compare_tensors(f"{train_cfg.precision}:", tp_lib.unshard(state.grads, state.layout, gpt_cfg, tp),
+                           gpt_layout(gpt_cfg).views(one.grads), show, group="first gradient", tol=tol)
 
 
 if __name__ == "__main__":

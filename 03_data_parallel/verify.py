@@ -6,7 +6,9 @@ For each --dp-mode (naive, bucketed, overlapped) and --grad-accum (1, 2, 4), the
 03_data_parallel/train.py and the single-core train_step of chapter 01 take the same AdamW steps on the same
 global batches from the same weights. Rows: the losses; every parameter tensor after the steps (one row per
 run, naming the worst tensor); the replicas' agreement; and the all-reduce ledger of one step against the
-formula.
+formula. Then the same first step in bf16 mixed precision against single-core bf16: the loss and every gradient
+within the tolerance derived from bf16's unit roundoff (ref.mixed_tolerance), the replicas still bit for bit
+identical, and the ledger's bytes halved.
 """
 import math
 
@@ -15,7 +17,8 @@ from common.chapters import import_chapter
 from common.comm import checked, world
 from common.config import GPTConfig, Parser, ParallelConfig, TrainConfig
 
-reference = import_chapter("01_single_core.verify").reference
+ref = import_chapter("01_single_core.verify")
+reference = ref.reference
 dp_train = import_chapter("03_data_parallel.train")
 dp_lib = import_chapter("03_data_parallel.data_parallel")
 TOL = 1e-10
@@ -41,7 +44,7 @@ def main(argv=None):
     dp = world()
     args = checked(dp, setup, argv)
     gpt_cfg, train_cfg = configs(dp.size, ACCUMS)
-    batches, start, ref_losses, ref_params, _ = reference(gpt_cfg, train_cfg, args.steps)
+    batches, start, ref_losses, ref_params, _, _ = reference(gpt_cfg, train_cfg, args.steps)
 
     report, show = Report(TOL, width=34, detail=24), dp.rank == 0
     for mode in MODES:
@@ -65,7 +68,33 @@ def main(argv=None):
             report.compare_tensors(f"{mode:>10} x{accum}:", layout.views(params), layout.views(ref_params), show,
                                    group="all parameters")
             report.compare(f"{mode:>10} x{accum}: replicas identical", float(not dp.identical(params)), 0.0, show)
+    for mode in MODES:
+        for accum in ACCUMS[:2]:
+            mixed_step(report, gpt_cfg, ref.mixed(train_cfg), mode, accum, dp, show)
     return report.finish(f"dp={dp.size}: ", show)
+
+
+def mixed_step(report, gpt_cfg, train_cfg, mode, accum, dp, show):
+    """The first step in 16-bit mixed precision against single core's: loss and gradients within the derived
+    tolerance (the gradient is rounded once per micro-batch and once per rank the all-reduce adds), the replicas
+    bit for bit identical, the ledger in 16-bit bytes."""
+    one = reference(gpt_cfg, train_cfg, 1)
+    state = dp_train.build(gpt_cfg, train_cfg, ParallelConfig(dp=dp.size, grad_accum=accum, dp_mode=mode,
+                                                               bucket_mb=0.01), dp)
+    ref.start_weights(state, one.start)
+    dp.ledger.reset()
+    loss = dp_train.train_step(state, one.batches[0], train_cfg.learning_rate)
+    label, tol = f"{train_cfg.precision} {mode} x{accum}:", ref.mixed_tolerance(train_cfg, gpt_cfg.n_layer,
+                                                                               accum + dp.size - 1)
+    report.compare(f"{label} loss", loss, one.losses[0], show, tol=tol)
+    report.compare_tensors(label, state.layout.views(state.grads), state.layout.views(one.grads), show,
+                           group="first gradient", tol=tol)
+    report.compare(f"{label} replicas identical", float(not dp.identical(state.params)), 0.0, show)
+    if dp.size > 1:
+        want = dp_lib.comm_formula(mode, state.layout, len(state.sync.buckets), state.grads.itemsize)
+        got = dp.ledger.as_dict()
+        report.compare(f"{label} ledger bytes", [got.get(k, {}).get("bytes", 0) for k in want],
+                       [b for _, b in want.values()], show)
 
 
 if __name__ == "__main__":

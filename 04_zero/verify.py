@@ -9,7 +9,9 @@ the losses; every parameter tensor, and Adam's m and v of each, after the steps 
 for the parameters and one for m and v, naming the worst tensor); the collectives of one step against
 zero.comm_formula; this rank's model-state bytes, measured from its arrays, against the paper's formula; the
 peak of gathered weights against the largest part of the model (a weight that some reference keeps alive after
-its release would raise it); and no transient buffer alive after a step.
+its release would raise it); and no transient buffer alive after a step. Then each stage's first step in bf16
+mixed precision against single-core bf16: loss and every gradient within the tolerance derived from bf16's unit
+roundoff, and the model state to the byte against the paper's 2 + 2 + 12 bytes per parameter.
 """
 import numpy as np
 
@@ -17,8 +19,10 @@ from common.checks import Report, named
 from common.chapters import import_chapter
 from common.comm import checked, world
 from common.config import Parser, ParallelConfig
+from common.precision import widths
 
-reference = import_chapter("01_single_core.verify").reference
+ref = import_chapter("01_single_core.verify")
+reference = ref.reference
 zero_train = import_chapter("04_zero.train")
 zero_lib = import_chapter("04_zero.zero")
 dp_verify = import_chapter("03_data_parallel.verify")
@@ -41,7 +45,7 @@ def main(argv=None):
     dp = world()
     args = checked(dp, setup, argv)
     gpt_cfg, train_cfg = dp_verify.configs(dp.size, ACCUMS)      # chapter 03's tiny model and batch rule
-    batches, start, ref_losses, ref_params, ref_opt = reference(gpt_cfg, train_cfg, args.steps)
+    batches, start, ref_losses, ref_params, ref_opt, _ = reference(gpt_cfg, train_cfg, args.steps)
     layout = zero_train.gpt_layout(gpt_cfg)
     itemsize = ref_params.itemsize
     largest_part = zero_lib.largest_part(layout, zero_train.modules(gpt_cfg)) * itemsize
@@ -71,13 +75,44 @@ def main(argv=None):
                                    named(m=layout.views(ref_opt.m), v=layout.views(ref_opt.v)), show,
                                    group="Adam m and v")
             memory = zero.memory(opt)
-            formula = zero_lib.memory_formula(stage, layout.size, zero.hi - zero.lo, itemsize)
+            formula = zero_lib.memory_formula(stage, layout.size, zero.hi - zero.lo, widths(train_cfg))
             report.compare(f"{label} state bytes", [memory[k] for k in formula], list(formula.values()),
                            show)
             report.compare(f"{label} peak gathered", memory["gathered parameters (peak)"],
                            largest_part if stage == 3 else 0, show)
             report.compare(f"{label} transient left", left, 0, show)
+    mixed_cfg = ref.mixed(train_cfg)
+    one = reference(gpt_cfg, mixed_cfg, 1)
+    for stage in zero_lib.STAGES:
+        for accum in ACCUMS:
+            mixed_step(report, gpt_cfg, mixed_cfg, one, stage, accum, dp, show)
     return report.finish(f"N={dp.size}: ", show)
+
+
+def mixed_step(report, gpt_cfg, train_cfg, one, stage, accum, dp, show):
+    """The first step in 16-bit mixed precision against single core's (`one`): loss and gradient shards within
+    the derived tolerance (each micro-batch's gradient rounded when it is bucketed, at each of the N - 1 additions
+    of its reduce-scatter and when added into the shard), the model state's bytes and the collectives' bytes
+    equal to their formulas."""
+    label = f"{train_cfg.precision} stage {stage} x{accum}:"
+    par = ParallelConfig(dp=dp.size, grad_accum=accum, zero_stage=stage, bucket_mb=0.005)
+    state = zero_train.build(gpt_cfg, train_cfg, par, dp, params=one.start.copy())
+    zero, w = state.sync, widths(train_cfg)
+    dp.ledger.reset()
+    loss = zero_train.dp_train.train_step(state, one.batches[0], train_cfg.learning_rate)
+    if dp.size > 1:
+        got = dp.ledger.as_dict()
+        want = {**zero_lib.comm_formula(stage, state.layout, accum, w.weights, w.grads), "allreduce": 16}
+        report.compare(f"{label} collectives (bytes)", [got.get(k, {}).get("bytes", 0) for k in want],
+                       list(want.values()), show)
+    tol = ref.mixed_tolerance(train_cfg, gpt_cfg.n_layer, accum * (dp.size + 1))
+    report.compare(f"{label} loss", loss, one.losses[0], show, tol=tol)
+    report.compare_tensors(label, state.layout.views(gathered(zero, zero.gshard)), state.layout.views(one.grads),
+                           show, group="first gradient", tol=tol)
+    memory = zero.memory(state.opt)
+    formula = zero_lib.memory_formula(stage, state.layout.size, zero.hi - zero.lo, w)
+    report.compare(f"{label} state bytes", [memory[k] for k in formula], list(formula.values()), show)
+
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ tensor, and Adam's m and v of each, after the steps, gathered from the stages (o
 one for m and v, naming the worst tensor); the two copies of wte; the peak number of micro-batch chunks alive
 on each stage against the schedule's bound (schedules.alive_bound: afab M, 1f1b min(P - stage, M), ...); the
 peak bytes of activations each stage's caches held against the formula (pipeline.activation_formula); each
-stage's point-to-point bytes of one step against the formula.
+stage's point-to-point bytes of one step against the formula. Then 1f1b's and afab's first step in bf16 mixed
+precision against single-core bf16: the loss and every gradient within the tolerance derived from bf16's unit
+roundoff (chapter 01's README), the point-to-point bytes halved.
 """
 from dataclasses import replace
 
@@ -23,7 +25,8 @@ from common.chapters import import_chapter
 from common.comm import checked, world
 from common.config import ConfigError, GPTConfig, Parser, ParallelConfig, TrainConfig
 
-reference = import_chapter("01_single_core.verify").reference
+ref = import_chapter("01_single_core.verify")
+reference = ref.reference
 pipe_train = import_chapter("05_pipeline.train")
 pipe = import_chapter("05_pipeline.pipeline")
 sched = import_chapter("05_pipeline.schedules")
@@ -60,7 +63,7 @@ def main(argv=None):
     pp = world()
     args, gpt_cfg = checked(pp, setup, argv, pp.size)
     train_cfg = TrainConfig(batch_size=24, dtype="float64", learning_rate=1e-2, seed=0)   # M = 1, 3, 4, 6, 8
-    batches, start, ref_losses, ref_params, ref_opt = reference(gpt_cfg, train_cfg, args.steps)
+    batches, start, ref_losses, ref_params, ref_opt, _ = reference(gpt_cfg, train_cfg, args.steps)
     layout = pipe_train.gpt_layout(gpt_cfg)
 
     stage, P = pp.rank, pp.size
@@ -96,7 +99,31 @@ def main(argv=None):
         want = [pipe_train.memory_estimate(gpt_cfg, run_cfg, par, s)["activations"] for s in range(P)]
         report.compare(f"{label} activation bytes per stage",
                        every_rank(pp, [state.held.peak["activations"]]).ravel(), want, show)
+    one = reference(gpt_cfg, ref.mixed(train_cfg), 1)
+    for kind in ("afab", "1f1b"):
+        mixed_step(report, gpt_cfg, ref.mixed(train_cfg), one, kind, pp, show)
     return report.finish(f"P={P}: ", show)
+
+
+def mixed_step(report, gpt_cfg, train_cfg, one, kind, pp, show, M=4):
+    """The first step of `kind` in 16-bit mixed precision against single core's (`one`): the loss and every
+    gradient within the derived tolerance (the gradient is rounded once per micro-batch, and wte's once more
+    when its two halves are summed); the p2p bytes by the formula, in 16-bit activations."""
+    label = f"{train_cfg.precision} {kind} M={M}:"
+    state = pipe_train.build(gpt_cfg, train_cfg, ParallelConfig(pp=pp.size, microbatches=M, schedule=kind), pp,
+                             full=one.start)
+    pp.ledger.reset()
+    loss = pipe_train.train_step(state, one.batches[0], train_cfg.learning_rate)
+    tol = ref.mixed_tolerance(train_cfg, gpt_cfg.n_layer, M + 1)
+    if pp.size > 1:
+        got, want = pp.ledger.as_dict(), pipe.p2p_formula(gpt_cfg, train_cfg.batch_size, pp.rank, pp.size,
+                                                          state.params.itemsize)
+        report.compare(f"{label} p2p bytes, every stage", every_rank(pp, [got[k]["bytes"] for k in ("isend", "recv")]),
+                       every_rank(pp, [want[k] for k in ("isend", "recv")]), show)
+    report.compare(f"{label} loss", loss, one.losses[0], show, tol=tol)
+    grads = pipe.whole_state(gpt_cfg, (state.grads,), pp)["params"]          # every stage's, gathered
+    report.compare_tensors(label, grads, pipe_train.gpt_layout(gpt_cfg).views(one.grads), show,
+                           group="first gradient", tol=tol)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ same AdamW steps on the same batches from the same weights, in float64. Rows: th
 parameter tensor, and Adam's m and v of each, after the steps, consolidated from the grid (one row naming the
 worst tensor); every rank's bytes per axis (tp, cp, pp, ends, dp) in one step against grid.ledger_formula; and
 whether every rank's caches held at their peak the bytes of activations the formula gives (train.py's
-memory_estimate).
+memory_estimate). Then the first step of the two layouts that split the model most, in bf16 mixed precision with
+1f1b, against single-core bf16: the loss, and Adam's m (the first gradient) within the tolerance derived from
+bf16's unit roundoff (chapter 01's README).
 """
 import itertools
 from dataclasses import replace
@@ -28,8 +30,10 @@ from common.chapters import import_chapter
 from common.checkpoint import STATE
 from common.comm import checked, world
 from common.config import ConfigError, GPTConfig, Parser, ParallelConfig, TrainConfig
+from common.precision import widths
 
-reference = import_chapter("01_single_core.verify").reference
+ref_lib = import_chapter("01_single_core.verify")
+reference = ref_lib.reference
 train3d = import_chapter("06_3d.train")
 grid_lib = import_chapter("06_3d.grid")
 tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
@@ -131,7 +135,7 @@ def main(argv=None):
     args = checked(comm, setup, argv, comm.size)
     # dp x 2 micro-batches
     train_cfg = TrainConfig(batch_size=2 * comm.size, dtype="float64", learning_rate=1e-2, seed=0)
-    batches, start, ref_losses, ref_params, ref_opt = reference(GPT, train_cfg, args.steps)
+    batches, start, ref_losses, ref_params, ref_opt, _ = reference(GPT, train_cfg, args.steps)
     layout = train3d.gpt_layout(GPT)
     ref = np.concatenate([ref_params, ref_opt.m, ref_opt.v])
 
@@ -168,7 +172,43 @@ def main(argv=None):
                                group="params, m, v")
         report.compare(f"{label} ledger, every rank", every[:, 1], np.ones(comm.size), show)
         report.compare(f"{label} activations, every rank", every[:, 2], np.ones(comm.size), show)
+    mixed_cfg = replace(ref_lib.mixed(train_cfg), grad_clip=0.0)     # so that m is (1 - beta1) x the gradient
+    one = reference(GPT, mixed_cfg, 1)
+    eligible = [(layout, variant) for (layout, variant), (schedule, _, _) in zip(runs, schedules(runs))
+                if schedule != "zb-h1"]
+    eligible.sort(key=lambda run: -sum(n > 1 for n in run[0][:3]))      # the layouts splitting the model most
+    for (tp, cp, pp, dp), (sp, zero, split) in eligible[:2]:
+        par = ParallelConfig(tp=tp, pp=pp, dp=dp, cp=cp, cp_split=split, sequence_parallel=sp, zero_stage=zero,
+                             microbatches=2, schedule="1f1b", bucket_mb=0.005)
+        mixed_step(report, mixed_cfg, one, par, comm, show)
     return report.finish(f"{comm.size} ranks: ", show)
+
+
+def mixed_step(report, train_cfg, one, par, comm, show):
+    """The first step of a layout in 16-bit mixed precision against single core's (`one`): every rank's bytes per
+    axis against ledger_formula in the run's widths (float32 inside a part, 16-bit between stages and for the
+    gradients' sums), the loss, and Adam's m (after one unclipped step, the gradient times 1 - beta1) within the
+    derived tolerance: each of the M
+    micro-batches' gradients is rounded when it is stored, at each of the dp x cp - 1 additions of its reduction
+    and when it is accumulated, and wte's once more when its halves are summed over the pipeline's ends."""
+    label = (f"{train_cfg.precision} ({par.tp},{par.cp},{par.pp},{par.dp}){' sp' if par.sequence_parallel else ''}"
+             f"{f' z{par.zero_stage}' if par.zero_stage else ''} 1f1b:")
+    grid = grid_lib.Grid.build(comm, par.tp, par.cp, par.pp, par.dp)
+    state = grid_lib.State(GPT, train_cfg, par, grid, one.start)
+    for c in (grid.tp, grid.cp, grid.pp, grid.dcp, grid.ends):
+        c.ledger.reset()
+    loss = train3d.train_step(state, one.batches[0], train_cfg.learning_rate)
+    got = {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()} for axis, c in
+           (("tp", grid.tp), ("cp", grid.cp), ("pp", grid.pp), ("dp", grid.dcp), ("ends", grid.ends))}
+    ledger_ok = got == grid_lib.ledger_formula(GPT, par, state.stage, train_cfg.batch_size, widths(train_cfg))
+    every = comm.allgather(np.array([float(ledger_ok)]), np.empty(comm.size))
+    report.compare(f"{label} ledger, every rank", every, np.ones(comm.size), show)
+    whole = state.whole()
+    tol = ref_lib.mixed_tolerance(train_cfg, GPT.n_layer, par.microbatches * (par.dp * par.cp + 1) + 1)
+    report.compare(f"{label} loss", loss, one.losses[0], show, tol=tol)
+    if comm.rank == 0:
+        report.compare_tensors(label, whole["adam_m"], train3d.gpt_layout(GPT).views(one.opt.m), show,
+                               group="Adam m (the first gradient)", tol=tol)
 
 
 if __name__ == "__main__":

@@ -37,11 +37,14 @@ class Report:
     def __init__(self, tol, width=32, detail=14):
         self.tol, self.width, self.detail = tol, width, detail
         self.rows = []                                   # (name, ok) of every tensor compared, in order
+        self.tols = []                                   # ... and the tolerance each was held to
         self.found = []                                  # (relative difference, compare_tensors' name or None)
 
-    def _add(self, name, rel, tensor=None):
-        ok = rel <= self.tol
+    def _add(self, name, rel, tensor=None, tol=None):
+        tol = self.tol if tol is None else tol
+        ok = rel <= tol
         self.rows.append((name, ok))
+        self.tols.append(tol)
         self.found.append((severity(rel), tensor))
         return ok
 
@@ -49,15 +52,15 @@ class Report:
         print(f"{name:<{self.width}} {detail:<{self.detail}} max|Δ| {diff:9.2e}  rel {rel:9.2e}  "
               f"{'ok' if ok else 'FAIL'}")
 
-    def compare(self, name, got, want, verbose=True):
-        """One row: `got` against `want`, as one tensor."""
+    def compare(self, name, got, want, verbose=True, tol=None):
+        """One row: `got` against `want`, as one tensor (within `tol`, if given, instead of the report's)."""
         shape, diff, rel = difference(got, want)
-        ok = self._add(name.strip(), rel)
+        ok = self._add(name.strip(), rel, tol=tol)
         if verbose:
             self._print(name, str(shape), diff, rel, ok)
         return ok
 
-    def compare_tensors(self, label, got, want, verbose=True, group=None):
+    def compare_tensors(self, label, got, want, verbose=True, group=None, tol=None):
         """Compare `got` and `want` ({name: array}) tensor by tensor: one row per tensor, `label name`, or given
         `group`, one row `label group` naming its worst tensor. Each tensor counts in the verdict as
         `label name`; one missing from either side fails."""
@@ -69,10 +72,10 @@ class Report:
                 print(f"{what} (no tensors)  FAIL")
             return False
         measured = {name: difference(got.get(name), want.get(name)) for name in names}
-        ok = all([self._add(f"{label.strip()} {name}", rel, name) for name, (_, _, rel) in measured.items()])
+        ok = all([self._add(f"{label.strip()} {name}", rel, name, tol) for name, (_, _, rel) in measured.items()])
         if verbose and group is None:
             for name, (shape, diff, rel) in measured.items():
-                self._print(f"{label} {name}", str(shape), diff, rel, rel <= self.tol)
+                self._print(f"{label} {name}", str(shape), diff, rel, rel <= (self.tol if tol is None else tol))
         elif verbose:
             worst = max(measured, key=lambda name: severity(measured[name][2]))
             self._print(f"{label} {group}", f"worst {worst}", *measured[worst][1:], ok)
@@ -82,12 +85,15 @@ class Report:
         """Print the verdict line (after `label`, on the rank that prints): how many tensors were compared, or
         which exceed the tolerance. Returns the process exit code (0 only if every tensor passed), on every rank."""
         failed = [i for i, (_, ok) in enumerate(self.rows) if not ok]
+        other = sum(tol != self.tol for tol in self.tols)            # rows in 16-bit precision: their own
         if not self.rows:
             verdict = "FAIL: nothing was compared"
         elif failed:
-            verdict = f"FAIL: {len(failed)} of {len(self.rows)} tensors exceed {self.tol:g}: {self.culprits(failed)}"
+            verdict = (f"FAIL: {len(failed)} of {len(self.rows)} tensors exceed {self.tol:g}: {self.culprits(failed)}"
+                       + (" (16-bit rows: their derived tolerance)" if other else ""))
         else:
-            verdict = f"PASS: {len(self.rows)} tensors within {self.tol:g}"
+            verdict = f"PASS: {len(self.rows)} tensors within {self.tol:g}" + (
+                f" ({other} in 16-bit precision within their derived tolerance)" if other else "")
         if verbose:
             print(label + verdict)
         return 0 if self.rows and not failed else 1
