@@ -18,11 +18,10 @@ model of any size is planned in seconds.
 import argparse
 import itertools
 
-import numpy as np
-
 from common.chapters import import_chapter
-from common.config import RECOMPUTE, ConfigError, GPTConfig, ParallelConfig, TrainConfig, exit_with
+from common.config import PRECISIONS, RECOMPUTE, ConfigError, GPTConfig, ParallelConfig, TrainConfig, exit_with
 from common.memory import available_bytes, size
+from common.precision import describe, widths
 
 grid_lib = import_chapter("06_3d.grid")
 sched = import_chapter("05_pipeline.schedules")
@@ -66,8 +65,8 @@ def predict(gpt_cfg, train_cfg, par, at_scale=False):
     stage_ranks = [stage * par.tp * par.cp for stage in range(par.pp)]          # (tp 0, cp 0, stage, dp 0)
     memory = max(sum(b for kind, b in train3d.memory_estimate(gpt_cfg, train_cfg, par, rank).items()
                      if not (at_scale and kind in AT_SCALE)) for rank in stage_ranks)
-    itemsize = np.dtype(train_cfg.dtype).itemsize
-    per_stage = [grid_lib.ledger_formula(gpt_cfg, par, s, train_cfg.batch_size, itemsize, train_cfg.recompute)
+    per_stage = [grid_lib.ledger_formula(gpt_cfg, par, s, train_cfg.batch_size, widths(train_cfg),
+                                         train_cfg.recompute)
                  for s in range(par.pp)]
     axes = {axis: max(sum(f[axis].values()) for f in per_stage) for axis in AXES}
     return {"memory": memory, "axes": axes, "bubble": sched.bubble_formula(par.schedule, par.microbatches, par.pp,
@@ -112,6 +111,9 @@ def main(argv=None):
     split.add_argument("--micro-batch-size", type=int,
                        help="rows per micro-batch instead: each layout then runs batch / (dp x this) micro-batches")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="as train.py's: bf16 or fp16 plan 16-bit weights, activations and gradients with "
+                             "float32 master weights (default: fp32)")
     parser.add_argument("--recompute", default="none", choices=RECOMPUTE,
                         help="activations kept for the backward, as train.py's --recompute (default: none)")
     parser.add_argument("--sequence-parallel", action="store_true",
@@ -129,7 +131,9 @@ def main(argv=None):
     try:
         gpt_cfg = GPTConfig(args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab_size)
         gpt_cfg.validate()
-        train_cfg = TrainConfig(batch_size=args.batch_size, dtype=args.dtype, recompute=args.recompute)
+        train_cfg = TrainConfig(batch_size=args.batch_size, dtype=args.dtype, recompute=args.recompute,
+                                precision=args.precision)
+        train_cfg.validate()
         for name, value in (("-n", args.n), ("--microbatches", M or 1), ("--micro-batch-size", rows_each or 1)):
             if value < 1:
                 raise ConfigError(f"{name} must be a positive number, got {value}")
@@ -147,7 +151,7 @@ def main(argv=None):
     except ConfigError as e:
         exit_with(e)
     each = f"{M} micro-batches per replica" if M else f"micro-batches of {rows_each} rows"
-    print(f"{args.n} ranks, batch {args.batch_size} x {args.block_size} in {each}, {args.dtype}"
+    print(f"{args.n} ranks, batch {args.batch_size} x {args.block_size} in {each}, {describe(train_cfg)}"
           + (", sequence parallel" if args.sequence_parallel else "")
           + (", initialised and saved shard by shard" if args.at_scale else "")
           + (f"; {size(budget)} of memory per rank" if budget else ""))
@@ -166,7 +170,8 @@ def main(argv=None):
               f"--dp {best['dp']}{zero} --batch-size {args.batch_size} --microbatches {best['M']}"
               + (" --sequence-parallel" if args.sequence_parallel and best["tp"] > 1 else "")
               + (f" --block-size {args.block_size}" if args.block_size != 64 else "")
-              + (f" --recompute {args.recompute}" if args.recompute != "none" else ""))
+              + (f" --recompute {args.recompute}" if args.recompute != "none" else "")
+              + (f" --precision {args.precision}" if args.precision != "fp32" else ""))
     else:
         print("no layout fits in memory: shrink the model or the batch, or add ranks")
 
