@@ -8,7 +8,9 @@ same batches, and its loss is drawn over one core's with the difference below; e
 about (what each --recompute mode holds and costs, ZeRO's memory against the formula, the pipeline's timelines
 and bubble, the bytes on each 3D axis, every layout of 4 ranks and context parallelism's balance and memory, the
 data-parallel modes and one step's overlap on a simulated network) and its bug from bench/gallery.py, replayed
-beside the correct run, with verify.py's verdict (figures/gallery.json).
+beside the correct run, with verify.py's verdict (figures/gallery.json). Chapter 01's mixed-precision figure is
+redrawn from 01_single_core/figures/precision.json, which `python bench/precision.py` writes from its four
+2000-step runs (about 20 minutes).
 """
 import argparse
 import json
@@ -287,6 +289,9 @@ def main(argv=None):
         timelines.pipeline_figures(args.out_root, work, repeats=1 if quick else 3,
                                    microbatches=(1, 4) if quick else timelines.MICROBATCHES)
         recompute_figure(args.out_root, work, rounds=1 if quick else 3, steps=6 if quick else 20)
+        precision = import_chapter("bench.precision")         # its 2000-step runs take ~20 minutes: drawn from
+        precision.draw(json.loads(precision.RECORD.read_text()),     # the record bench/precision.py keeps
+                       args.out_root / "01_single_core" / "figures" / "precision.png")
         context_figure(args.out_root, work, block_size=256 if quick else 1024, sizes=(1, 2) if quick else (1, 2, 4))
         network_modes(args.out_root, args.steps)
     for path in sorted(args.out_root.glob("**/figures/*.png")):
