@@ -74,10 +74,6 @@ def check_layout(gpt_cfg, par, train_cfg):
         raise ConfigError("--recompute full with --schedule zb-h1 would keep each recomputed block alive until its "
                           "deferred weight gradients run, undoing most of what recomputing saves; use --recompute "
                           "selective with zb-h1, or --schedule 1f1b")
-    if par.schedule == "zb-h1" and train_cfg.precision != "fp32":
-        raise ConfigError(f"--schedule zb-h1 defers weight gradients, which mixed precision does not yet round "
-                          f"into 16 bits; use --precision fp32 with zb-h1, or --schedule 1f1b with --precision "
-                          f"{train_cfg.precision}")
 
 
 def activation_formula(gpt_cfg, rows, itemsize, par, stage, recompute="none", tp_size=1, sp=False, cp_size=1):

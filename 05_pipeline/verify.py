@@ -13,8 +13,9 @@ one for m and v, naming the worst tensor); the two copies of wte; the peak numbe
 on each stage against the schedule's bound (schedules.alive_bound: afab M, 1f1b min(P - stage, M), ...); the
 peak bytes of activations each stage's caches held against the formula (pipeline.activation_formula); each
 stage's point-to-point bytes of one step against the formula. Then 1f1b's and afab's first step in bf16 mixed
-precision against single-core bf16: the loss and every gradient within the tolerance derived from bf16's unit
-roundoff (chapter 01's README), the point-to-point bytes halved.
+precision, and zb-h1's, against single-core bf16: the loss and every gradient within the tolerance derived from
+bf16's unit roundoff (chapter 01's README), the point-to-point bytes and each stage's activation bytes (zb-h1's
+deferred operands among them) by their formulas in 16 bits.
 """
 from dataclasses import replace
 
@@ -100,7 +101,7 @@ def main(argv=None):
         report.compare(f"{label} activation bytes per stage",
                        every_rank(pp, [state.held.peak["activations"]]).ravel(), want, show)
     one = reference(gpt_cfg, ref.mixed(train_cfg), 1)
-    for kind in ("afab", "1f1b"):
+    for kind in ("afab", "1f1b", "zb-h1"):
         mixed_step(report, gpt_cfg, ref.mixed(train_cfg), one, kind, pp, show)
     return report.finish(f"P={P}: ", show)
 
@@ -108,19 +109,23 @@ def main(argv=None):
 def mixed_step(report, gpt_cfg, train_cfg, one, kind, pp, show, M=4):
     """The first step of `kind` in 16-bit mixed precision against single core's (`one`): the loss and every
     gradient within the derived tolerance (the gradient is rounded once per micro-batch, and wte's once more
-    when its two halves are summed); the p2p bytes by the formula, in 16-bit activations."""
+    when its two halves are summed; zb-h1's deferred weight gradients read operands stored in 16 bits, one more
+    rounding); the p2p bytes and each stage's activation bytes by their formulas, in 16 bits."""
     label = f"{train_cfg.precision} {kind} M={M}:"
-    state = pipe_train.build(gpt_cfg, train_cfg, ParallelConfig(pp=pp.size, microbatches=M, schedule=kind), pp,
-                             full=one.start)
+    par = ParallelConfig(pp=pp.size, microbatches=M, schedule=kind)
+    state = pipe_train.build(gpt_cfg, train_cfg, par, pp, full=one.start)
     pp.ledger.reset()
     loss = pipe_train.train_step(state, one.batches[0], train_cfg.learning_rate)
-    tol = ref.mixed_tolerance(train_cfg, gpt_cfg.n_layer, M + 1)
+    tol = ref.mixed_tolerance(train_cfg, gpt_cfg.n_layer, M + 1 + (kind == "zb-h1"))
     if pp.size > 1:
         got, want = pp.ledger.as_dict(), pipe.p2p_formula(gpt_cfg, train_cfg.batch_size, pp.rank, pp.size,
                                                           state.params.itemsize)
         report.compare(f"{label} p2p bytes, every stage", every_rank(pp, [got[k]["bytes"] for k in ("isend", "recv")]),
                        every_rank(pp, [want[k] for k in ("isend", "recv")]), show)
     report.compare(f"{label} loss", loss, one.losses[0], show, tol=tol)
+    want = [pipe_train.memory_estimate(gpt_cfg, train_cfg, par, s)["activations"] for s in range(pp.size)]
+    report.compare(f"{label} activation bytes per stage", every_rank(pp, [state.held.peak["activations"]]).ravel(),
+                   want, show)
     grads = pipe.whole_state(gpt_cfg, (state.grads,), pp)["params"]          # every stage's, gathered
     report.compare_tensors(label, grads, pipe_train.gpt_layout(gpt_cfg).views(one.grads), show,
                            group="first gradient", tol=tol)

@@ -19,7 +19,8 @@ from common.layers import (attention_backward, colsum, cross_entropy_backward, g
 
 
 class Later(NamedTuple):
-    """A weight-gradient term W runs: fn(*inputs, *grads). `inputs` are what waiting for it keeps alive."""
+    """A weight-gradient term W runs: fn(*inputs, *grads). `inputs` are what waiting for it keeps alive, `grads`
+    the gradient buffers it adds into."""
     fn: Callable
     inputs: tuple
     grads: tuple
@@ -110,6 +111,6 @@ def deferring(parts, enter=same, enter_backward=same, leave_backward=same, atten
                                                                 leave_backward, attention),
             head_backward=lambda dloss, c, p, g: head_input_grad(dloss, c, p, g, later, enter, enter_backward,
                                                                  loss_backward),
-            embedding_backward=lambda dx, c, p, g: later(parts.embedding_backward, (dx, c), p, g))
+            embedding_backward=lambda dx, c, p, g: later(parts.embedding_backward, (dx, c, p), g))
 
     return replace(parts, deferring=split)

@@ -88,19 +88,20 @@ def model_state(params, opt):
     return dict(zip(STATE, (getattr(opt, "master", params), opt.m, opt.v)))
 
 
-def save_training_state(path, state, adam_t, step, gpt_cfg, train_cfg):
-    """state: {"params" | "adam_m" | "adam_v": {name: the whole single-core tensor}}, whatever the layout."""
+def save_training_state(path, state, adam_t, step, gpt_cfg, train_cfg, loss_scale=None):
+    """state: {"params" | "adam_m" | "adam_v": {name: the whole single-core tensor}}, whatever the layout;
+    loss_scale: fp16's LossScaler.state(), if the run has one."""
     tensors = {f"{kind}/{name}": a for kind in STATE for name, a in state[kind].items()}
     save_checkpoint(path, tensors, {
-        "step": step, "adam_t": adam_t,
+        "step": step, "adam_t": adam_t, **({"loss_scale": loss_scale} if loss_scale else {}),
         "model": dataclasses.asdict(gpt_cfg), "train": dataclasses.asdict(train_cfg),
         "sampler": {"seed": train_cfg.seed, "next_step": step},
     })
 
 
 def read_training_state(path, shapes, max_iters):
-    """(state, adam_t, step) as save_training_state wrote them, checked against the model's {name: shape}
-    and against the run it is to continue (`--max-iters`)."""
+    """(state, adam_t, step, loss_scale) as save_training_state wrote them (loss_scale None if it saved none),
+    checked against the model's {name: shape} and against the run it is to continue (`--max-iters`)."""
     tensors, meta = load_checkpoint(path)
     state = {}
     for kind in STATE:
@@ -109,7 +110,7 @@ def read_training_state(path, shapes, max_iters):
     if meta["step"] > max_iters:
         raise CheckpointError(f"{path} is at step {meta['step']}, beyond --max-iters {max_iters}; "
                               f"raise --max-iters to train further")
-    return state, meta["adam_t"], meta["step"]
+    return state, meta["adam_t"], meta["step"], meta.get("loss_scale")
 
 
 def single_core_state(layout, params, opt):
@@ -119,7 +120,7 @@ def single_core_state(layout, params, opt):
 
 def load_training_state(path, layout, params, opt, max_iters):
     """Fill a single-core run's flat params and AdamW state in place; returns the step to continue from."""
-    state, opt.t, step = read_training_state(path, layout.shapes, max_iters)
+    state, opt.t, step, _ = read_training_state(path, layout.shapes, max_iters)
     for kind, views in single_core_state(layout, params, opt).items():
         for name, view in views.items():
             view[...] = state[kind][name]

@@ -180,11 +180,13 @@ def train(state, tokens, val_tokens, train_step, evaluate, budget, banner, threa
     gpt_cfg, train_cfg = state.gpt_cfg, state.train_cfg
     leader = comm is None or comm.rank == 0
     ckpt = Path(train_cfg.out_dir) / "ckpt.npz"
-    start = 0
+    start, scaler = 0, getattr(state.opt, "scaler", None)
     if train_cfg.resume:
-        whole, state.opt.t, start = _checked(comm, read_training_state, ckpt, gpt_layout(gpt_cfg).shapes,
-                                             train_cfg.max_iters)
+        whole, state.opt.t, start, loss_scale = _checked(comm, read_training_state, ckpt,
+                                                         gpt_layout(gpt_cfg).shapes, train_cfg.max_iters)
         state.load(whole)
+        if scaler and scaler.dynamic and loss_scale:    # fp16 goes on at the scale it had reached
+            scaler.restore(loss_scale)
         del whole
     if leader:
         network = getattr(comm, "network", None)
@@ -206,7 +208,8 @@ def train(state, tokens, val_tokens, train_step, evaluate, budget, banner, threa
     def save(step):
         whole = state.whole()
         if leader:
-            save_training_state(ckpt, whole, state.opt.t, step, gpt_cfg, train_cfg)
+            save_training_state(ckpt, whole, state.opt.t, step, gpt_cfg, train_cfg,
+                                scaler.state() if scaler else None)
 
     run_training(train_cfg, start, B * T, step_fn, evaluate=lambda: evaluate(state, val_batches), save=save,
                  metrics_path=Path(train_cfg.out_dir) / "metrics.jsonl" if leader else None, verbose=leader,

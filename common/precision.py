@@ -124,22 +124,34 @@ def _widen(obj, wide):
     return obj
 
 
-def _narrow(obj, dtype, back, narrow):
-    """obj with every float32 array in it rounded to `dtype`, once per array; a float32 copy that `_widen` made
-    goes back to the 16-bit array it came from (`back`: id of the copy -> that array)."""
+def _narrow(obj, dtype, narrow):
+    """obj with every float32 array in it (nested in tuples and lists) rounded to `dtype`, once per array (the
+    memo `narrow`)."""
     if isinstance(obj, np.ndarray):
         if obj.dtype != np.float32:
             return obj
-        if id(obj) not in narrow:
-            came = back.get(id(obj))
-            narrow[id(obj)] = came if came is not None else obj.astype(dtype)
-        return narrow[id(obj)]
+        if id(obj) not in narrow:                   # kept with obj, so that no later array reuses its id
+            narrow[id(obj)] = (obj, _rounded(obj, dtype, narrow))
+        return narrow[id(obj)][1]
     if isinstance(obj, tuple):
-        items = [_narrow(o, dtype, back, narrow) for o in obj]
+        items = [_narrow(o, dtype, narrow) for o in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     if isinstance(obj, list):
-        return [_narrow(o, dtype, back, narrow) for o in obj]
+        return [_narrow(o, dtype, narrow) for o in obj]
     return obj
+
+
+def _rounded(a, dtype, narrow):
+    """The float32 array `a` rounded to `dtype`. A view becomes the same view of the array it looks into, rounded
+    once: arrays that share memory in float32 (ring attention's output and the view of it its cache keeps) share
+    it in 16 bits too, and are counted once."""
+    root = a.base
+    if isinstance(root, np.ndarray) and root.dtype == np.float32 and root.base is None and root.flags.c_contiguous:
+        whole = _narrow(root, dtype, narrow)
+        offset = (a.__array_interface__["data"][0] - root.__array_interface__["data"][0]) // root.itemsize
+        return np.ndarray(a.shape, dtype, buffer=whole, offset=offset * whole.itemsize,
+                          strides=[s // root.itemsize * whole.itemsize for s in a.strides])
+    return a.astype(dtype)
 
 
 class _Wide(Mapping):
@@ -205,7 +217,7 @@ def autocast(dtype):
             ins = [_Wide(a, wide) if isinstance(a, Mapping) else _widen(a, wide) for a in args[:n]]
             sums, outs = [], []
             for g in args[n:]:
-                if _dtype(g) == np.float32:
+                if g is None or _dtype(g) == np.float32:
                     outs.append(g)
                 else:
                     sums.append(_Sums(g if isinstance(g, Mapping) else {0: g}))
@@ -213,7 +225,7 @@ def autocast(dtype):
             result = fn(*ins, *outs)
             for s in sums:
                 s.add()
-            return _narrow(result, dtype, {id(w): a for a, w in wide.values()}, {})
+            return _narrow(result, dtype, {})
         return run
     return mp
 
@@ -224,13 +236,48 @@ PART_FUNCTIONS = {"embedding_forward": 0, "block_forward": 0, "head_forward": 0,
 
 
 def mixed(parts, dtype):
-    """A common.driver.Parts whose every part runs in mixed precision (autocast) if `dtype` has 16 bits. Zero
-    bubble's deferred weight gradients are not among them (chapter 05 refuses the pair)."""
+    """A common.driver.Parts whose every part runs in mixed precision (autocast) if `dtype` has 16 bits, and
+    whose weight gradients, if the parts can defer them (chapter 05's zero bubble), wait in 16 bits."""
     if not is_sixteen(dtype):
         return parts
     mp = autocast(dtype)
-    return replace(parts, deferring=None, **{name: mp(getattr(parts, name), grads)
-                                              for name, grads in PART_FUNCTIONS.items()})
+    out = replace(parts, **{name: mp(getattr(parts, name), grads) for name, grads in PART_FUNCTIONS.items()})
+    return replace(out, deferring=_deferring(parts, out, dtype) if parts.deferring else None)
+
+
+class _Stored:
+    """The queue a deferring backward (B) appends its weight-gradient terms to, in mixed precision: each term's
+    operands are stored in 16 bits until W runs it, and W computes in float32 like any part (autocast). The
+    running B's rounded arrays are remembered (`narrow`), so an operand two terms share is stored once."""
+
+    def __init__(self, queue, dtype):
+        self.queue, self.dtype, self.narrow = queue, dtype, {}
+
+    def append(self, item):
+        if hasattr(item, "inputs"):                     # a weight-gradient term: fn(*inputs, *grads)
+            inputs = _narrow(item.inputs, self.dtype, self.narrow)
+            item = type(item)(autocast(self.dtype)(item.fn, grads=len(item.grads)), inputs, item.grads)
+        self.queue.append(item)
+
+
+def _deferring(parts, mixed_parts, dtype):
+    """Parts.deferring in mixed precision: B computes in float32 from its 16-bit inputs and rounds the input
+    gradient it returns; the terms it queues keep their operands in 16 bits (_Stored)."""
+    def split(queue):
+        stored = _Stored(queue, dtype)
+        deferring = parts.deferring(stored)
+
+        def input_grad(fn):
+            def run(dx, cache, p, g):
+                wide = {}
+                stored.narrow = {}
+                out = _narrow(fn(_widen(dx, wide), _widen(cache, wide), _Wide(p, wide), g), dtype, {})
+                stored.narrow = {}                      # nothing of this B outlives it but what the queue holds
+                return out
+            return run
+        return replace(mixed_parts, **{name: input_grad(getattr(deferring, name)) for name in
+                                       ("embedding_backward", "block_backward", "head_backward")})
+    return split
 
 
 # ----------------------------------------------------------------------------- the optimizer in mixed precision
@@ -245,6 +292,13 @@ class LossScaler:
         self.scale, self.window, self.dynamic = float(scale), window, dynamic
         self.clean = 0                  # finite steps since the scale last changed
         self.skipped = 0                # steps skipped so far
+
+    def state(self):
+        """What a checkpoint keeps, so that a resumed run goes on exactly as an uninterrupted one."""
+        return {"scale": self.scale, "clean": self.clean, "skipped": self.skipped}
+
+    def restore(self, state):
+        self.scale, self.clean, self.skipped = float(state["scale"]), state["clean"], state["skipped"]
 
     def update(self, finite):
         """After a step's gradients are known: whether to apply the step."""

@@ -179,7 +179,8 @@ def test_verify_fails_on_zb_h1_alone_when_a_w_is_skipped_or_run_twice_or_its_mem
     result = run_mpi(2, [sabotaged(tmp_path, patch, "05_pipeline.verify")], timeout=180)
     assert result.returncode == 1, result.stdout + result.stderr
     failed = {line.split(":")[0] for line in result.stdout.splitlines() if line.endswith("FAIL")}
-    assert failed and all(case.startswith("zb-h1 M=") for case in failed), failed
+    assert failed and all(case.removeprefix("bf16 ").startswith("zb-h1 M=") for case in failed), failed
+    assert "bf16 zb-h1 M=4" in failed, failed               # in mixed precision too: W's terms, stored in 16 bits
 
 
 @pytest.mark.parametrize("n, flags, words", [

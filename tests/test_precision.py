@@ -5,7 +5,7 @@ import pytest
 
 from common import driver
 from common.chapters import import_chapter
-from common.config import ConfigError, GPTConfig, ParallelConfig, TrainConfig
+from common.config import GPTConfig, TrainConfig
 from common.memory import Transient, activation_bytes
 from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
 from common.optim import Diverged, decays
@@ -153,12 +153,28 @@ def test_a_precision_the_run_cannot_take_is_refused_before_any_work(tiny_data, t
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_zero_bubble_refuses_mixed_precision_by_name():
-    pipe = import_chapter("05_pipeline.pipeline")
-    par = ParallelConfig(pp=2, schedule="zb-h1", microbatches=2)
-    pipe.check_layout(TINY, par, TrainConfig())
-    with pytest.raises(ConfigError, match="--schedule zb-h1 defers weight gradients.*--schedule 1f1b"):
-        pipe.check_layout(TINY, par, TrainConfig(precision="bf16"))
+def test_zero_bubbles_deferred_weight_gradients_wait_in_16_bits_and_add_up_to_the_whole_backward():
+    """05's B then W in bf16: every operand W waits with is 16-bit, and the gradients are the whole backward's
+    but for that one rounding of W's operands (within 2u of it)."""
+    zb = import_chapter("05_pipeline.zero_bubble")
+    dtype = storage(TrainConfig(precision="bf16"))
+    layout = gpt_layout(TINY)
+    params = (init_params(TINY, 0, np.float64) + np.random.default_rng(1).normal(0, 0.1, layout.size)).astype(dtype)
+    x, y = batch()
+    grads = {}
+    for deferred in (False, True):
+        parts = driver.training_parts(mixed(zb.deferring(driver.SINGLE), dtype))
+        g = np.zeros(layout.size, dtype)
+        cache = driver.stage_forward(layout.views(params), x, y, TINY, range(TINY.n_layer), parts=parts)[2]
+        queue = [] if deferred else None
+        driver.stage_backward(cache, layout.views(params), layout.views(g), 1.0, weights=queue)
+        if deferred:
+            operands = [a for inputs in zb.queued_operands(queue) for a in inputs if isinstance(a, np.ndarray)]
+            assert operands and all(a.dtype == dtype for a in operands if a.dtype.kind != "i")
+            assert not g.any(), "B computed no weight gradient"
+            driver.stage_weights(queue, layout.views(g), parts)
+        grads[deferred] = g
+    assert 0 < relative(grads[True], grads[False]) < 2 * unit_roundoff(dtype)
 
 
 def test_an_overflowing_fp16_step_is_skipped_logged_and_training_goes_on(tiny_data, tmp_path):
@@ -176,6 +192,25 @@ def test_an_overflowing_fp16_step_is_skipped_logged_and_training_goes_on(tiny_da
     assert rows[-1]["loss_scale"] == 2.0 ** 24 / 2 ** len(skipped)
     assert f"step {skipped[0]:>5}: gradients not finite, step skipped" in result.stdout
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
+
+
+def test_a_resumed_fp16_run_goes_on_at_the_loss_scale_it_had_reached_exactly_as_an_uninterrupted_one(tiny_data,
+                                                                                                      tmp_path):
+    patch = ("import common.precision as P\ninit = P.LossScaler.__init__\n"    # double every 3 clean steps
+             "P.LossScaler.__init__ = lambda self, scale, window=1000, dynamic=True: init(self, scale, 3, dynamic)\n")
+    runs = {}
+    for name, legs in (("straight", [10]), ("resumed", [5, 10])):
+        for i, steps in enumerate(legs):
+            script = sabotaged(tmp_path, patch, "01_single_core.train",
+                               ["--data-dir", str(tiny_data), "--out-dir", str(tmp_path / name), *map(str, FLAGS),
+                                "--precision", "fp16", "--max-iters", str(steps), "--eval-interval", "5",
+                                *(["--resume"] if i else [])])
+            result = run([script])
+            assert result.returncode == 0, result.stderr
+        runs[name] = [(r["step"], r["loss"], r["loss_scale"]) for r in read_metrics(tmp_path / name / "metrics.jsonl")
+                      if "loss" in r]
+    assert runs["resumed"] == runs["straight"]
+    assert len({scale for _, _, scale in runs["straight"]}) >= 3         # it doubled on the way, twice or more
 
 
 def test_gradients_that_stay_infinite_stop_the_run_as_diverged(tiny_data, tmp_path):
