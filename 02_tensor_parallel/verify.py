@@ -122,8 +122,8 @@ def main(argv=None):
 
 
 def mixed_step(report, gpt_cfg, tp, sp, show):
-    """train.py's first step in bf16 against single core's: the loss and every gradient within the derived
-    tolerance (the gradient rounded once, and under sp the replicated ones at each of the tp - 1 additions of
+    """train.py's first step in bf16 against single core's: the bytes its caches held against the formula (in
+    16 bits), the loss and every gradient within the derived tolerance (the gradient rounded once, and under sp the replicated ones at each of the tp - 1 additions of
     their all-reduce). The blocks compute in float32, so tensor parallelism's own sums add no rounding."""
     train_cfg = ref.mixed(TrainConfig(batch_size=3, learning_rate=LR, beta1=BETA1, beta2=BETA2, weight_decay=WD,
                                       grad_clip=CLIP, seed=0))
@@ -133,6 +133,8 @@ def mixed_step(report, gpt_cfg, tp, sp, show):
     loss = tp_train.train_step(state, one.batches[0], LR)
     tol = ref.mixed_tolerance(train_cfg, gpt_cfg.n_layer, tp.size)
     report.compare(f"{train_cfg.precision}: loss", loss, one.losses[0], show, tol=tol)
+    report.compare(f"{train_cfg.precision}: activation bytes", state.held.peak["activations"],
+                   tp_train.memory_estimate(gpt_cfg, train_cfg, state.par)["activations"], show)
     report.compare_tensors(f"{train_cfg.precision}:", tp_lib.unshard(state.grads, state.layout, gpt_cfg, tp),
                            gpt_layout(gpt_cfg).views(one.grads), show, group="first gradient", tol=tol)
 

@@ -75,8 +75,8 @@ def main(argv=None):
 
 
 def mixed_step(report, gpt_cfg, train_cfg, mode, accum, dp, show):
-    """The first step in 16-bit mixed precision against single core's: loss and gradients within the derived
-    tolerance (the gradient is rounded once per micro-batch and once per rank the all-reduce adds), the replicas
+    """The first step in 16-bit mixed precision against single core's: the bytes the caches held against the
+    formula (in 16 bits), loss and gradients within the derived tolerance (the gradient is rounded once per micro-batch and once per rank the all-reduce adds), the replicas
     bit for bit identical, the ledger in 16-bit bytes."""
     one = reference(gpt_cfg, train_cfg, 1)
     state = dp_train.build(gpt_cfg, train_cfg, ParallelConfig(dp=dp.size, grad_accum=accum, dp_mode=mode,
@@ -87,6 +87,8 @@ def mixed_step(report, gpt_cfg, train_cfg, mode, accum, dp, show):
     label, tol = f"{train_cfg.precision} {mode} x{accum}:", ref.mixed_tolerance(train_cfg, gpt_cfg.n_layer,
                                                                                accum + dp.size - 1)
     report.compare(f"{label} loss", loss, one.losses[0], show, tol=tol)
+    report.compare(f"{label} activation bytes", state.held.peak["activations"],
+                   dp_train.memory_estimate(gpt_cfg, train_cfg, state.par)["activations"], show)
     report.compare_tensors(label, state.layout.views(state.grads), state.layout.views(one.grads), show,
                            group="first gradient", tol=tol)
     report.compare(f"{label} replicas identical", float(not dp.identical(state.params)), 0.0, show)

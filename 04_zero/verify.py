@@ -92,8 +92,8 @@ def main(argv=None):
 def mixed_step(report, gpt_cfg, train_cfg, one, stage, accum, dp, show):
     """The first step in 16-bit mixed precision against single core's (`one`): loss and gradient shards within
     the derived tolerance (each micro-batch's gradient rounded when it is bucketed, at each of the N - 1 additions
-    of its reduce-scatter and when added into the shard), the model state's bytes and the collectives' bytes
-    equal to their formulas."""
+    of its reduce-scatter and when added into the shard), the model state's, the collectives' and the caches'
+    bytes equal to their formulas."""
     label = f"{train_cfg.precision} stage {stage} x{accum}:"
     par = ParallelConfig(dp=dp.size, grad_accum=accum, zero_stage=stage, bucket_mb=0.005)
     state = zero_train.build(gpt_cfg, train_cfg, par, dp, params=one.start.copy())
@@ -107,6 +107,8 @@ def mixed_step(report, gpt_cfg, train_cfg, one, stage, accum, dp, show):
                        list(want.values()), show)
     tol = ref.mixed_tolerance(train_cfg, gpt_cfg.n_layer, accum * (dp.size + 1))
     report.compare(f"{label} loss", loss, one.losses[0], show, tol=tol)
+    report.compare(f"{label} activation bytes", state.held.peak["activations"],
+                   zero_train.memory_estimate(gpt_cfg, train_cfg, par)["activations"], show)
     report.compare_tensors(label, state.layout.views(gathered(zero, zero.gshard)), state.layout.views(one.grads),
                            show, group="first gradient", tol=tol)
     memory = zero.memory(state.opt)
