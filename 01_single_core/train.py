@@ -14,9 +14,9 @@ from common.config import ConfigError, GPTConfig, TrainConfig, exit_with
 from common.loop import train
 from common.memory import Transient, check_fits, estimate, reuse_freed_memory
 from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
-from common.optim import AdamW, decays
+from common.optim import AdamW, decays, make_adamw
 from common.params import Layout
-from common.precision import describe, grad_dtype, make_adamw, master_dtype, storage, widths
+from common.precision import describe, grad_dtype, master_dtype, storage, widths
 from common.startup import refuse_several_processes, setup
 from common.threads import size_blas_pool
 

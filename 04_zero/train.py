@@ -21,8 +21,8 @@ from common.driver import modules
 from common.loop import prepare, train
 from common.memory import estimate
 from common.model import gpt_layout, init_params
-from common.optim import decays
-from common.precision import describe, grad_dtype, make_adamw, master_dtype, storage, widths
+from common.optim import decays, make_adamw
+from common.precision import describe, grad_dtype, master_dtype, storage, widths
 
 dp_train = import_chapter("03_data_parallel.train")
 zero_lib = import_chapter("04_zero.zero")

@@ -26,8 +26,8 @@ from common.driver import SINGLE, for_training
 from common.loop import prepare, train
 from common.memory import estimate
 from common.model import gpt_layout, init_params
-from common.optim import decays
-from common.precision import describe, grad_dtype, make_adamw, master_dtype, storage, widths
+from common.optim import decays, make_adamw
+from common.precision import describe, grad_dtype, master_dtype, storage, widths
 
 single = import_chapter("01_single_core.train")
 pipe = import_chapter("05_pipeline.pipeline")

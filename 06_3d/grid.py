@@ -50,9 +50,9 @@ from common.config import ConfigError, GPTConfig
 from common.memory import Transient
 from common.driver import modules, training_parts
 from common.model import gpt_layout
-from common.optim import decays, global_norm
+from common.optim import decays, global_norm, make_adamw
 from common.params import Layout
-from common.precision import grad_dtype, make_adamw, mixed, plain, storage
+from common.precision import grad_dtype, mixed, plain, storage
 
 tp_lib = import_chapter("02_tensor_parallel.tensor_parallel")
 dp_lib = import_chapter("03_data_parallel.data_parallel")

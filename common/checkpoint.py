@@ -90,7 +90,7 @@ def model_state(params, opt):
 
 def save_training_state(path, state, adam_t, step, gpt_cfg, train_cfg, loss_scale=None):
     """state: {"params" | "adam_m" | "adam_v": {name: the whole single-core tensor}}, whatever the layout;
-    loss_scale: fp16's LossScaler.state(), if the run has one."""
+    loss_scale: fp16's LossScaler.state() (common/optim.py), if the run has one."""
     tensors = {f"{kind}/{name}": a for kind in STATE for name, a in state[kind].items()}
     save_checkpoint(path, tensors, {
         "step": step, "adam_t": adam_t, **({"loss_scale": loss_scale} if loss_scale else {}),

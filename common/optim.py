@@ -1,4 +1,5 @@
-"""AdamW over a flat buffer, nanoGPT's warmup + cosine learning-rate schedule, global grad-norm clipping."""
+"""AdamW over a flat buffer, nanoGPT's warmup + cosine learning-rate schedule, global grad-norm clipping; and in
+mixed precision AdamW on float32 master weights, with fp16's dynamic loss scaling."""
 import math
 
 import numpy as np
@@ -94,3 +95,91 @@ class AdamW:
         np.divide(self.m, tmp, out=tmp)
         tmp *= lr / bias1
         p -= tmp                                            # p -= lr m_hat / (sqrt(v_hat) + eps)
+
+
+# ----------------------------------------------------------------------------- in mixed precision (common/precision.py)
+
+class LossScaler:
+    """Dynamic loss scaling, as PyTorch's GradScaler and Megatron's: the backward runs on scale x loss. A step
+    whose gradients are not finite (on any rank: their norm is global) is skipped and halves the scale; after
+    `window` finite steps in a row the scale doubles. At a scale of 1, gradients that are still not finite are
+    a divergence. `dynamic` False: a fixed scale, and a non-finite gradient is a divergence at once."""
+
+    def __init__(self, scale=2.0 ** 16, window=1000, dynamic=True):
+        self.scale, self.window, self.dynamic = float(scale), window, dynamic
+        self.clean = 0                  # finite steps since the scale last changed
+        self.skipped = 0                # steps skipped so far
+
+    def state(self):
+        """What a checkpoint keeps, so that a resumed run goes on exactly as an uninterrupted one."""
+        return {"scale": self.scale, "clean": self.clean, "skipped": self.skipped}
+
+    def restore(self, state):
+        self.scale, self.clean, self.skipped = float(state["scale"]), state["clean"], state["skipped"]
+
+    def update(self, finite):
+        """After a step's gradients are known: whether to apply the step."""
+        if finite:
+            self.clean += 1
+            if self.dynamic and self.clean == self.window:
+                self.scale *= 2.0
+                self.clean = 0
+            return True
+        if not self.dynamic or self.scale <= 1.0:
+            raise Diverged(f"the gradients are not finite at loss scale {self.scale:g}")
+        self.scale /= 2.0
+        self.clean = 0
+        self.skipped += 1
+        return False
+
+
+class MixedAdamW(AdamW):
+    """AdamW in mixed precision: it updates a float32 master copy of the 16-bit weights (or of this rank's shard
+    of them, `master`) from the 16-bit gradient divided by the loss scale into float32 (`unscaled`), and rounds
+    the weights from the master after each step. The master, m and v are what ZeRO shards: 12 bytes a parameter."""
+
+    def __init__(self, decay_mask, beta1, beta2, weight_decay, master, scaler=None, eps=1e-8):
+        super().__init__(decay_mask, beta1, beta2, weight_decay, eps, dtype=np.float32)
+        self.master, self.scaler = master, scaler
+        self.grad = np.zeros_like(master)                  # the gradient in float32, unscaled
+        self.skipped = False                               # whether the last update was skipped
+
+    @property
+    def loss_scale(self):
+        return self.scaler.scale if self.scaler else 1.0
+
+    def unscaled(self, grads):
+        np.multiply(grads, 1.0 / self.loss_scale, out=self.grad, dtype=np.float32)
+        return self.grad
+
+    def update(self, params, g, lr, grad_clip, norm=None):
+        """Skip the step if the loss scaler says so (the norm is not finite); else clip g, step the master and
+        round `params` (the 16-bit weights it stands for) from it."""
+        if norm is None:
+            norm = math.sqrt(float(np.dot(g, g)))
+        self.skipped = self.scaler is not None and not self.scaler.update(math.isfinite(norm))
+        if self.skipped:
+            return
+        clip_grad_norm(g, grad_clip, norm)
+        self.step(self.master, g, lr)
+        self.cast(params)
+
+    def cast(self, params):
+        params[...] = self.master
+
+    def status(self):
+        if self.scaler is None:
+            return {}
+        return {"loss_scale": self.scaler.scale, **({"skipped": True} if self.skipped else {})}
+
+
+def make_adamw(train_cfg, decay_mask, master):
+    """The optimizer of a run: AdamW on the weights themselves, or in mixed precision MixedAdamW on a float32
+    `master` (with fp16, a LossScaler: dynamic from 2^16 unless --loss-scale fixes it)."""
+    hyper = (decay_mask, train_cfg.beta1, train_cfg.beta2, train_cfg.weight_decay)
+    if train_cfg.precision == "fp32":
+        return AdamW(*hyper, dtype=master.dtype)
+    scaler = None
+    if train_cfg.precision == "fp16":
+        scaler = LossScaler(train_cfg.loss_scale or 2.0 ** 16, dynamic=train_cfg.loss_scale == 0)
+    return MixedAdamW(*hyper, master=master, scaler=scaler)

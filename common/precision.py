@@ -7,7 +7,7 @@ arithmetic done in float32, and a float32 master copy of the weights that the op
     fp16   IEEE half precision: 11 significand bits (u = 2^-11) but 5 exponent bits. Magnitudes below 6.1e-5
            lose bits and below 6e-8 become zero, where much of a large model's gradient lies, so the loss is
            multiplied by a large scale before the backward and the gradients divided by it after (dynamic loss
-           scaling, LossScaler).
+           scaling: common/optim.py's LossScaler).
 
 Where a value is rounded. NumPy has no 16-bit matrix multiply (and ml_dtypes' bfloat16 arithmetic runs element
 by element in software), so each part of the model (the embedding, a block, the head) computes in float32 from
@@ -18,19 +18,18 @@ float32 and rounds its output.
 Recomputation: full rebuilds a block's 16-bit cache bit for bit; selective recomputes attention's probabilities
 in float32 from the cached q and k and never rounds them, so its gradients differ from keeping them by about u.
 
-Bytes per parameter: 2 (16-bit weights) + 2 (16-bit gradients) + 12 (float32 master weights, Adam's m and v), the
-16 of the ZeRO paper's count (K = 12); --fp32-grads keeps the gradient in float32 (4 bytes), as Megatron's
+The optimizer's side, AdamW on float32 master weights (MixedAdamW), is in common/optim.py. Bytes per parameter:
+2 (16-bit weights) + 2 (16-bit gradients) + 12 (float32 master weights, Adam's m and v), the 16 of the ZeRO
+paper's count (K = 12); --fp32-grads keeps the gradient in float32 (4 bytes), as Megatron's
 --accumulate-allreduce-grads-in-fp32 does.
 """
 import functools
-import math
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
 
-from common.optim import AdamW, Diverged, clip_grad_norm
 
 SIXTEEN = ("bf16", "fp16")
 
@@ -278,91 +277,3 @@ def _deferring(parts, mixed_parts, dtype):
         return replace(mixed_parts, **{name: input_grad(getattr(deferring, name)) for name in
                                        ("embedding_backward", "block_backward", "head_backward")})
     return split
-
-
-# ----------------------------------------------------------------------------- the optimizer in mixed precision
-
-class LossScaler:
-    """Dynamic loss scaling, as PyTorch's GradScaler and Megatron's: the backward runs on scale x loss. A step
-    whose gradients are not finite (on any rank: their norm is global) is skipped and halves the scale; after
-    `window` finite steps in a row the scale doubles. At a scale of 1, gradients that are still not finite are
-    a divergence. `dynamic` False: a fixed scale, and a non-finite gradient is a divergence at once."""
-
-    def __init__(self, scale=2.0 ** 16, window=1000, dynamic=True):
-        self.scale, self.window, self.dynamic = float(scale), window, dynamic
-        self.clean = 0                  # finite steps since the scale last changed
-        self.skipped = 0                # steps skipped so far
-
-    def state(self):
-        """What a checkpoint keeps, so that a resumed run goes on exactly as an uninterrupted one."""
-        return {"scale": self.scale, "clean": self.clean, "skipped": self.skipped}
-
-    def restore(self, state):
-        self.scale, self.clean, self.skipped = float(state["scale"]), state["clean"], state["skipped"]
-
-    def update(self, finite):
-        """After a step's gradients are known: whether to apply the step."""
-        if finite:
-            self.clean += 1
-            if self.dynamic and self.clean == self.window:
-                self.scale *= 2.0
-                self.clean = 0
-            return True
-        if not self.dynamic or self.scale <= 1.0:
-            raise Diverged(f"the gradients are not finite at loss scale {self.scale:g}")
-        self.scale /= 2.0
-        self.clean = 0
-        self.skipped += 1
-        return False
-
-
-class MixedAdamW(AdamW):
-    """AdamW in mixed precision: it updates a float32 master copy of the 16-bit weights (or of this rank's shard
-    of them, `master`) from the 16-bit gradient divided by the loss scale into float32 (`unscaled`), and rounds
-    the weights from the master after each step. The master, m and v are what ZeRO shards: 12 bytes a parameter."""
-
-    def __init__(self, decay_mask, beta1, beta2, weight_decay, master, scaler=None, eps=1e-8):
-        super().__init__(decay_mask, beta1, beta2, weight_decay, eps, dtype=np.float32)
-        self.master, self.scaler = master, scaler
-        self.grad = np.zeros_like(master)                  # the gradient in float32, unscaled
-        self.skipped = False                               # whether the last update was skipped
-
-    @property
-    def loss_scale(self):
-        return self.scaler.scale if self.scaler else 1.0
-
-    def unscaled(self, grads):
-        np.multiply(grads, 1.0 / self.loss_scale, out=self.grad, dtype=np.float32)
-        return self.grad
-
-    def update(self, params, g, lr, grad_clip, norm=None):
-        """Skip the step if the loss scaler says so (the norm is not finite); else clip g, step the master and
-        round `params` (the 16-bit weights it stands for) from it."""
-        if norm is None:
-            norm = math.sqrt(float(np.dot(g, g)))
-        self.skipped = self.scaler is not None and not self.scaler.update(math.isfinite(norm))
-        if self.skipped:
-            return
-        clip_grad_norm(g, grad_clip, norm)
-        self.step(self.master, g, lr)
-        self.cast(params)
-
-    def cast(self, params):
-        params[...] = self.master
-
-    def status(self):
-        if self.scaler is None:
-            return {}
-        return {"loss_scale": self.scaler.scale, **({"skipped": True} if self.skipped else {})}
-
-
-def make_adamw(train_cfg, decay_mask, master):
-    """The optimizer of a run: AdamW on the weights themselves, or in mixed precision MixedAdamW on a float32
-    `master` (with fp16, a LossScaler: dynamic from 2^16 unless --loss-scale fixes it)."""
-    hyper = (decay_mask, train_cfg.beta1, train_cfg.beta2, train_cfg.weight_decay)
-    if train_cfg.precision not in SIXTEEN:
-        return AdamW(*hyper, dtype=master.dtype)
-    scaler = None
-    if train_cfg.precision == "fp16":
-        scaler = LossScaler(train_cfg.loss_scale or 2.0 ** 16, dynamic=train_cfg.loss_scale == 0)
-    return MixedAdamW(*hyper, master=master, scaler=scaler)

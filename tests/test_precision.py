@@ -8,9 +8,9 @@ from common.chapters import import_chapter
 from common.config import GPTConfig, TrainConfig
 from common.memory import Transient, activation_bytes
 from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
-from common.optim import Diverged, decays
+from common.optim import Diverged, LossScaler, decays, make_adamw
 from common.metrics import read_metrics
-from common.precision import LossScaler, autocast, make_adamw, mixed, storage, unit_roundoff, widths
+from common.precision import autocast, mixed, storage, unit_roundoff, widths
 from conftest import run, sabotaged
 
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
@@ -178,7 +178,7 @@ def test_zero_bubbles_deferred_weight_gradients_wait_in_16_bits_and_add_up_to_th
 
 
 def test_an_overflowing_fp16_step_is_skipped_logged_and_training_goes_on(tiny_data, tmp_path):
-    patch = ("import common.precision as P\ninit = P.LossScaler.__init__\n"    # start at 2^24: overflows at first
+    patch = ("import common.optim as P\ninit = P.LossScaler.__init__\n"    # start at 2^24: overflows at first
              "P.LossScaler.__init__ = lambda self, scale, window=1000, dynamic=True: init(self, 2.0 ** 24, window, "
              "dynamic)\n")
     script = sabotaged(tmp_path, patch, "01_single_core.train",
@@ -196,7 +196,7 @@ def test_an_overflowing_fp16_step_is_skipped_logged_and_training_goes_on(tiny_da
 
 def test_a_resumed_fp16_run_goes_on_at_the_loss_scale_it_had_reached_exactly_as_an_uninterrupted_one(tiny_data,
                                                                                                       tmp_path):
-    patch = ("import common.precision as P\ninit = P.LossScaler.__init__\n"    # double every 3 clean steps
+    patch = ("import common.optim as P\ninit = P.LossScaler.__init__\n"    # double every 3 clean steps
              "P.LossScaler.__init__ = lambda self, scale, window=1000, dynamic=True: init(self, scale, 3, dynamic)\n")
     runs = {}
     for name, legs in (("straight", [10]), ("resumed", [5, 10])):
