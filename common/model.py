@@ -121,7 +121,7 @@ def gpt_forward(p, idx, targets, gpt_cfg, recompute="none"):
     c_blocks = []
     for i in range(gpt_cfg.n_layer):
         x_in = x
-        x, c = mp(block_forward)(x, sub(p, f"h.{i}."), gpt_cfg.n_head, recompute != "selective")
+        x, c = mp(block_forward)(x, sub(p, f"h.{i}."), gpt_cfg.n_head, keep_scores=recompute != "selective")
         c_blocks.append(Rerun(x_in, gpt_cfg) if recompute == "full" else c)
     logits, loss, c_head = mp(head_forward)(x, p, targets)
     return logits, loss, (c_emb, c_blocks, c_head)

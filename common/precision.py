@@ -211,7 +211,7 @@ def autocast(dtype):
 
     def mp(fn, grads=0):
         @functools.wraps(fn)
-        def run(*args):
+        def run(*args, **options):                  # options (keep_scores=...) pass through as they are
             wide, n = {}, len(args) - grads
             ins = [_Wide(a, wide) if isinstance(a, Mapping) else _widen(a, wide) for a in args[:n]]
             sums, outs = [], []
@@ -221,7 +221,7 @@ def autocast(dtype):
                 else:
                     sums.append(_Sums(g if isinstance(g, Mapping) else {0: g}))
                     outs.append(sums[-1] if isinstance(g, Mapping) else sums[-1][0])
-            result = fn(*ins, *outs)
+            result = fn(*ins, *outs, **options)
             for s in sums:
                 s.add()
             return _narrow(result, dtype, {})
