@@ -122,9 +122,10 @@ def main(argv=None):
 
 
 def mixed_step(report, gpt_cfg, tp, sp, show):
-    """train.py's first step in bf16 against single core's: the bytes its caches held against the formula (in
-    16 bits), the loss and every gradient within the derived tolerance (the gradient rounded once, and under sp the replicated ones at each of the tp - 1 additions of
-    their all-reduce). The blocks compute in float32, so tensor parallelism's own sums add no rounding."""
+    """train.py's first step in bf16 against single core's: the bytes its caches held against the formula (in 16 bits),
+    the loss and every gradient within the derived tolerance (the gradient rounded once, and under sp the replicated
+    ones at each of the tp - 1 additions of their all-reduce). The blocks compute in float32, so tensor
+    parallelism's own sums add no rounding."""
     train_cfg = ref.mixed(TrainConfig(batch_size=3, learning_rate=LR, beta1=BETA1, beta2=BETA2, weight_decay=WD,
                                       grad_clip=CLIP, seed=0))
     one = ref.reference(gpt_cfg, train_cfg, 1)

@@ -75,9 +75,9 @@ def main(argv=None):
 
 
 def mixed_step(report, gpt_cfg, train_cfg, mode, accum, dp, show):
-    """The first step in 16-bit mixed precision against single core's: the bytes the caches held against the
-    formula (in 16 bits), loss and gradients within the derived tolerance (the gradient is rounded once per micro-batch and once per rank the all-reduce adds), the replicas
-    bit for bit identical, the ledger in 16-bit bytes."""
+    """The first step in 16-bit mixed precision against single core's: the bytes the caches held against the formula
+    (in 16 bits), loss and gradients within the derived tolerance (the gradient is rounded once per micro-batch and
+    once per rank the all-reduce adds), the replicas bit for bit identical, the ledger in 16-bit bytes."""
     one = reference(gpt_cfg, train_cfg, 1)
     state = dp_train.build(gpt_cfg, train_cfg, ParallelConfig(dp=dp.size, grad_accum=accum, dp_mode=mode,
                                                                bucket_mb=0.01), dp)

@@ -243,10 +243,10 @@ class Zero:
 
     def memory(self, opt):
         """Bytes this rank holds, measured from the arrays: the persistent state, and the transient peaks."""
-        master, grad = (getattr(opt, name, None) for name in ("master", "grad"))    # mixed precision's
+        state, scratch = opt.kept()                         # mixed precision's: the master too
         return {"parameters": owned_bytes(self.pshard), "gradients": owned_bytes(self.gshard),
-                "optimizer": sum(owned_bytes(a) for a in (master, opt.m, opt.v) if a is not None),
-                "optimizer scratch": sum(owned_bytes(a) for a in (opt.tmp, grad) if a is not None),  # not the paper's
+                "optimizer": sum(map(owned_bytes, state)),
+                "optimizer scratch": sum(map(owned_bytes, scratch)),        # work arrays: not the paper's count
                 "gathered parameters (peak)": self.transient.peak["parameters"],
                 "gradient buckets (peak)": self.transient.peak["gradients"]}
 

@@ -129,8 +129,7 @@ def ledger(state, batch_size):
             "attention_work": state.ring.work if state.ring else None,
             "host": host.index, "host_ranks": host.comm.size, "blas_threads": host.threads.blas,
             "parameters": zero_lib.owned_bytes(state.params), "gradients": zero_lib.owned_bytes(state.grads),
-            "optimizer": sum(zero_lib.owned_bytes(a) for a in (getattr(opt, "master", None), opt.m, opt.v)
-                             if a is not None),                     # mixed precision: the master too
+            "optimizer": sum(map(zero_lib.owned_bytes, opt.kept()[0])),     # mixed precision: the master too
             "activations": state.held.peak["activations"],
             "activations_formula": memory_estimate(state.gpt_cfg, state.train_cfg, state.par,
                                                    grid.world.rank)["activations"],

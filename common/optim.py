@@ -75,6 +75,10 @@ class AdamW:
         """What the last update did beyond stepping, for the log (in mixed precision, fp16's loss scale)."""
         return {}
 
+    def kept(self):
+        """The arrays of state it keeps from step to step (what ZeRO's paper counts), and its work arrays."""
+        return (self.m, self.v), (self.tmp,)
+
     def step(self, p, g, lr):
         self.t += 1
         b1, b2, tmp = self.beta1, self.beta2, self.tmp
@@ -166,6 +170,9 @@ class MixedAdamW(AdamW):
 
     def cast(self, params):
         params[...] = self.master
+
+    def kept(self):
+        return (self.master, self.m, self.v), (self.tmp, self.grad)
 
     def status(self):
         if self.scaler is None:
