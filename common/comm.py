@@ -139,6 +139,18 @@ class Comm:
         self.mpi.Gatherv(_buf(send), _buf(recv, counts) if self.rank == root else None, root=root)
         return recv
 
+    def alltoall(self, send, recv, send_counts=None, recv_counts=None):
+        """Every rank sends its r-th block of `send` to rank r and receives rank r's block for it into the r-th
+        block of `recv`, all in rank order: equal blocks, or send_counts[r] / recv_counts[r] elements (the
+        receive counts must match what each sender says). The ledger counts the whole send buffer."""
+        send_counts, recv_counts = self._counts(send.size, send_counts), self._counts(recv.size, recv_counts)
+        if self.size == 1:
+            recv[...] = send.reshape(recv.shape)
+            return recv
+        self.ledger.record("alltoall", send.nbytes)
+        self.mpi.Alltoallv(_buf(send, send_counts), _buf(recv, recv_counts))
+        return recv
+
     def _counts(self, total, counts):
         if counts is None:
             assert total % self.size == 0, f"{total} elements do not split into {self.size} equal blocks"

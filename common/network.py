@@ -6,6 +6,7 @@ look the same. With a model switched on (`--network`, see common/comm.py), every
 
     all-reduce (ring)            2 (N - 1) steps of n/N bytes      2 (N - 1) (α + n / (N β))
     reduce-scatter, all-gather   N - 1 steps of n/N bytes          (N - 1) (α + n / (N β))
+    all-to-all (pairwise)        N - 1 steps of n/N bytes          (N - 1) (α + n / (N β))
     gather to one rank           N - 1 blocks of n/N bytes         (N - 1) (α + n / (N β))
     broadcast (binomial tree)    ceil(log2 N) rounds of n bytes    ceil(log2 N) (α + n / β)
     send / receive               one message                       α + n / β
@@ -52,7 +53,7 @@ def collective_time(kind, nbytes, n, link):
         return 0.0
     if kind in ("allreduce", "iallreduce"):
         return 2 * (n - 1) * link.time(nbytes / n)
-    if kind in ("reduce_scatter", "allgather", "gather"):
+    if kind in ("reduce_scatter", "allgather", "gather", "alltoall"):
         return (n - 1) * link.time(nbytes / n)
     if kind == "bcast":
         return math.ceil(math.log2(n)) * link.time(nbytes)
@@ -201,6 +202,10 @@ class SimulatedComm(Comm):
     def gather(self, send, recv, counts, root=0):
         return self._timed("gather", send.itemsize * sum(counts),
                            lambda: super(SimulatedComm, self).gather(send, recv, counts, root))
+
+    def alltoall(self, send, recv, send_counts=None, recv_counts=None):
+        return self._timed("alltoall", send.nbytes,
+                           lambda: super(SimulatedComm, self).alltoall(send, recv, send_counts, recv_counts))
 
     def bcast(self, buf, root=0):
         return self._timed("bcast", buf.nbytes, lambda: super(SimulatedComm, self).bcast(buf, root))

@@ -113,6 +113,15 @@ COLLECTIVES = """
     comm.gather(np.full(counts[r], float(r)), gathered, counts, root=1)
     assert r != 1 or np.array_equal(gathered, np.repeat(np.arange(n, dtype=np.float64), counts))
 
+    recv = np.empty(2 * n)                                               # block s of rank k goes to rank s
+    comm.alltoall(data(r, 2 * n), recv)
+    assert np.array_equal(recv, np.concatenate([data(k, 2 * n)[2 * r:2 * r + 2] for k in range(n)]))
+    sizes = [[(k + s) % 3 for s in range(n)] for k in range(n)]           # rank k sends sizes[k][s] to rank s
+    mine = np.concatenate([np.full(sizes[r][s], 100.0 * r + s) for s in range(n)])
+    recv = np.empty(sum(sizes[k][r] for k in range(n)))
+    comm.alltoall(mine, recv, sizes[r], [sizes[k][r] for k in range(n)])
+    assert np.array_equal(recv, np.concatenate([np.full(sizes[k][r], 100.0 * k + r) for k in range(n)]))
+
     buf = data(r, 10)
     comm.bcast(buf, root=n - 1)
     assert np.array_equal(buf, data(n - 1, 10))
@@ -134,7 +143,7 @@ COLLECTIVES = """
     uneven = 8 * sum(counts)
     want = {"allreduce": (2, 2 * 80), "iallreduce": (1, 6 * 4), "reduce_scatter": (2, 3 * n * 8 + uneven),
             "allgather": (3, 2 * n * 4 + 2 * uneven), "gather": (1, uneven), "bcast": (1, 80),
-            "send": (1, 40), "recv": (1, 40), "isend": (1, 32), "irecv": (1, 32)}
+            "alltoall": (2, 2 * n * 8 + 8 * sum(sizes[r])), "send": (1, 40), "recv": (1, 40), "isend": (1, 32), "irecv": (1, 32)}
     got = {kind: (row["calls"], row["bytes"]) for kind, row in comm.ledger.as_dict().items()}
     assert got == want, (r, got)
     say(f"rank {r} of {n}: collectives ok")
@@ -197,6 +206,7 @@ def test_with_one_rank_collectives_are_no_ops_or_copies_and_the_ledger_stays_emp
         assert comm.allgather(None, recv, [6]) is recv and np.array_equal(recv, x)   # in place: already there
         comm.gather(x, recv, [6])
         assert np.array_equal(recv, x)
+        assert comm.alltoall(x, recv, [6], [6]) is recv and np.array_equal(recv, x)
         assert comm.bcast(x) is x and np.array_equal(x, np.arange(6.0))
         comm.barrier()
         assert comm.ledger.as_dict() == {}

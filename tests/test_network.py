@@ -18,6 +18,7 @@ LINK = Link(latency=1e-3, bandwidth=1e8)                    # 1 ms + 10 ns per b
     ("iallreduce", 2, 2 * 1 * (1e-3 + 500_000 / 1e8)),
     ("reduce_scatter", 4, 3 * (1e-3 + 250_000 / 1e8)),
     ("allgather", 8, 7 * (1e-3 + 125_000 / 1e8)),
+    ("alltoall", 4, 3 * (1e-3 + 250_000 / 1e8)),            # pairwise: N-1 exchanges of n/N bytes
     ("bcast", 5, 3 * (1e-3 + 1_000_000 / 1e8)),             # binomial tree: ceil(log2 5) rounds
     ("send", 2, 1e-3 + 1_000_000 / 1e8),
     ("allreduce", 1, 0.0),
