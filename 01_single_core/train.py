@@ -3,6 +3,7 @@
     python 01_single_core/train.py                              # nanoGPT's CPU config, 2000 iterations
     python 01_single_core/train.py --max-iters 200 --out-dir out/quick
     python 01_single_core/train.py --out-dir out/quick --max-iters 400 --resume
+    python 01_single_core/train.py --n-experts 8 --top-k 1 --out-dir out/experts   # a mixture of experts
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,10 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from common.checkpoint import single_core_state
-from common.config import ConfigError, GPTConfig, TrainConfig, exit_with
+from common.config import EXPERTS, ConfigError, GPTConfig, TrainConfig, exit_with
 from common.loop import train
 from common.memory import Transient, check_fits, estimate, reuse_freed_memory
-from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
+from common.model import gpt_backward, gpt_forward, gpt_layout, init_params, routing
+from common.moe import parameters, summary
 from common.optim import AdamW, decays, make_adamw
 from common.params import Layout
 from common.precision import describe, grad_dtype, master_dtype, storage, widths
@@ -23,7 +25,7 @@ from common.threads import size_blas_pool
 CHAPTER = Path(__file__).parent.name
 
 
-FLAGS = ()                      # the parallel settings this chapter implements: none
+FLAGS = EXPERTS                 # the settings beyond the dense model's: a mixture of experts, no parallel one
 
 
 @dataclass
@@ -40,6 +42,7 @@ class State:
     def __post_init__(self):
         self.p, self.g = self.views()
         self.held = Transient()
+        self.routings = []                              # with experts: what the last step's routers decided
 
     def views(self):
         return self.layout.views(self.params), self.layout.views(self.grads)
@@ -77,6 +80,7 @@ def train_step(state, batch, lr):
     s.grads.fill(0)
     _, loss, cache = gpt_forward(s.p, x, y, s.gpt_cfg, s.train_cfg.recompute)
     s.held.hold("activations", cache)                   # the bytes it keeps for the backward, measured
+    s.routings = [r for r in map(routing, cache[1]) if r is not None]
     gpt_backward(cache, s.p, s.g, dloss=s.opt.loss_scale)   # fp16: the loss scaled, so small gradients survive
     s.opt.update(s.params, s.opt.unscaled(s.grads), lr, s.train_cfg.grad_clip)
     return loss
@@ -99,8 +103,9 @@ def main(argv=None):
     reuse_freed_memory()
     state = build(gpt_cfg, train_cfg)
     train(state, tokens, val_tokens, train_step, evaluate, budget, threads=threads,
-          banner=f"{state.layout.size:,} parameters, {describe(train_cfg)}, batch {train_cfg.batch_size} x "
-                 f"{gpt_cfg.block_size} tokens")
+          banner=f"{parameters(gpt_cfg, state.layout.size)}, {describe(train_cfg)}, batch "
+                 f"{train_cfg.batch_size} x {gpt_cfg.block_size} tokens",
+          report=(lambda: summary(state.routings)) if gpt_cfg.n_experts else None)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Prove the hand-written backward pass: every gradient of the whole model against central finite differences.
 
     python 01_single_core/verify.py            # float64, a tiny model; prints one row per tensor, then PASS/FAIL
+    python 01_single_core/verify.py --n-experts 4 --top-k 2 --capacity-factor 1    # experts, some tokens dropped
 """
 from dataclasses import replace
 from typing import NamedTuple
@@ -10,12 +11,13 @@ import numpy as np
 from common.chapters import import_chapter
 from common.checks import Report
 from common.config import ConfigError, GPTConfig, Parser, exit_with
-from common.model import gpt_backward, gpt_forward, gpt_layout, init_params
+from common.model import gpt_backward, gpt_forward, gpt_layout, init_params, objective
 from common.precision import storage, unit_roundoff
 
 
 def gradcheck(gpt_cfg, seed=0, eps=1e-6, tol=1e-6, verbose=True):
-    """Compare the analytic gradient of the loss with (L(w + eps) - L(w - eps)) / 2 eps for every element."""
+    """Compare the analytic gradient of the objective (the loss, with experts plus their balance term) with
+    (L(w + eps) - L(w - eps)) / 2 eps for every element."""
     layout = gpt_layout(gpt_cfg)
     rng = np.random.default_rng(seed)
     params = init_params(gpt_cfg, seed, np.float64)
@@ -29,13 +31,17 @@ def gradcheck(gpt_cfg, seed=0, eps=1e-6, tol=1e-6, verbose=True):
     _, _, cache = gpt_forward(p, idx, targets, gpt_cfg)
     gpt_backward(cache, p, layout.views(grads))
 
+    def loss():
+        _, value, c = gpt_forward(p, idx, targets, gpt_cfg)
+        return objective(value, c, gpt_cfg)
+
     numeric = np.empty_like(params)
     for i in range(params.size):
         saved = params[i]
         params[i] = saved + eps
-        up = gpt_forward(p, idx, targets, gpt_cfg)[1]
+        up = loss()
         params[i] = saved - eps
-        down = gpt_forward(p, idx, targets, gpt_cfg)[1]
+        down = loss()
         params[i] = saved
         numeric[i] = (up - down) / (2 * eps)
 
@@ -106,10 +112,17 @@ def main(argv=None):
     parser.add_argument("--n-embd", type=int, default=8, help="width of the residual stream (default: 8)")
     parser.add_argument("--block-size", type=int, default=5, help="context length in tokens (default: 5)")
     parser.add_argument("--vocab-size", type=int, default=11, help="symbols in the vocabulary (default: 11)")
+    parser.add_argument("--n-experts", type=int, default=0, help="experts per block (default: 0, the dense MLP)")
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token (default: 2)")
+    parser.add_argument("--capacity-factor", type=float, default=1.25, help="expert capacity, in shares of "
+                        "T k / E assignments of a sequence (default: 1.25)")
+    parser.add_argument("--aux-loss-coef", type=float, default=0.1, help="weight of the balance loss (default: 0.1, "
+                        "ten times training's, so a wrong gradient of it shows)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch (default: 0)")
     try:
         args = parser.parse_args(argv)
-        gpt_cfg = GPTConfig(args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab_size)
+        gpt_cfg = GPTConfig(args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab_size,
+                            args.n_experts, args.top_k, args.capacity_factor, args.aux_loss_coef)
         gpt_cfg.validate()
     except ConfigError as e:
         exit_with(e)

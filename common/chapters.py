@@ -21,7 +21,8 @@ def chapters():
 
 
 def offering(name):
-    """The chapters whose train.py implements the parallel setting `name` (lists it in FLAGS), in reading order."""
+    """The chapters whose train.py implements the setting `name` (lists it in FLAGS: a parallel one, or the
+    experts'), in reading order."""
     return [chapter for chapter in chapters() if name in getattr(import_chapter(f"{chapter}.train"), "FLAGS", ())]
 
 

@@ -44,6 +44,11 @@ class GPTConfig:
     n_embd: int = option(128, "width of the residual stream, a multiple of --n-head")
     block_size: int = option(64, "context length in tokens")
     vocab_size: int = option(0, "symbols in the vocabulary; 0 takes it from the dataset's meta.json")
+    n_experts: int = option(0, "experts in each block's mixture-of-experts feed-forward (0: the dense MLP)")
+    top_k: int = option(2, "experts each token is sent to, those of highest router probability")
+    capacity_factor: float = option(1.25, "an expert computes at most ceil(f T k / E) of a sequence's T tokens' "
+                                    "assignments; the rest are dropped and the residual carries them")
+    aux_loss_coef: float = option(0.01, "weight of the experts' load-balancing loss (Switch's), per block")
 
     def validate(self):
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
@@ -51,6 +56,14 @@ class GPTConfig:
                 raise ConfigError(f"--{flag(name)} must be a positive integer, got {getattr(self, name)}")
         if self.vocab_size < 0:
             raise ConfigError(f"--vocab-size must be positive (or 0 to read it from the data), got {self.vocab_size}")
+        if self.n_experts < 0:
+            raise ConfigError(f"--n-experts must be zero (the dense MLP) or positive, got {self.n_experts}")
+        if self.n_experts and not 1 <= self.top_k <= self.n_experts:
+            raise ConfigError(f"--top-k {self.top_k} must be between 1 and --n-experts {self.n_experts}")
+        if self.capacity_factor <= 0:
+            raise ConfigError(f"--capacity-factor must be positive, got {self.capacity_factor}")
+        if self.aux_loss_coef < 0:
+            raise ConfigError(f"--aux-loss-coef must be zero or positive, got {self.aux_loss_coef}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}; "
                               f"choose n_embd as a multiple of n_head")
@@ -207,9 +220,14 @@ def flag(name):
 GROUPS = {"GPTConfig": "model", "TrainConfig": "training", "ParallelConfig": "parallelism of this chapter"}
 
 
+EXPERTS = ("n_experts", "top_k", "capacity_factor", "aux_loss_coef")      # common/moe.py's, where a chapter has it
+
+
 def offered(cls, flags):
-    """The fields of `cls` a script takes: every model and training field, and the parallel ones in `flags`."""
-    return [f for f in dataclasses.fields(cls) if cls is not ParallelConfig or f.name in flags]
+    """The fields of `cls` a script takes: every model and training field but the experts', and the parallel ones
+    and the experts' in `flags`."""
+    return [f for f in dataclasses.fields(cls) if f.name in flags or (cls is not ParallelConfig and
+                                                                        f.name not in EXPERTS)]
 
 
 def elsewhere(f, chapter):

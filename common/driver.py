@@ -30,7 +30,7 @@ def no_hook(part):
 def modules(gpt_cfg):
     """The parameters each part of the model reads, in the order the forward runs them: the embedding, every
     block, and the head (the final LayerNorm and the tied wte). The backward runs them in reverse."""
-    block = [name for name, _ in block_shapes(gpt_cfg.n_embd)]
+    block = [name for name, _ in block_shapes(gpt_cfg.n_embd, gpt_cfg.n_experts)]
     return {"embedding": ("wte", "wpe"),
             **{f"h.{i}": tuple(f"h.{i}.{name}" for name in block) for i in range(gpt_cfg.n_layer)},
             "head": ("ln_f.w", "ln_f.b", "wte")}
@@ -77,8 +77,7 @@ def for_training(parts, train_cfg, held):
 # module-level names are looked up at call time, so a test that patches one of them reaches the driver
 SINGLE = Parts(embedding_forward=lambda idx, p: embedding_forward(idx, p["wte"], p["wpe"]),
                embedding_backward=lambda dx, cache, p, g: embedding_backward(dx, cache, g["wte"], g["wpe"]),
-               block_forward=lambda x, p, gpt_cfg, keep_scores=True: block_forward(x, p, gpt_cfg.n_head,
-                                                                                   keep_scores),
+               block_forward=lambda x, p, gpt_cfg, keep_scores=True: block_forward(x, p, gpt_cfg, keep_scores),
                block_backward=lambda dx, cache, p, g: block_backward(dx, cache, p, g),
                head_forward=lambda x, p, targets, gpt_cfg: head_forward(x, p, targets),
                head_backward=lambda dloss, cache, p, g: head_backward(dloss, cache, p, g))

@@ -98,8 +98,8 @@ def run_training(train_cfg, start_step, tokens_per_step, train_step, evaluate, s
     """Steps start_step..max_iters-1 with nanoGPT's cadence: evaluate and save at every eval_interval and at
     the end. train_step(step, lr) -> loss; evaluate() -> val loss; save(step) writes the state before `step`.
     agree(n) -> the largest n over the ranks (a collective; one process: n itself): the signal to stop on, if
-    any; `resume`: the command that continues a stopped run; status() -> what the step's update did besides
-    (fp16: the loss scale, and whether the step was skipped), logged with it."""
+    any; `resume`: the command that continues a stopped run; status() -> what else the step did, logged with
+    it (fp16: the loss scale, and whether the step was skipped; experts: their routing)."""
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"), Stopping(agree) as stopping:
         _run(train_cfg, start_step, tokens_per_step, train_step, evaluate, save, metrics_path, verbose,
              stopping.agreed, resume, status)
@@ -168,7 +168,7 @@ def prepare(comm, setup, argv, memory_estimate, also=""):
 
 
 def train(state, tokens, val_tokens, train_step, evaluate, budget, banner, threads, comm=None, before_step=None,
-          after_step=None):
+          after_step=None, report=None):
     """A chapter's main() once its `state` is built: resume from <out_dir>/ckpt.npz if asked, print the banner
     (what the chapter built, the threads, the memory), run the loop on batch k = f(seed, k) of `tokens` with
     train_step(state, (x, y), lr) and evaluate(state, val batches), save state.whole() (a collective) at every
@@ -176,7 +176,8 @@ def train(state, tokens, val_tokens, train_step, evaluate, budget, banner, threa
     common.memory.Transient holding the caches train_step keeps), whole() -> the single-core
     {"params" | "adam_m" | "adam_v": {name: tensor}} on the rank that writes (None elsewhere), and load(that).
     `comm`: every rank of the job (None: one process); before_step(step) and after_step(step, first) run around
-    each step (a ledger reset; a check of the replicas, the first step's figures)."""
+    each step (a ledger reset; a check of the replicas, the first step's figures); report() -> what else the log
+    records of each step (the experts' routing)."""
     gpt_cfg, train_cfg = state.gpt_cfg, state.train_cfg
     leader = comm is None or comm.rank == 0
     ckpt = Path(train_cfg.out_dir) / "ckpt.npz"
@@ -213,7 +214,8 @@ def train(state, tokens, val_tokens, train_step, evaluate, budget, banner, threa
 
     run_training(train_cfg, start, B * T, step_fn, evaluate=lambda: evaluate(state, val_batches), save=save,
                  metrics_path=Path(train_cfg.out_dir) / "metrics.jsonl" if leader else None, verbose=leader,
-                 agree=comm.agree if comm is not None else None, resume=resume_command(comm), status=state.opt.status)
+                 agree=comm.agree if comm is not None else None, resume=resume_command(comm),
+                 status=lambda: {**state.opt.status(), **(report() if report else {})})
     if leader:
         print(budget.summary(state.held.peak["activations"]))
 

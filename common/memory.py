@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import ConfigError, flag
+from common.moe import capacity
 from common.precision import is_sixteen
 
 M_TRIM_THRESHOLD = -1
@@ -45,7 +46,7 @@ MiB, GiB = 2 ** 20, 2 ** 30
 
 
 def activation_bytes(gpt_cfg, rows, blocks, first=True, last=True, tp_size=1, sp=False, itemsize=4,
-                     recompute="none", cp_size=1):
+                     recompute="none", cp_size=1, dispatched=None):
     """Bytes the forward of one micro-batch of `rows` keeps for its backward: the caches of `blocks` blocks
     (and of the head if `last`), as common/model.py builds them, on one of `tp_size` tensor-parallel and
     `cp_size` context-parallel ranks; the floating-point arrays, as the token ids are the batch's. With Tq = T/cp
@@ -61,16 +62,26 @@ def activation_bytes(gpt_cfg, rows, blocks, first=True, last=True, tp_size=1, sp
         full       Tl C     the block's input alone
     and the head's: ln_f xhat (Tl C) and rstd (Tl), its output (Tl C), the probabilities (Tq V / tp, padded).
     Under sp every term is the rank's 1/tp but the head's padding: sbh(34/t + 5as/ht) in Korthikanti et al.'s
-    count, where tp alone keeps sbh(10 + 24/t + 5as/ht)."""
+    count, where tp alone keeps sbh(10 + 24/t + 5as/ht).
+    With E experts (one rank holding them all) the MLP's 12 T C become the router's probabilities T E and 14 C per
+    assignment an expert computes (its input C, GELU's input, tanh and output 12 C, its output C): `dispatched`
+    assignments in all, or as many as the capacity lets a row's T tokens have, min(T k, E ceil(f T k / E)) each."""
     T, C, nh, V = gpt_cfg.block_size, gpt_cfg.n_embd, gpt_cfg.n_head, gpt_cfg.vocab_size
-    t = tp_size
+    t, E = tp_size, gpt_cfg.n_experts
     Tq = T // cp_size
     Tl = Tq // t if sp else Tq
     scores = nh * T * T // t if cp_size == 1 else 0
     whole = 4 * Tl * C + 2 * Tl + 16 * Tq * C // t + (scores or nh * Tq // t)
+    if E and recompute != "full":
+        if dispatched is None:
+            dispatched = rows * blocks * min(T * gpt_cfg.top_k, E * capacity(T, gpt_cfg))
+        whole += T * E - 12 * T * C
+        extra = 14 * C * dispatched
+    else:
+        extra = 0
     block = {"none": whole, "selective": whole - scores, "full": Tl * C}[recompute]
     head = (2 * Tl * C + Tl + Tq * -(-V // t)) if last else 0
-    return rows * (blocks * block + head) * itemsize
+    return (rows * (blocks * block + head) + extra) * itemsize
 
 
 def recompute_bytes(gpt_cfg, rows, tp_size=1, sp=False, itemsize=4, recompute="none", cp_size=1):
@@ -86,13 +97,14 @@ def recompute_bytes(gpt_cfg, rows, tp_size=1, sp=False, itemsize=4, recompute="n
 def temporary_bytes(gpt_cfg, rows, tp_size=1, itemsize=4):
     """The largest transient arrays of a step beyond the caches: the logits with their shifted copy in the
     loss, or attention's backward (two score-sized arrays per chunk of rows and the qkv gradient), or GELU's
-    backward, plus a few (rows, T, C) gradients in flight."""
+    backward (of every assignment the experts compute, with experts), plus a few (rows, T, C) gradients in flight."""
     T, C, nh, V = gpt_cfg.block_size, gpt_cfg.n_embd, gpt_cfg.n_head, gpt_cfg.vocab_size
     t, e = tp_size, itemsize
+    mlp_rows = min(T * gpt_cfg.top_k, gpt_cfg.n_experts * capacity(T, gpt_cfg)) if gpt_cfg.n_experts else T
     scores_row = nh / t * T * T * e                                          # one row's (heads, T, T)
     chunk = min(rows, max(1, MiB // max(1, int(scores_row))))                # layers.chunks' rows
     largest = max(2 * rows * T * V / t * e, 2 * chunk * scores_row + 3 * rows * T * C / t * e,
-                  2 * rows * T * 4 * C / t * e)
+                  2 * rows * mlp_rows * 4 * C / t * e)
     return int(largest + 4 * rows * T * C * e)
 
 

@@ -16,8 +16,9 @@ def lr_at(step, train_cfg):
 
 
 def decays(name, shape):
-    """Weight decay applies to matrices and embeddings, never to biases or LayerNorm gains (as nanoGPT)."""
-    return len(shape) == 2
+    """Weight decay applies to matrices and embeddings (the experts' stacks of them too), never to biases or
+    LayerNorm gains (as nanoGPT)."""
+    return len(shape) >= 2 and not name.endswith(".b")
 
 
 class Diverged(ArithmeticError):

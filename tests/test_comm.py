@@ -143,7 +143,8 @@ COLLECTIVES = """
     uneven = 8 * sum(counts)
     want = {"allreduce": (2, 2 * 80), "iallreduce": (1, 6 * 4), "reduce_scatter": (2, 3 * n * 8 + uneven),
             "allgather": (3, 2 * n * 4 + 2 * uneven), "gather": (1, uneven), "bcast": (1, 80),
-            "alltoall": (2, 2 * n * 8 + 8 * sum(sizes[r])), "send": (1, 40), "recv": (1, 40), "isend": (1, 32), "irecv": (1, 32)}
+            "alltoall": (2, 2 * n * 8 + 8 * sum(sizes[r])), "send": (1, 40), "recv": (1, 40), "isend": (1, 32),
+            "irecv": (1, 32)}
     got = {kind: (row["calls"], row["bytes"]) for kind, row in comm.ledger.as_dict().items()}
     assert got == want, (r, got)
     say(f"rank {r} of {n}: collectives ok")

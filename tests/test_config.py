@@ -6,7 +6,7 @@ import json
 import pytest
 
 from common.chapters import ROOT, chapters, import_chapter, offering
-from common.config import (ConfigError, GPTConfig, ParallelConfig, Parser, TrainConfig, add_config_args,
+from common.config import (EXPERTS, ConfigError, GPTConfig, ParallelConfig, Parser, TrainConfig, add_config_args,
                            config_from_args)
 
 
@@ -130,7 +130,8 @@ def test_common_names_no_chapter_and_each_chapter_declares_the_parallel_flags_it
     parallel = {f.name for f in dataclasses.fields(ParallelConfig)}
     for folder in folders:
         flags = import_chapter(f"{folder}.train").FLAGS
-        assert set(flags) <= parallel and len(set(flags)) == len(flags), (folder, flags)
+        assert set(flags) <= parallel | set(EXPERTS) and len(set(flags)) == len(flags), (folder, flags)
+    assert offering("n_experts")[0] == "01_single_core"
     assert offering("schedule") == ["05_pipeline", "06_3d"] and offering("tp") == ["02_tensor_parallel", "06_3d"]
     assert all(offering(name) for name in parallel), [name for name in parallel if not offering(name)]
 

@@ -75,6 +75,7 @@ def test_a_single_process_is_told_its_thread_variable_was_used(tiny_data, tmp_pa
     ("04_zero/train.py", ["--dp-mode", "naive"], "03_data_parallel and 06_3d"),
     ("05_pipeline/train.py", ["--grad-accum", 2], "03_data_parallel and 04_zero"),
     ("06_3d/train.py", ["--grad-accum", 2], "03_data_parallel and 04_zero"),
+    ("03_data_parallel/train.py", ["--n-experts", 4], "01_single_core"),
 ])
 def test_a_flag_of_another_chapter_is_refused_naming_the_chapter_that_has_it(tiny_data, tmp_path, script, flags,
                                                                               owner):

@@ -130,11 +130,11 @@ def test_layout_offsets_are_contiguous_in_order_and_cover_the_buffer(layout):
 
 @pytest.mark.parametrize("layout", [Layout(SHAPES), gpt_layout(GPTConfig(n_layer=2, n_embd=8, vocab_size=11))],
                          ids=["small", "gpt"])
-def test_decay_mask_marks_exactly_the_2d_tensors(layout):
+def test_decay_mask_marks_exactly_the_tensors_of_two_or_more_axes(layout):
     mask = layout.mask(decays)
     assert mask.dtype == bool and mask.shape == (layout.size,)
     for name, (start, stop) in layout.offsets.items():
-        want = len(layout.shapes[name]) == 2
+        want = len(layout.shapes[name]) >= 2
         assert np.all(mask[start:stop] == want), name
 
 
@@ -143,6 +143,15 @@ def test_decay_mask_of_the_gpt_covers_embeddings_and_weights_but_no_bias_or_gain
     mask = layout.mask(decays)
     decayed = {name for name, (a, b) in layout.offsets.items() if mask[a:b].all()}
     assert decayed == {"wte", "wpe", "h.0.attn.c_attn.w", "h.0.attn.c_proj.w", "h.0.mlp.c_fc.w", "h.0.mlp.c_proj.w"}
+
+
+def test_decay_mask_of_experts_covers_the_router_and_the_stacked_weights_but_not_the_stacked_biases():
+    layout = gpt_layout(GPTConfig(n_layer=1, n_embd=8, vocab_size=11, n_experts=3))
+    mask = layout.mask(decays)
+    decayed = {name for name, (a, b) in layout.offsets.items() if mask[a:b].all()}
+    assert not any(mask[a:b].any() for name, (a, b) in layout.offsets.items() if name not in decayed)
+    assert decayed == {"wte", "wpe", "h.0.attn.c_attn.w", "h.0.attn.c_proj.w", "h.0.mlp.router.w",
+                       "h.0.mlp.experts.c_fc.w", "h.0.mlp.experts.c_proj.w"}
 
 
 def test_the_global_norm_of_a_gradient_split_by_ranges_counts_each_element_once():

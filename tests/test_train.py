@@ -105,6 +105,31 @@ def test_metrics_have_one_line_per_step_and_a_val_line_per_evaluation(trained):
     assert all(set(r) == {"step", "val_loss"} for r in evals)
 
 
+EXPERTS = ("--n-experts", 4, "--top-k", 2, "--capacity-factor", 1.0)
+
+
+@pytest.mark.parametrize("dtype, precision", [("float64", "fp32"), ("float32", "bf16")])
+def test_a_mixture_of_experts_trains_logs_its_routing_resumes_exactly_and_samples(tiny_data, trained, tmp_path,
+                                                                                   dtype, precision):
+    flags = (*EXPERTS, "--dtype", dtype, "--precision", precision)
+    straight = trained("--max-iters", 10, *flags)
+    train(tiny_data, tmp_path, "--max-iters", 5, *flags)
+    train(tiny_data, tmp_path, "--max-iters", 10, *flags, "--resume")
+    assert train_losses(tmp_path) == train_losses(straight)
+    want, got = load_npz(straight / "ckpt.npz"), load_npz(tmp_path / "ckpt.npz")
+    assert "params/h.1.mlp.experts.c_fc.w" in want and set(got) == set(want)
+    assert all(np.array_equal(got[key], want[key]) for key in want if key != "meta")
+    steps = [r for r in read_metrics(straight / "metrics.jsonl") if "loss" in r]
+    chosen = 2 * 4 * 8 * 2                      # blocks x rows x tokens x choices
+    for r in steps:
+        load = np.array(r["expert_load"])       # assignments each expert computed, per block
+        assert load.shape == (2, 4) and load.sum() == round((1 - r["dropped"]) * chosen)
+        assert 0 <= r["dropped"] < 1 and 0 < r["aux_loss"] < 4
+    assert any(r["dropped"] > 0 for r in steps)
+    result = run([SAMPLE, "--out-dir", straight, "--max-new-tokens", 20, "--start", "ANNA"])
+    assert result.returncode == 0 and len(result.stdout) == 4 + 20 + 1, result.stderr
+
+
 def write(path, text):
     path.write_text(text)
     return path
@@ -143,6 +168,7 @@ BAD_INPUTS = {
     "sample_empty_start": (lambda d, t: [SAMPLE, "--out-dir", t(*TEN_STEPS), "--start", ""], ["--start"]),
     "block_size_longer_than_val_split": (lambda d, t: [TRAIN, "--block-size", 5000], ["--block-size", "val"]),
     "vocab_size_above_the_data": (lambda d, t: [TRAIN, "--vocab-size", 500], ["--vocab-size"]),
+    "top_k_above_the_experts": (lambda d, t: [TRAIN, "--n-experts", 4, "--top-k", 5], ["--top-k", "--n-experts"]),
     "resume_beyond_max_iters": (lambda d, t: [TRAIN, "--out-dir", t(*TEN_STEPS), "--resume", "--max-iters", 5],
                                 ["--max-iters", "step 10"]),
 }
