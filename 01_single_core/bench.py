@@ -14,6 +14,7 @@ computes it, then masks it), as in PaLM's and nanoGPT's estimate_mfu.
 import argparse
 import importlib.util
 import json
+import math
 import os
 import resource
 import sys
@@ -105,24 +106,54 @@ def torch_name(name):
 
 
 def transposed(name, ndim):
-    """nn.Linear keeps its weight as (out, in); ours are (in, out). Embeddings are (rows, C) in both."""
-    return ndim == 2 and name not in EMBEDDINGS
+    """nn.Linear keeps its weight as (out, in); ours are (in, out). Embeddings are (rows, C) in both, and the
+    experts' stacks (E, in, out) and biases (E, out) are ours."""
+    return ndim == 2 and name not in EMBEDDINGS and name.endswith(".w")
 
 
 def torch_model_from(p, gpt_cfg):
     """nanoGPT's GPT as an nn.Module, with our names, holding copies of our named views `p` in their dtype.
-    Attention is F.scaled_dot_product_attention(is_causal=True), as nanoGPT uses it: scale 1/sqrt(head size)."""
+    Attention is F.scaled_dot_product_attention(is_causal=True), as nanoGPT uses it: scale 1/sqrt(head size).
+    With experts, every expert runs on every token and the router's kept choices mask the sum (a computation
+    unlike common/moe.py's dispatch), and the loss returned is the objective, balance terms included."""
     import torch                    # here only: PyTorch is optional, and loading it would swell our memory figures
     from torch import nn
     from torch.nn import functional as F
-    C, nh = gpt_cfg.n_embd, gpt_cfg.n_head
+    C, nh, E, k = gpt_cfg.n_embd, gpt_cfg.n_head, gpt_cfg.n_experts, gpt_cfg.top_k
+
+    class Stack(nn.Module):
+        def __init__(self, fan_in, fan_out):
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.empty(E, fan_in, fan_out)), nn.Parameter(torch.empty(E, fan_out))
+
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router, self.experts = nn.Linear(C, E, bias=False), nn.Module()
+            self.experts.c_fc, self.experts.c_proj = Stack(C, 4 * C), Stack(4 * C, C)
+
+        def forward(self, h):
+            B, T, _ = h.shape
+            probs = F.softmax(self.router(h), dim=-1)                                   # (B,T,E)
+            onehot = F.one_hot(torch.sort(-probs, dim=-1, stable=True).indices[..., :k], E)   # (B,T,k,E)
+            queue = onehot.transpose(1, 2).reshape(B, k * T, E)                          # first choices first
+            place = queue.cumsum(dim=1) * queue
+            cap = math.ceil(gpt_cfg.capacity_factor * T * k / E)
+            kept = ((place > 0) & (place <= cap)).reshape(B, k, T, E).sum(dim=1)        # (B,T,E) 0 or 1
+            fc, proj = self.experts.c_fc, self.experts.c_proj
+            hidden = F.gelu(torch.einsum("btc,ecf->btef", h, fc.weight) + fc.bias, approximate="tanh")
+            y = torch.einsum("btef,efc->btec", hidden, proj.weight) + proj.bias         # (B,T,E,C)
+            self.aux = E * (onehot.sum(dim=(1, 2)) / (T * k) * probs.mean(dim=1)).sum(dim=-1).mean()
+            return (y * (probs * kept)[..., None]).sum(dim=2)
 
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
-            self.ln_1, self.attn, self.ln_2, self.mlp = nn.LayerNorm(C), nn.Module(), nn.LayerNorm(C), nn.Module()
+            self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(C), nn.Module(), nn.LayerNorm(C)
             self.attn.c_attn, self.attn.c_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)   # plain containers, only
-            self.mlp.c_fc, self.mlp.c_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)   # for nanoGPT's names
+            self.mlp = Experts() if E else nn.Module()                                  # for nanoGPT's names
+            if not E:
+                self.mlp.c_fc, self.mlp.c_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
 
         def forward(self, x):
             B, T, _ = x.shape
@@ -130,6 +161,8 @@ def torch_model_from(p, gpt_cfg):
             q, k, v = qkv.permute(2, 0, 3, 1, 4)                                        # each (B,nh,T,hs)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)                # (B,nh,T,hs)
             x = x + self.attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
+            if E:
+                return x + self.mlp(self.ln_2(x))
             return x + self.mlp.c_proj(F.gelu(self.mlp.c_fc(self.ln_2(x)), approximate="tanh"))
 
     class GPT(nn.Module):
@@ -144,7 +177,8 @@ def torch_model_from(p, gpt_cfg):
             for block in self.h:
                 x = block(x)
             logits = F.linear(self.ln_f(x), self.wte.weight)                    # tied head: (B,T,C) @ (C,V)
-            return logits, F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+            return logits, loss + gpt_cfg.aux_loss_coef * sum(block.mlp.aux for block in self.h) if E else loss
 
     model = GPT().to(torch.from_numpy(p["wte"]).dtype)
     with torch.no_grad():

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch", reason="PyTorch is not installed: the indep
 from common.chapters import import_chapter  # noqa: E402
 from common.checks import Report  # noqa: E402
 from common.config import GPTConfig  # noqa: E402
-from common.model import gpt_backward, gpt_forward, gpt_layout, init_params  # noqa: E402
+from common.model import gpt_backward, gpt_forward, gpt_layout, init_params, objective, routing  # noqa: E402
 from common.optim import AdamW, clip_grad_norm, decays  # noqa: E402
 
 bench = import_chapter("01_single_core.bench")
@@ -72,6 +72,30 @@ def test_loss_logits_and_every_gradient_match_pytorch_autograd_to_1e_10_in_float
     report = compare_with_autograd(params, model, *batch(0))
     assert len(report.rows) == 2 + len(LAYOUT.shapes)
     assert failures(report) == []
+
+
+def test_a_mixture_of_experts_with_tokens_dropped_matches_pytorch_computing_every_expert_on_every_token():
+    """PyTorch runs every expert on every token and masks the sum with the kept choices; we dispatch. The loss
+    compared is the objective: the cross-entropy plus the balance terms."""
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11, n_experts=4, top_k=2,
+                    capacity_factor=1.0, aux_loss_coef=0.1)
+    layout = gpt_layout(cfg)
+    params = init_params(cfg, 0, np.float64) + np.random.default_rng(0).normal(0.0, 0.1, layout.size)
+    p, grads = layout.views(params), np.zeros(layout.size)
+    idx, targets = batch(1)
+    logits, loss, cache = gpt_forward(p, idx, targets, cfg)
+    gpt_backward(cache, p, layout.views(grads))
+    assert any(r.kept.sum() < r.chosen.sum() for r in map(routing, cache[1]))      # some were over capacity
+    model = bench.torch_model_from(p, cfg).double()
+    t_logits, t_loss = model(torch.from_numpy(idx), torch.from_numpy(targets))
+    t_loss.backward()
+    report = Report(TOL)
+    report.compare("objective", objective(loss, cache, cfg), t_loss.item())
+    report.compare("logits", logits, t_logits.detach().numpy())
+    g, t_g = layout.views(grads), bench.from_torch(model, layout.shapes, grad=True)
+    for name in layout.shapes:
+        report.compare(name, g[name], t_g[name])
+    assert len(report.rows) == 2 + len(layout.shapes) and failures(report) == []
 
 
 def test_the_autograd_comparison_reports_a_mismatch_when_one_weight_moves_by_one_part_in_a_million():
