@@ -124,7 +124,8 @@ def torch_model_from(p, gpt_cfg):
     class Stack(nn.Module):
         def __init__(self, fan_in, fan_out):
             super().__init__()
-            self.weight, self.bias = nn.Parameter(torch.empty(E, fan_in, fan_out)), nn.Parameter(torch.empty(E, fan_out))
+            self.weight = nn.Parameter(torch.empty(E, fan_in, fan_out))
+            self.bias = nn.Parameter(torch.empty(E, fan_out))
 
     class Experts(nn.Module):
         def __init__(self):
