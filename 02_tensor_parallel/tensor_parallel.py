@@ -229,7 +229,7 @@ def tp_parts(tp, sp=False, attention=ATTENTION, pos=None):
                  embedding_backward=lambda dx, c, p, g: vocab_embedding_backward(dx, c, g["wte"], g["wpe"], tp, sp),
                  block_forward=lambda x, p, gpt_cfg, keep_scores=True: block_forward(
                      x, p, gpt_cfg.n_head // tp.size, tp, sp, keep_scores, attention),
-                 block_backward=lambda dx, c, p, g: block_backward(dx, c, p, g, tp, sp, attention),
+                 block_backward=lambda dx, c, p, g, dloss=1.0: block_backward(dx, c, p, g, tp, sp, attention),
                  head_forward=lambda x, p, targets, gpt_cfg: head_forward(x, p, targets, gpt_cfg, tp, sp),
                  head_backward=lambda dloss, c, p, g: head_backward(dloss, c, p, g, tp, sp),
                  settle=(lambda part, g: sync_replicated_grads(g, tp, part)) if sp else None)

@@ -161,7 +161,8 @@ class Stage:
                 queue = weights.setdefault((m, c), []) if deferred else None
                 # the batch loss is the mean over M; no local name keeps the gradient received past its W
                 grad_in[m, c] = stage_backward(caches.pop((m, c)), self.p, self.g,
-                                               scale / M if last else grad_out.pop((m, c)), hook, self.using[1], queue)
+                                               scale / M if last else grad_out.pop((m, c)), hook, self.using[1], queue,
+                                               dloss=scale / M)
                 if deferred and self.parts.hold:
                     self.parts.hold(zb.queued_operands(queue))          # the output gradients W will read
                 if finish_each:

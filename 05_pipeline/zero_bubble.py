@@ -107,8 +107,8 @@ def deferring(parts, enter=same, enter_backward=same, leave_backward=same, atten
 
         return replace(
             parts,
-            block_backward=lambda dx, c, p, g: block_input_grad(dx, c, p, g, later, enter, enter_backward,
-                                                                leave_backward, attention),
+            block_backward=lambda dx, c, p, g, dloss=1.0: block_input_grad(dx, c, p, g, later, enter,
+                                                                           enter_backward, leave_backward, attention),
             head_backward=lambda dloss, c, p, g: head_input_grad(dloss, c, p, g, later, enter, enter_backward,
                                                                  loss_backward),
             embedding_backward=lambda dx, c, p, g: later(parts.embedding_backward, (dx, c, p), g))

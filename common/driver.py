@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from common.layers import embedding_backward, embedding_forward
-from common.model import Rerun, block_backward, block_forward, block_shapes, head_backward, head_forward
+from common.model import Rerun, block_backward, block_forward, block_shapes, head_backward, head_forward, routing
 from common.params import sub
 from common.precision import mixed, storage
 
@@ -47,7 +47,7 @@ class Parts:
     embedding_forward: Callable     # (idx, p) -> (x, cache)
     embedding_backward: Callable    # (dx, cache, p, g) -> None
     block_forward: Callable         # (x, p of the block, gpt_cfg, keep_scores) -> (x, cache)
-    block_backward: Callable        # (dx, cache, p, g of the block) -> dx
+    block_backward: Callable        # (dx, cache, p, g of the block, dloss=) -> dx (dloss: the loss's seed)
     head_forward: Callable          # (x, p, targets, gpt_cfg) -> (logits, loss, cache)
     head_backward: Callable         # (dloss, cache, p, g) -> dx
     settle: Callable = None         # (part, g) -> None
@@ -78,7 +78,7 @@ def for_training(parts, train_cfg, held):
 SINGLE = Parts(embedding_forward=lambda idx, p: embedding_forward(idx, p["wte"], p["wpe"]),
                embedding_backward=lambda dx, cache, p, g: embedding_backward(dx, cache, g["wte"], g["wpe"]),
                block_forward=lambda x, p, gpt_cfg, keep_scores=True: block_forward(x, p, gpt_cfg, keep_scores),
-               block_backward=lambda dx, cache, p, g: block_backward(dx, cache, p, g),
+               block_backward=lambda dx, cache, p, g, dloss=1.0: block_backward(dx, cache, p, g, dloss),
                head_forward=lambda x, p, targets, gpt_cfg: head_forward(x, p, targets),
                head_backward=lambda dloss, cache, p, g: head_backward(dloss, cache, p, g))
 
@@ -96,7 +96,7 @@ def stage_forward(p, inp, targets, gpt_cfg, layers, first=True, last=True, using
     for i in layers:
         with using(f"h.{i}"):
             out, c = parts.block_forward(x, sub(p, f"h.{i}."), gpt_cfg, parts.recompute != "selective")
-        c_blocks.append(Rerun(x, gpt_cfg) if parts.recompute == "full" else c)
+        c_blocks.append(Rerun(x, gpt_cfg, routing(c)) if parts.recompute == "full" else c)
         x = out
     if not last:
         return x, None, _kept(parts, (parts, first, last, layers, c_emb, c_blocks, None))
@@ -113,10 +113,11 @@ def _kept(parts, cache):
     return cache
 
 
-def stage_backward(cache, p, g, dout, grads_ready=None, using=no_hook, weights=None):
+def stage_backward(cache, p, g, dout, grads_ready=None, using=no_hook, weights=None, dloss=None):
     """Accumulate the parameter gradients of a stage_forward into the views `g`; dout is d(loss)'s scale (a
-    number) on the last stage, the gradient of the stage's output elsewhere. Returns the gradient of the
-    stage's input activations (None on the first stage). grads_ready(name), if given, is called as soon as
+    number) on the last stage, the gradient of the stage's output elsewhere, where `dloss` gives that scale to
+    the blocks with experts, whose balance terms join the loss. Returns the gradient of the stage's input
+    activations (None on the first stage). grads_ready(name), if given, is called as soon as
     the gradients of `name` and of every tensor after it in the layout are final (settled first). `using` is
     stage_forward's, here also the moment ZeRO-2/3 can put a part's gradient buffers into `g`.
 
@@ -134,7 +135,7 @@ def stage_backward(cache, p, g, dout, grads_ready=None, using=no_hook, weights=N
                 parts.settle(part, g)
             grads_ready(name)
 
-    dx = dout
+    dx, dloss = dout, dout if last else dloss
     if last:
         with using("head"):
             dx = run.head_backward(dout, c_head, p, g)
@@ -143,7 +144,7 @@ def stage_backward(cache, p, g, dout, grads_ready=None, using=no_hook, weights=N
         with using(f"h.{i}"):               # no name outlives it holding the part's weights (ZeRO-3 frees them)
             if type(c) is Rerun:            # the same forward on the same input: bit for bit the same cache
                 _, c = parts.block_forward(c.x, sub(p, f"h.{i}."), c.gpt_cfg, True)
-            dx = run.block_backward(dx, c, sub(p, f"h.{i}."), sub(g, f"h.{i}."))
+            dx = run.block_backward(dx, c, sub(p, f"h.{i}."), sub(g, f"h.{i}."), dloss=dloss)
         ready(f"h.{i}", f"h.{i}.ln_1.w")
     if not first:
         return dx

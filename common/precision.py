@@ -267,10 +267,10 @@ def _deferring(parts, mixed_parts, dtype):
         deferring = parts.deferring(stored)
 
         def input_grad(fn):
-            def run(dx, cache, p, g):
+            def run(dx, cache, p, g, **options):
                 wide = {}
                 stored.narrow = {}
-                out = _narrow(fn(_widen(dx, wide), _widen(cache, wide), _Wide(p, wide), g), dtype, {})
+                out = _narrow(fn(_widen(dx, wide), _widen(cache, wide), _Wide(p, wide), g, **options), dtype, {})
                 stored.narrow = {}                      # nothing of this B outlives it but what the queue holds
                 return out
             return run

@@ -11,6 +11,8 @@ from common.config import GPTConfig
 from common.memory import Transient, activation_bytes
 
 CFG = GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=8, vocab_size=11)
+EXPERTS = GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=8, vocab_size=11, n_experts=4, top_k=2,
+                    capacity_factor=1.0)
 
 
 def batch(cfg, dtype, seed=0):
@@ -21,36 +23,45 @@ def batch(cfg, dtype, seed=0):
     return layout, params, x, y
 
 
-def plain(cfg, layout, params, x, y, recompute="none"):
+def plain(cfg, layout, params, x, y, recompute="none", dloss=1.0):
     grads = np.zeros_like(params)
     logits, loss, cache = model.gpt_forward(layout.views(params), x, y, cfg, recompute)
-    model.gpt_backward(cache, layout.views(params), layout.views(grads))
+    model.gpt_backward(cache, layout.views(params), layout.views(grads), dloss)
     return logits, loss, grads
 
 
+@pytest.mark.parametrize("cfg", [CFG, EXPERTS], ids=["dense", "experts"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
-def test_the_driver_with_no_seam_used_computes_bit_for_bit_what_the_plain_model_computes(dtype, recompute):
-    layout, params, x, y = batch(CFG, dtype)
-    want_logits, want_loss, want_grads = plain(CFG, layout, params, x, y, recompute)
+def test_the_driver_with_no_seam_used_computes_bit_for_bit_what_the_plain_model_computes(cfg, dtype, recompute):
+    layout, params, x, y = batch(cfg, dtype)
+    want_logits, want_loss, want_grads = plain(cfg, layout, params, x, y, recompute, dloss=0.5)
     grads = np.zeros_like(params)
     parts = driver.training_parts(driver.SINGLE, recompute)
-    logits, loss, cache = driver.gpt_forward(layout.views(params), x, y, CFG, parts=parts)
-    driver.gpt_backward(cache, layout.views(params), layout.views(grads))
+    logits, loss, cache = driver.gpt_forward(layout.views(params), x, y, cfg, parts=parts)
+    driver.gpt_backward(cache, layout.views(params), layout.views(grads), dloss=0.5)
     assert loss == want_loss and np.array_equal(logits, want_logits)
     assert np.array_equal(grads, want_grads) and grads.any()
 
 
-def test_the_model_sliced_into_stages_computes_bit_for_bit_what_it_computes_whole():
-    layout, params, x, y = batch(CFG, np.float64)
-    want_logits, want_loss, want_grads = plain(CFG, layout, params, x, y)
+@pytest.mark.parametrize("cfg", [CFG, EXPERTS], ids=["dense", "experts"])
+def test_the_model_sliced_into_stages_computes_bit_for_bit_what_it_computes_whole(cfg):
+    """Experts: the first stage's blocks weight their balance terms with the loss's seed, which only the last
+    stage's backward starts from, so stage_backward is given it (dloss)."""
+    layout, params, x, y = batch(cfg, np.float64)
+    want_logits, want_loss, want_grads = plain(cfg, layout, params, x, y, dloss=0.5)
     p, grads = layout.views(params), np.zeros_like(params)
     g = layout.views(grads)
-    act, _, first = driver.stage_forward(p, x, None, CFG, range(1), first=True, last=False)
-    logits, loss, last = driver.stage_forward(p, act, y, CFG, range(1, 3), first=False, last=True)
-    dact = driver.stage_backward(last, p, g, 1.0)
-    assert driver.stage_backward(first, p, g, dact) is None          # the first stage has no input gradient
+    act, _, first = driver.stage_forward(p, x, None, cfg, range(1), first=True, last=False)
+    logits, loss, last = driver.stage_forward(p, act, y, cfg, range(1, 3), first=False, last=True)
+    dact = driver.stage_backward(last, p, g, 0.5)
+    assert driver.stage_backward(first, p, g, dact, dloss=0.5) is None    # the first stage has no input gradient
     assert loss == want_loss and np.array_equal(logits, want_logits) and np.array_equal(grads, want_grads)
+    if cfg.n_experts:                   # without the seed, the first stage's router learns the wrong balance
+        wrong = np.zeros_like(grads)
+        _, _, first = driver.stage_forward(p, x, None, cfg, range(1), first=True, last=False)
+        driver.stage_backward(first, p, layout.views(wrong), dact, dloss=1.0)
+        assert not np.allclose(layout.views(wrong)["h.0.mlp.router.w"], g["h.0.mlp.router.w"])
 
 
 def test_grads_ready_names_each_part_once_its_gradients_and_all_after_it_are_final():

@@ -1,5 +1,7 @@
 """Mixed precision (common/precision.py): what is stored in 16 bits, how far it lands from float64, that the
 driver runs it bit for bit as the model does, loss scaling's rules, and how a run reports and survives them."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -24,12 +26,12 @@ def batch(seed=0, rows=3):
     return tuple(rng.integers(0, TINY.vocab_size, (rows, TINY.block_size)) for _ in range(2))
 
 
-def step(precision, recompute="none", fp32_grads=False, through_driver=False):
-    """One forward and backward of TINY from the same float64 weights, stored in `precision` ("fp64": float64):
-    (logits, loss, gradient, cache, params)."""
+def step(precision, recompute="none", fp32_grads=False, through_driver=False, gpt_cfg=TINY):
+    """One forward and backward of TINY (or `gpt_cfg`) from the same float64 weights, stored in `precision`
+    ("fp64": float64): (logits, loss, gradient, cache, params)."""
     dtype = np.float64 if precision == "fp64" else storage(TrainConfig(precision=precision))
-    layout = gpt_layout(TINY)
-    weights = init_params(TINY, 0, np.float64)
+    layout = gpt_layout(gpt_cfg)
+    weights = init_params(gpt_cfg, 0, np.float64)
     weights += np.random.default_rng(1).normal(0.0, 0.1, weights.shape)
     params = weights.astype(dtype)
     grads = np.zeros(layout.size, np.float32 if fp32_grads else params.dtype)
@@ -37,11 +39,11 @@ def step(precision, recompute="none", fp32_grads=False, through_driver=False):
     x, y = batch()
     if through_driver:
         parts = driver.training_parts(mixed(driver.SINGLE, params.dtype), recompute)
-        logits, loss, cache = driver.stage_forward(p, x, y, TINY, range(TINY.n_layer), parts=parts)
-        driver.stage_backward(cache, p, g, 1.0)
+        logits, loss, cache = driver.stage_forward(p, x, y, gpt_cfg, range(gpt_cfg.n_layer), parts=parts)
+        driver.stage_backward(cache, p, g, 0.5)
     else:
-        logits, loss, cache = gpt_forward(p, x, y, TINY, recompute)
-        gpt_backward(cache, p, g)
+        logits, loss, cache = gpt_forward(p, x, y, gpt_cfg, recompute)
+        gpt_backward(cache, p, g, 0.5)
     return logits, loss, grads, cache, params
 
 
@@ -78,6 +80,9 @@ def test_16_bit_storage_lands_within_the_derived_tolerance_of_float64_and_really
 def test_the_driver_in_mixed_precision_computes_bit_for_bit_what_the_model_does(precision, recompute):
     plain, driven = step(precision, recompute), step(precision, recompute, through_driver=True)
     assert plain[1] == driven[1]
+    experts = replace(TINY, n_experts=3, top_k=2)
+    assert np.array_equal(step(precision, recompute, gpt_cfg=experts)[2].view(np.uint16),
+                          step(precision, recompute, through_driver=True, gpt_cfg=experts)[2].view(np.uint16))
     assert np.array_equal(plain[0].view(np.uint16), driven[0].view(np.uint16))
     assert np.array_equal(plain[2].view(np.uint16), driven[2].view(np.uint16))
     none = step(precision)
