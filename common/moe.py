@@ -21,7 +21,7 @@ array of rows; each expert runs on its consecutive rows, the unit expert paralle
 their outputs, times the gates, are added back at their tokens.
 """
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -126,16 +126,27 @@ def experts_backward(dys, cache, w, g):
     return dxs
 
 
+class Experts(NamedTuple):
+    """How the experts run on the dispatched rows: forward(xs, counts, w) -> (ys, cache), counts the rows of each
+    of the model's experts and `w` the stacks this rank holds (by EXPERT name); backward(dys, cache, w, g) -> dxs,
+    adding into the stacks' gradients `g`. Expert parallelism runs them on other ranks."""
+    forward: Callable
+    backward: Callable
+
+
+LOCAL = Experts(experts_forward, experts_backward)         # every expert here
+
+
 def local(p):
     """The experts' stacked weights (or gradients) of a block's views `p`, by EXPERT name."""
     return {name: p[f"mlp.experts.{name}"] for name in EXPERT}
 
 
-def moe_forward(h, p, gpt_cfg):
-    """The mixture of experts on h (B,T,C): its output and cache (the last item, the block's Routing)."""
+def moe_forward(h, p, gpt_cfg, experts=LOCAL):
+    """The mixture of experts on h (B,T,C): its output and cache (a Routed)."""
     B, T, C = h.shape
     probs, dispatch, chosen, routing = route(h, p["mlp.router.w"], gpt_cfg)
-    ys, c_experts = experts_forward(h.reshape(-1, C)[dispatch.tokens], dispatch.counts, local(p))
+    ys, c_experts = experts.forward(h.reshape(-1, C)[dispatch.tokens], dispatch.counts, local(p))
     gates = probs[dispatch.tokens, dispatch.experts]
     out = np.zeros((B * T, C), h.dtype)
     scatter_add_rows(out, dispatch.tokens, ys * gates[:, None])              # a token's k outputs add up
@@ -145,7 +156,7 @@ def moe_forward(h, p, gpt_cfg):
     return out.reshape(B, T, C), Routed(h, probs, dispatch, chosen, daux, c_experts, ys, routing)
 
 
-def moe_backward(dout, cache, p, g, dloss):
+def moe_backward(dout, cache, p, g, dloss, experts=LOCAL):
     """The input gradient of moe_forward; `dloss` is the seed of the loss the block's aux term (weight a) adds to."""
     h, probs, dispatch, chosen, daux, c_experts, ys, _ = cache
     B, T, C = h.shape
@@ -153,7 +164,7 @@ def moe_backward(dout, cache, p, g, dloss):
     dprobs = np.zeros_like(probs)
     dprobs[dispatch.tokens, dispatch.experts] = rowsum(dy * ys)[:, 0]         # out = sum gate * y
     dy *= probs[dispatch.tokens, dispatch.experts][:, None]
-    dxs = experts_backward(dy, c_experts, local(p), local(g))
+    dxs = experts.backward(dy, c_experts, local(p), local(g))
     dprobs.reshape(B, T, -1)[...] += (chosen * (dloss * daux)).astype(probs.dtype)[:, None, :]
     dlogits = probs * (dprobs - rowsum(probs * dprobs))                       # softmax's backward
     dh = linear_backward(dlogits, h.reshape(-1, C), p["mlp.router.w"], g["mlp.router.w"], None)

@@ -1,0 +1,106 @@
+"""Expert parallelism: the experts of every block split over the `ep` ranks, each token's row sent to the rank
+holding its expert and its output sent back, by MPI's all-to-all (GShard arXiv:2006.16668, Switch Transformer
+arXiv:2101.03961, DeepSpeed-MoE arXiv:2201.05596).
+
+Shard. Rank r of ep holds experts r E/ep .. (r + 1) E/ep - 1 of every block (those rows of the stacked weights);
+the router and everything else stay whole on every rank. The ep ranks are data-parallel ranks, as in DeepSpeed
+and Megatron: each routes the tokens of its own rows of the batch (common/moe.py, per sequence, so exactly as
+one core routes them), so every expert sees the tokens of ep ranks' rows without any rank holding every expert.
+
+Dispatch and combine, per block and micro-batch. A rank's kept assignments, sorted by expert, are consecutive
+rows per owner. (1) An all-to-all of the counts: each rank tells each owner how many rows it sends each of its
+experts. (2) Dispatch: an all-to-all of the rows. (3) Each owner runs each of its experts on the rows it
+received for it, from every rank in rank order. (4) Combine: an all-to-all of the outputs back, in the order
+they left, where the gates weigh them as on one core. The backward is the same in reverse: the outputs'
+gradients to the owners, each expert's backward (its weight gradient sums every token sent to it, from all the
+ep ranks), the inputs' gradients back.
+
+Gradients. The dense weights are replicated over dp and summed over it as before; the experts of one rank are
+held by the dp / ep ranks at the same place in their ep groups (edp), whose sum completes them. Every
+micro-batch's loss is seeded with 1/(dp M) as for dense weights: each row's output gradient carries its sender's
+seed to the owner.
+
+Bytes per block and micro-batch on a rank that sends n rows and whose experts receive m (C channels, e bytes;
+the ledger counts each call's send buffer): forward 8 E (the counts, int64) + n C e (dispatch) + m C e
+(combine); backward n C e + m C e; full recomputation repeats the forward's. On average m = n, and (ep - 1)/ep
+of it leaves the rank.
+"""
+import numpy as np
+
+from common.config import ConfigError
+from common.moe import Experts, experts_backward, experts_forward
+
+
+def check_layout(gpt_cfg, ep_size, dp_size):
+    """--ep's constraints, as one ConfigError naming the flag."""
+    if ep_size > 1 and not gpt_cfg.n_experts:
+        raise ConfigError(f"--ep {ep_size} splits the experts of a mixture of experts: give --n-experts too")
+    if gpt_cfg.n_experts % ep_size:
+        raise ConfigError(f"--ep {ep_size} does not divide --n-experts {gpt_cfg.n_experts}; choose a divisor of "
+                          f"{gpt_cfg.n_experts}")
+    if dp_size % ep_size:
+        raise ConfigError(f"--ep {ep_size} takes its ranks from the data-parallel ones, but does not divide --dp "
+                          f"{dp_size}; choose a divisor of {dp_size}")
+
+
+def owned(n_experts, ep_size, rank):
+    """The experts ep rank `rank` holds: a slice of the model's."""
+    size = n_experts // ep_size
+    return slice(rank * size, (rank + 1) * size)
+
+
+def by_expert(got):
+    """The order that turns rows received source by source (got[s, e] rows from source s for expert e, each
+    source's in expert order) into rows expert by expert, each expert's in source order."""
+    starts = (np.cumsum(got.ravel()) - got.ravel()).reshape(got.shape)
+    return np.concatenate([np.arange(starts[s, e], starts[s, e] + got[s, e]) for e in range(got.shape[1])
+                           for s in range(got.shape[0])] + [np.zeros(0, np.int64)]).astype(np.int64)
+
+
+class ExpertParallel:
+    """The experts' pair (common.moe.Experts, `pair`) over the `ep` communicator: this rank holds
+    `n_experts / ep` of them; the rows of the others are sent to their owners and come back."""
+
+    def __init__(self, ep, n_experts):
+        self.ep, self.per_rank = ep, n_experts // ep.size
+        self.pair = Experts(self.forward, self.backward)
+
+    def exchange(self, rows, counts_out, counts_in):
+        """Rows to every rank (counts_out[r] to rank r) and back from every rank (counts_in[r]): one all-to-all."""
+        C = rows.shape[1]
+        out = np.empty((int(counts_in.sum()), C), rows.dtype)
+        self.ep.alltoall(rows, out, counts_out * C, counts_in * C)
+        return out
+
+    def forward(self, xs, counts, w):
+        sent = counts.reshape(self.ep.size, self.per_rank).astype(np.int64)   # rows for each owner's experts
+        got = np.empty_like(sent)
+        self.ep.alltoall(sent, got)                                  # rows each rank sends each of my experts
+        rows_out, rows_in = sent.sum(axis=1), got.sum(axis=1)
+        order = by_expert(got)
+        ys, cache = experts_forward(self.exchange(xs, rows_out, rows_in)[order], got.sum(axis=0), w)
+        back = np.empty_like(ys)
+        back[order] = ys                                             # source by source again
+        return self.exchange(back, rows_in, rows_out), (cache, order, rows_out, rows_in)
+
+    def backward(self, dys, cache, w, g):
+        c_experts, order, rows_out, rows_in = cache
+        dxs = experts_backward(self.exchange(dys, rows_out, rows_in)[order], c_experts, w, g)
+        back = np.empty_like(dxs)
+        back[order] = dxs
+        return self.exchange(back, rows_in, rows_out)
+
+
+def rows_moved(kept, rank, ep_size):
+    """(n, m) of ep rank `rank` for one block and micro-batch, from every ep rank's Routing.kept (rows per expert
+    they computed): the rows it sends, and the rows of every rank its experts receive."""
+    mine = owned(len(kept[0]), ep_size, rank)
+    return int(np.sum(kept[rank])), int(sum(np.sum(k[mine]) for k in kept))
+
+
+def comm_formula(n_experts, blocks_rows, itemsize, C, recompute="none"):
+    """{kind: bytes} one rank passes to the ep communicator in a step: `blocks_rows` lists (n, m) per block and
+    micro-batch (rows_moved), the rows it sends and the rows its experts receive (see the module docstring)."""
+    forwards = 2 if recompute == "full" else 1
+    total = sum(forwards * (8 * n_experts + (n + m) * C * itemsize) + (n + m) * C * itemsize for n, m in blocks_rows)
+    return {"alltoall": total} if blocks_rows else {}
