@@ -28,11 +28,14 @@ def padded_vocab(V, tp_size):
 
 
 def kind(name):
-    """How a single-core tensor is split: by vocabulary rows, by heads (packed q|k|v), by columns, by rows, or not."""
+    """How a single-core tensor is split: by vocabulary rows, by heads (packed q|k|v), by columns, by rows, or not
+    (a mixture of experts' router and experts too: tp splits the dense parts)."""
     if name == "wte":
         return "vocab"
     if name.endswith("c_attn.w") or name.endswith("c_attn.b"):
         return "heads"
+    if ".experts." in name:
+        return "replicated"
     if name.endswith("c_fc.w") or name.endswith("c_fc.b"):
         return "columns"
     if name.endswith("c_proj.w"):

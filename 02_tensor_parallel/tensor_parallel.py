@@ -29,6 +29,7 @@ rank's part of its input and gathers it again in the backward, so that every act
 all-gathers and (4 L + 2) reduce-scatters of B T C e per step, the same 3 cross-entropy all-reduces, plus one
 all-reduce of the replicated tensors' gradients, which now see only a part of the sequence each.
 """
+import functools
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -38,6 +39,7 @@ from common.driver import Parts, gpt_backward, gpt_forward
 from common.layers import (attention_backward, attention_forward, colsum, gelu_backward, gelu_forward,
                            layernorm_backward, layernorm_forward, linear_backward, linear_forward, lm_head_backward,
                            lm_head_forward, rowsum, scatter_add_rows)
+from common.moe import LOCAL, Routed, moe_backward, moe_forward
 from common.optim import global_norm
 
 sharding = import_chapter("02_tensor_parallel.sharding")     # the shard section, in a file of its own
@@ -108,7 +110,9 @@ ATTENTION = Attention(attention_forward, attention_backward)
 # that input is the all-gather of every rank's part of the sequence; as Megatron does, its cache keeps this rank's
 # part alone (`c_qkv`, `c_fc`, `c_head`: the input before `enter`) and the backward gathers it again.
 
-def block_forward(x, p, n_head_local, tp, sp, keep_scores=True, attention=ATTENTION):
+def block_forward(x, p, n_head_local, tp, sp, keep_scores=True, attention=ATTENTION, mixture=None):
+    """The block with f and g written in. `mixture`, if given, replaces the MLP: mixture(h, p) -> (out, cache), a
+    mixture of experts (common/moe.py) whose weights tp does not split, on every position (chapter 06's)."""
     c_qkv, c_ln1 = layernorm_forward(x, p["ln_1.w"], p["ln_1.b"])
     h = enter(c_qkv, tp, sp)                                                  # f, or all-gather the sequence
     h, _ = linear_forward(h, p["attn.c_attn.w"], p["attn.c_attn.b"])         # column-parallel: my heads' q|k|v
@@ -118,6 +122,9 @@ def block_forward(x, p, n_head_local, tp, sp, keep_scores=True, attention=ATTENT
     h += p["attn.c_proj.b"]
     x = x + h
     c_fc, c_ln2 = layernorm_forward(x, p["ln_2.w"], p["ln_2.b"])
+    if mixture:
+        h, c_moe = mixture(c_fc, p)
+        return x + h, (c_ln1, c_qkv, c_att, c_proj, c_ln2, c_moe)
     h, _ = linear_forward(enter(c_fc, tp, sp), p["mlp.c_fc.w"], p["mlp.c_fc.b"])   # column-parallel
     h, c_gelu = gelu_forward(h)
     h, c_mproj = linear_forward(h, p["mlp.c_proj.w"], None)                  # row-parallel
@@ -126,14 +133,18 @@ def block_forward(x, p, n_head_local, tp, sp, keep_scores=True, attention=ATTENT
     return x + h, (c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj)
 
 
-def block_backward(dout, cache, p, g, tp, sp, attention=ATTENTION):
-    c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj = cache
-    g["mlp.c_proj.b"] += colsum(dout)   # the bias is added after g (or the reduce-scatter): on my positions
-    dh = leave_backward(dout, tp, sp)
-    dh = linear_backward(dh, c_mproj, p["mlp.c_proj.w"], g["mlp.c_proj.w"], None)
-    dh = gelu_backward(dh, c_gelu)
-    dh = linear_backward(dh, enter(c_fc, tp, sp), p["mlp.c_fc.w"], g["mlp.c_fc.w"], g["mlp.c_fc.b"])
-    dh = enter_backward(dh, tp, sp)
+def block_backward(dout, cache, p, g, tp, sp, attention=ATTENTION, dloss=1.0):
+    if type(cache[-1]) is Routed:       # a mixture of experts: replicated over tp, no f or g
+        c_ln1, c_qkv, c_att, c_proj, c_ln2, c_moe = cache
+        dh = moe_backward(dout, c_moe, p, g, dloss)
+    else:
+        c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj = cache
+        g["mlp.c_proj.b"] += colsum(dout)   # the bias is added after g (or the reduce-scatter): on my positions
+        dh = leave_backward(dout, tp, sp)
+        dh = linear_backward(dh, c_mproj, p["mlp.c_proj.w"], g["mlp.c_proj.w"], None)
+        dh = gelu_backward(dh, c_gelu)
+        dh = linear_backward(dh, enter(c_fc, tp, sp), p["mlp.c_fc.w"], g["mlp.c_fc.w"], g["mlp.c_fc.b"])
+        dh = enter_backward(dh, tp, sp)
     dx = dout + layernorm_backward(dh, c_ln2, p["ln_2.w"], g["ln_2.w"], g["ln_2.b"])
     g["attn.c_proj.b"] += colsum(dx)
     dh = leave_backward(dx, tp, sp)
@@ -219,17 +230,22 @@ def head_backward(dloss, cache, p, g, tp, sp):
     return layernorm_backward(dx, c_lnf, p["ln_f.w"], g["ln_f.w"], g["ln_f.b"])
 
 
-def tp_parts(tp, sp=False, attention=ATTENTION, pos=None):
+def tp_parts(tp, sp=False, attention=ATTENTION, pos=None, experts=LOCAL):
     """What common.driver runs on this rank's shards: the vocab-parallel embedding, the blocks with f
     and g written in, the vocab-parallel head and loss (its logits are this rank's (B,T,V_padded/N)). With sp,
     a part's replicated gradients are partial sums until settled over tp (the driver does so before its
     grads_ready hook; without a hook, call sync_replicated_grads once the backward is done). `attention` and
-    `pos` (the sequence positions this rank's tokens hold) are what context parallelism changes."""
+    `pos` (the sequence positions this rank's tokens hold) are what context parallelism changes, `experts`
+    (common.moe.Experts) what expert parallelism does."""
+    def mixture(gpt_cfg):
+        return functools.partial(moe_forward, gpt_cfg=gpt_cfg, experts=experts) if gpt_cfg.n_experts else None
+
     return Parts(embedding_forward=lambda idx, p: vocab_embedding_forward(idx, p["wte"], p["wpe"], tp, sp, pos),
                  embedding_backward=lambda dx, c, p, g: vocab_embedding_backward(dx, c, g["wte"], g["wpe"], tp, sp),
                  block_forward=lambda x, p, gpt_cfg, keep_scores=True: block_forward(
-                     x, p, gpt_cfg.n_head // tp.size, tp, sp, keep_scores, attention),
-                 block_backward=lambda dx, c, p, g, dloss=1.0: block_backward(dx, c, p, g, tp, sp, attention),
+                     x, p, gpt_cfg.n_head // tp.size, tp, sp, keep_scores, attention, mixture(gpt_cfg)),
+                 block_backward=lambda dx, c, p, g, dloss=1.0: block_backward(dx, c, p, g, tp, sp, attention,
+                                                                              dloss),
                  head_forward=lambda x, p, targets, gpt_cfg: head_forward(x, p, targets, gpt_cfg, tp, sp),
                  head_backward=lambda dloss, c, p, g: head_backward(dloss, c, p, g, tp, sp),
                  settle=(lambda part, g: sync_replicated_grads(g, tp, part)) if sp else None)

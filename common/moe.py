@@ -54,13 +54,15 @@ class Dispatch(NamedTuple):
 
 class Routed(NamedTuple):
     """moe_forward's cache: the router's input and probabilities, the dispatch, the choices per sequence and
-    expert with d aux / d p per choice, the experts' cache and outputs, and the Routing."""
+    expert with d aux / d p per choice, the experts (the pair that ran them, and its cache) and their outputs,
+    and the Routing."""
     h: np.ndarray
     probs: np.ndarray
     dispatch: Dispatch
     chosen: np.ndarray
     daux: float
-    experts: tuple
+    experts: "Experts"
+    c_experts: tuple
     ys: np.ndarray
     routing: Routing
 
@@ -153,12 +155,13 @@ def moe_forward(h, p, gpt_cfg, experts=LOCAL):
     # aux = mean over the B sequences of E sum_e f_e mean_t p_te, f_e = chosen_e / (T k): d aux / d p_te = chosen_e
     # times daux
     daux = gpt_cfg.aux_loss_coef * gpt_cfg.n_experts / (B * T * T * gpt_cfg.top_k)
-    return out.reshape(B, T, C), Routed(h, probs, dispatch, chosen, daux, c_experts, ys, routing)
+    return out.reshape(B, T, C), Routed(h, probs, dispatch, chosen, daux, experts, c_experts, ys, routing)
 
 
-def moe_backward(dout, cache, p, g, dloss, experts=LOCAL):
-    """The input gradient of moe_forward; `dloss` is the seed of the loss the block's aux term (weight a) adds to."""
-    h, probs, dispatch, chosen, daux, c_experts, ys, _ = cache
+def moe_backward(dout, cache, p, g, dloss):
+    """The input gradient of moe_forward (its experts' backward where its forward ran them); `dloss` is the seed of
+    the loss the block's aux term (weight a) adds to."""
+    h, probs, dispatch, chosen, daux, experts, c_experts, ys, _ = cache
     B, T, C = h.shape
     dy = dout.reshape(-1, C)[dispatch.tokens]                                 # (n,C): each row's output gradient
     dprobs = np.zeros_like(probs)

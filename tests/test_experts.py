@@ -40,7 +40,7 @@ JOB = """
     experts = ep_lib.ExpertParallel(world, 4)
     SABOTAGE
     out, cache = moe_forward(h[rows], p_r, cfg, experts.pair)
-    dh = moe_backward(dout[rows], cache, p_r, g_r, dloss=1.0 / P, experts=experts.pair)
+    dh = moe_backward(dout[rows], cache, p_r, g_r, dloss=1.0 / P)
     world.allreduce(g_r["mlp.router.w"])                       # the router is replicated: its gradient summed
 
     def worst(got, want):
