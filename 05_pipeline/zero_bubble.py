@@ -13,9 +13,12 @@ vocab-parallel loss, chapter 02's; `attention`, the attention's backward, is con
 from dataclasses import replace
 from typing import Callable, NamedTuple
 
+import numpy as np
+
 from common.layers import (attention_backward, colsum, cross_entropy_backward, gelu_backward, layernorm_input_grad,
                            layernorm_weight_grads, linear_input_grad, linear_weight_grads, lm_head_input_grad,
                            lm_head_weight_grads)
+from common.moe import Routed, moe_backward
 
 
 class Later(NamedTuple):
@@ -61,11 +64,27 @@ def bias_grad(dout, db):
     db += colsum(dout)
 
 
+def added(*arrays):
+    """The first half of `arrays` added into the second (gradients computed in B, added in W)."""
+    n = len(arrays) // 2
+    for done, into in zip(arrays[:n], arrays[n:]):
+        into += done
+
+
 def block_input_grad(dout, cache, p, g, later, enter=same, enter_backward=same, leave_backward=same,
-                     attention=attention_backward):
+                     attention=attention_backward, dloss=1.0):
     """B of a transformer block (01's block_backward, or 02's with its operators: `enter` gathers again what
     sequence parallelism's cache keeps of a column-parallel input): its input gradient, every weight-gradient
-    term passed to later(fn, inputs, *grads)."""
+    term passed to later(fn, inputs, *grads). A mixture of experts runs its whole backward in B (its experts'
+    may be on other ranks, reached by all-to-all, inside it); the gradients it computes wait to be added in W."""
+    if type(cache[-1]) is Routed:
+        c_ln1, c_qkv, c_att, c_proj, c_ln2, c_moe = cache
+        names = [name for name in g if name.startswith("mlp.")]
+        done = {name: np.zeros_like(p[name]) for name in names}
+        dh = moe_backward(dout, c_moe, p, done, dloss)
+        later(added, tuple(done[name] for name in names), *(g[name] for name in names))
+        return block_input_grad_attention(dout, dh, (c_ln1, c_qkv, c_att, c_proj, c_ln2), p, g, later, enter,
+                                          enter_backward, leave_backward, attention)
     c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj = cache
     later(bias_grad, (dout,), g["mlp.c_proj.b"])        # row-parallel biases act after g: on the output gradient
     dh = leave_backward(dout)
@@ -73,6 +92,13 @@ def block_input_grad(dout, cache, p, g, later, enter=same, enter_backward=same, 
     dh = gelu_backward(linear_input_grad(dh, p["mlp.c_proj.w"]), c_gelu)
     later(linear_weight_grads, (dh, enter(c_fc)), g["mlp.c_fc.w"], g["mlp.c_fc.b"])
     dh = enter_backward(linear_input_grad(dh, p["mlp.c_fc.w"]))
+    return block_input_grad_attention(dout, dh, (c_ln1, c_qkv, c_att, c_proj, c_ln2), p, g, later, enter,
+                                      enter_backward, leave_backward, attention)
+
+
+def block_input_grad_attention(dout, dh, cache, p, g, later, enter, enter_backward, leave_backward, attention):
+    """B of the block from ln_2 down, given the gradient `dh` of ln_2's output."""
+    c_ln1, c_qkv, c_att, c_proj, c_ln2 = cache
     later(layernorm_weight_grads, (dh, c_ln2[0]), g["ln_2.w"], g["ln_2.b"])
     dx = dout + layernorm_input_grad(dh, c_ln2, p["ln_2.w"])
     later(bias_grad, (dx,), g["attn.c_proj.b"])
@@ -108,7 +134,8 @@ def deferring(parts, enter=same, enter_backward=same, leave_backward=same, atten
         return replace(
             parts,
             block_backward=lambda dx, c, p, g, dloss=1.0: block_input_grad(dx, c, p, g, later, enter,
-                                                                           enter_backward, leave_backward, attention),
+                                                                           enter_backward, leave_backward, attention,
+                                                                           dloss),
             head_backward=lambda dloss, c, p, g: head_input_grad(dloss, c, p, g, later, enter, enter_backward,
                                                                  loss_backward),
             embedding_backward=lambda dx, c, p, g: later(parts.embedding_backward, (dx, c, p), g))

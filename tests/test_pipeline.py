@@ -101,11 +101,13 @@ def test_bubble_formulas():
     assert sched.bubble_formula("zb-h1", 8, 4) == pytest.approx(3 / 27)                # a third of 1f1b's slots
 
 
-def test_deferred_weight_gradients_are_bitwise_those_of_the_whole_backward():
+@pytest.mark.parametrize("experts", [0, 3])
+def test_deferred_weight_gradients_are_bitwise_those_of_the_whole_backward(experts):
+    """(A mixture of experts computes its weight gradients in B: W adds them in.)"""
     from common.driver import SINGLE, stage_backward, stage_forward, stage_weights
     from common.model import gpt_layout, init_params
     parts = import_chapter("05_pipeline.zero_bubble").deferring(SINGLE)
-    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11, n_experts=experts)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 11, (2, 4, 8))
     for dtype in (np.float32, np.float64):
@@ -113,7 +115,7 @@ def test_deferred_weight_gradients_are_bitwise_those_of_the_whole_backward():
         grads = [np.zeros_like(flat) for _ in range(2)]
         for g, weights in zip(grads, (None, [])):
             _, _, cache = stage_forward(layout.views(flat), x, y, cfg, range(2), parts=parts)
-            stage_backward(cache, layout.views(flat), layout.views(g), 1.0, weights=weights)
+            stage_backward(cache, layout.views(flat), layout.views(g), 0.5, weights=weights)
         assert not grads[1].any()                                 # B computed no weight gradient
         announced = []
         stage_weights(weights, layout.views(grads[1]), parts, announced.append)
