@@ -89,7 +89,7 @@ def activation_formula(gpt_cfg, rows, itemsize, par, stage, recompute="none", tp
     return sched.activation_peak(
         par.schedule, par.microbatches, stage, P, V,
         kept=lambda c: activation_bytes(gpt_cfg, rows, len(chunks[c]), stage == 0, last(c), recompute=recompute,
-                                        **sizes),
+                                        ep_size=par.ep, **sizes),
         deferred=lambda c: zb.deferred_bytes(gpt_cfg, rows, len(chunks[c]), last(c), first=stage == 0 and c == 0,
                                              **sizes))
 

@@ -27,8 +27,11 @@ of it leaves the rank.
 """
 import numpy as np
 
+from common.chapters import import_chapter
 from common.config import ConfigError
 from common.moe import Experts, experts_backward, experts_forward
+
+dp_lib = import_chapter("03_data_parallel.data_parallel")
 
 
 def check_layout(gpt_cfg, ep_size, dp_size):
@@ -64,6 +67,7 @@ class ExpertParallel:
     def __init__(self, ep, n_experts):
         self.ep, self.per_rank = ep, n_experts // ep.size
         self.pair = Experts(self.forward, self.backward)
+        self.kept = []                  # the rows of every forward, per expert of the model: for the ledger
 
     def exchange(self, rows, counts_out, counts_in):
         """Rows to every rank (counts_out[r] to rank r) and back from every rank (counts_in[r]): one all-to-all."""
@@ -73,6 +77,7 @@ class ExpertParallel:
         return out
 
     def forward(self, xs, counts, w):
+        self.kept.append(counts.copy())
         sent = counts.reshape(self.ep.size, self.per_rank).astype(np.int64)   # rows for each owner's experts
         got = np.empty_like(sent)
         self.ep.alltoall(sent, got)                                  # rows each rank sends each of my experts
@@ -98,9 +103,33 @@ def rows_moved(kept, rank, ep_size):
     return int(np.sum(kept[rank])), int(sum(np.sum(k[mine]) for k in kept))
 
 
-def comm_formula(n_experts, blocks_rows, itemsize, C, recompute="none"):
-    """{kind: bytes} one rank passes to the ep communicator in a step: `blocks_rows` lists (n, m) per block and
-    micro-batch (rows_moved), the rows it sends and the rows its experts receive (see the module docstring)."""
-    forwards = 2 if recompute == "full" else 1
-    total = sum(forwards * (8 * n_experts + (n + m) * C * itemsize) + (n + m) * C * itemsize for n, m in blocks_rows)
-    return {"alltoall": total} if blocks_rows else {}
+def comm_formula(n_experts, calls, itemsize, C, recompute="none"):
+    """{kind: bytes} one rank passes to the ep communicator in a step (see the module docstring): `calls` lists
+    (n, m) of every forward its experts ran (rows_moved), the rows it sent and the rows its experts received; a
+    backward runs once per block and micro-batch, whose forward full recomputation runs twice."""
+    rows = sum(n + m for n, m in calls) * C * itemsize
+    return {"alltoall": 8 * n_experts * len(calls) + rows + rows // (2 if recompute == "full" else 1)} if calls else {}
+
+
+class Split:
+    """Chapter 03's gradient-sync protocol on a gradient of two parts: the dense tensors' sync (`dense`, over dp
+    x cp: buckets started during the backward, as before) and the experts' (`experts`, over edp, after it)."""
+    every_microbatch = False
+
+    zero_grad, step = dp_lib.GradSync.zero_grad, dp_lib.GradSync.step      # on the whole gradient
+
+    def __init__(self, dense, experts, grads, params):
+        self.dense, self.experts, self.grads, self.params = dense, experts, grads, params
+
+    def forward_hook(self, part):
+        return self.dense.forward_hook(part)
+
+    def backward_hook(self, part):
+        return self.dense.backward_hook(part)
+
+    def ready(self, name):
+        self.dense.ready(name)
+
+    def finish(self):
+        self.dense.finish()
+        self.experts.finish()

@@ -50,6 +50,7 @@ from common.config import ConfigError, GPTConfig
 from common.memory import Transient
 from common.driver import modules, training_parts
 from common.model import gpt_layout
+from common.moe import LOCAL
 from common.optim import decays, global_norm, make_adamw
 from common.params import Layout
 from common.precision import grad_dtype, mixed, plain, storage
@@ -60,6 +61,7 @@ zero_lib = import_chapter("04_zero.zero")
 pipe = import_chapter("05_pipeline.pipeline")
 sched = import_chapter("05_pipeline.schedules")
 cp_lib = import_chapter("06_3d.context_parallel")
+ep_lib = import_chapter("06_3d.experts")
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -82,7 +84,9 @@ def coords(rank, tp=1, cp=1, pp=1):
 class Grid:
     """One communicator per axis, of the ranks that differ only along it; dcp, the dp x cp ranks that hold the
     same weights and sum their gradients (dp itself when cp = 1); ends, the first and last stage of one
-    pipeline, which hold wte's two copies; and this rank's coordinates."""
+    pipeline, which hold wte's two copies; and this rank's coordinates. Expert parallelism adds no ranks: it
+    groups ep consecutive dp ranks, which exchange tokens (ep), and the dp / ep ranks at the same place in their
+    groups hold the same experts and sum their gradients (edp; dp itself when ep = 1)."""
     world: Comm
     tp: Comm
     cp: Comm
@@ -90,11 +94,13 @@ class Grid:
     dp: Comm
     dcp: Comm
     ends: Comm
+    ep: Comm
+    edp: Comm
     at: Coords
 
     @classmethod
-    def build(cls, world, tp_size, cp_size, pp_size, dp_size):
-        assert tp_size * cp_size * pp_size * dp_size == world.size
+    def build(cls, world, tp_size, cp_size, pp_size, dp_size, ep_size=1):
+        assert tp_size * cp_size * pp_size * dp_size == world.size and dp_size % ep_size == 0
         at = coords(world.rank, tp_size, cp_size, pp_size)
         t, c, p, d = at
         tp = world.split(color=(d * pp_size + p) * cp_size + c, key=t, name="tp")
@@ -102,7 +108,11 @@ class Grid:
         pipeline = world.split(color=(d * cp_size + c) * tp_size + t, key=p, name="pp")
         dp = world.split(color=(p * cp_size + c) * tp_size + t, key=d, name="dp")
         dcp = dp if cp_size == 1 else world.split(color=p * tp_size + t, key=d * cp_size + c, name="dcp")
-        return cls(world, tp, cp, pipeline, dp, dcp, pipe.end_stages(pipeline, p, pp_size), at)
+        group, place = divmod(d, ep_size)                   # which ep group of dp ranks, and where in it
+        ep = world.split(color=((group * pp_size + p) * cp_size + c) * tp_size + t, key=place, name="ep")
+        edp = dp if ep_size == 1 else world.split(color=((place * pp_size + p) * cp_size + c) * tp_size + t,
+                                                   key=group, name="edp")
+        return cls(world, tp, cp, pipeline, dp, dcp, pipe.end_stages(pipeline, p, pp_size), ep, edp, at)
 
 
 def check(gpt_cfg, train_cfg, par, world_size):
@@ -115,6 +125,13 @@ def check(gpt_cfg, train_cfg, par, world_size):
         raise ConfigError(f"--tp {par.tp}{cp} x --pp {par.pp} x --dp {par.dp} = {model * par.dp} ranks but mpirun "
                           f"started {world_size}; choose sizes whose product is {world_size}")
     tp_lib.check_layout(gpt_cfg, par.tp, par.sequence_parallel)
+    ep_lib.check_layout(gpt_cfg, par.ep, par.dp)
+    if gpt_cfg.n_experts and (par.cp > 1 or par.sequence_parallel):
+        raise ConfigError(f"--n-experts routes each sequence whole (its capacity is per sequence), but "
+                          f"{'--cp' if par.cp > 1 else '--sequence-parallel'} splits it over ranks; leave it out")
+    if par.ep > 1 and par.zero_stage:
+        raise ConfigError(f"--zero-stage {par.zero_stage} with --ep {par.ep}: ZeRO here shards one gradient over dp, "
+                          f"but the experts' sum over other ranks; use --ep 1 with ZeRO")
     if par.cp > 1:
         cp_lib.check_layout(gpt_cfg, par.cp, par.cp_split, par.tp, par.sequence_parallel)
     pipe.check_layout(gpt_cfg, par, train_cfg)
@@ -130,17 +147,28 @@ def check(gpt_cfg, train_cfg, par, world_size):
                           "backward ends, but --schedule zb-h1 computes them later; use --zero-stage 1 or 0 with zb-h1")
 
 
-def local_layout(gpt_cfg, stage, pp_size, tp_size, virtual=1):
-    """The tensors of pipeline stage `stage`, each with its shape on one of the tp ranks. Remembered, so that the
-    planner can ask it of every stage of every layout of a large model (no caller changes a Layout)."""
-    return _local_layout(dataclasses.astuple(gpt_cfg), stage, pp_size, tp_size, virtual)
+def local_layout(gpt_cfg, stage, pp_size, tp_size, virtual=1, ep_size=1):
+    """The tensors of pipeline stage `stage`, each with its shape on one of the tp ranks; with ep > 1, 1/ep of each
+    block's experts, placed after the dense tensors (their gradients are summed over other ranks). Remembered, so
+    that the planner can ask it of every stage of every layout of a large model (no caller changes a Layout)."""
+    return _local_layout(dataclasses.astuple(gpt_cfg), stage, pp_size, tp_size, virtual, ep_size)
 
 
 @functools.lru_cache(maxsize=4096)
-def _local_layout(sizes, stage, pp_size, tp_size, virtual):
+def _local_layout(sizes, stage, pp_size, tp_size, virtual, ep_size):
     gpt_cfg = GPTConfig(*sizes)
     shapes = tp_lib.tp_layout(gpt_cfg, tp_size).shapes
-    return Layout([(name, shapes[name]) for name in pipe.stage_layout(gpt_cfg, stage, pp_size, virtual).shapes])
+    names = list(pipe.stage_layout(gpt_cfg, stage, pp_size, virtual).shapes)
+    if ep_size == 1:
+        return Layout([(name, shapes[name]) for name in names])
+    experts = [name for name in names if is_expert(name)]
+    return Layout([(name, shapes[name]) for name in names if not is_expert(name)] +
+                  [(name, (shapes[name][0] // ep_size, *shapes[name][1:])) for name in experts])
+
+
+def is_expert(name):
+    """Whether `name` is one of the experts' stacked tensors, which expert parallelism splits."""
+    return ".experts." in name
 
 
 # ----------------------------------------------------------------------------- one rank's training state
@@ -153,8 +181,13 @@ class State:
     def __init__(self, gpt_cfg, train_cfg, par, grid, full):
         self.gpt_cfg, self.train_cfg, self.par, self.grid = gpt_cfg, train_cfg, par, grid
         self.stage, P, tp = grid.pp.rank, grid.pp.size, grid.tp
-        self.layout = local_layout(gpt_cfg, self.stage, P, tp.size, par.virtual_stages)
-        master = tp_lib.shard(gpt_layout(gpt_cfg).views(full), self.layout, gpt_cfg, tp.size, tp.rank, full.dtype)
+        self.layout = local_layout(gpt_cfg, self.stage, P, tp.size, par.virtual_stages, par.ep)
+        # with ep > 1, the dense tensors [0, dense) are summed over dp (x cp), the experts after them over edp
+        self.dense = next((start for name, (start, _) in self.layout.offsets.items() if is_expert(name)),
+                          self.layout.size) if par.ep > 1 else self.layout.size
+        self.mine = ep_lib.owned(gpt_cfg.n_experts, par.ep, grid.ep.rank)
+        master = tp_lib.shard(self.my_experts(gpt_layout(gpt_cfg).views(full)), self.layout, gpt_cfg, tp.size, tp.rank,
+                              full.dtype)
         params, decay, using = master.astype(storage(train_cfg), copy=False), self.layout.mask(decays), None
         if par.zero_stage:
             self.zero = zero_lib.Zero(par.zero_stage, self.layout, modules(gpt_cfg), params, grid.dcp, par.bucket_mb,
@@ -167,7 +200,7 @@ class State:
         else:
             self.zero, self.params, self.grads = None, params, np.zeros(params.size, grad_dtype(train_cfg))
             p, g = self.layout.views(params), self.layout.views(self.grads)
-            self.sync = dp_lib.GradSync(par.dp_mode, self.layout, self.grads, grid.dcp, par.bucket_mb, params)
+            self.sync = self._sync(par, params)
         self.opt = make_adamw(train_cfg, decay, master)
         sp, T = par.sequence_parallel, gpt_cfg.block_size
         self.held = Transient()                  # the activations' bytes, measured: every cache kept is held here
@@ -176,7 +209,10 @@ class State:
             self.pos = cp_lib.positions(T, par.cp, grid.cp.rank, par.cp_split)
             self.ring = cp_lib.Ring(grid.cp, T, par.cp_split)
         attention = self.ring or tp_lib.ATTENTION
-        parts = pipe.zb.deferring(tp_lib.tp_parts(tp, sp, attention, self.pos), attention=attention.backward,
+        self.experts = ep_lib.ExpertParallel(grid.ep, gpt_cfg.n_experts) if par.ep > 1 else None
+        parts = pipe.zb.deferring(tp_lib.tp_parts(tp, sp, attention, self.pos,
+                                                  self.experts.pair if self.experts else LOCAL),
+                                  attention=attention.backward,
                                   enter=lambda x: tp_lib.enter(x, tp, sp),
                                   enter_backward=lambda dx: tp_lib.enter_backward(dx, tp, sp),
                                   leave_backward=lambda dx: tp_lib.leave_backward(dx, tp, sp),
@@ -187,16 +223,56 @@ class State:
                              virtual=par.virtual_stages)
         self.counted = self._counted()
 
+    def _sync(self, par, params):
+        """Chapter 03's gradient sync over dp x cp; with ep > 1, the dense part's, and the experts' over edp."""
+        grid, layout, cut = self.grid, self.layout, self.dense
+        if par.ep == 1:
+            return dp_lib.GradSync(par.dp_mode, layout, self.grads, grid.dcp, par.bucket_mb, params)
+        dense, experts = (Layout([(name, layout.shapes[name]) for name in layout.shapes if is_expert(name) == part])
+                          for part in (False, True))
+        return ep_lib.Split(dp_lib.GradSync(par.dp_mode, dense, self.grads[:cut], grid.dcp, par.bucket_mb),
+                            dp_lib.GradSync("bucketed", experts, self.grads[cut:], grid.edp, par.bucket_mb),
+                            self.grads, params)
+
+    def my_experts(self, views):
+        """Single-core views with every experts' tensor cut to the experts this rank holds."""
+        return {name: view[self.mine] if is_expert(name) and self.par.ep > 1 else view for name, view in views.items()}
+
+    def replicas(self):
+        """(part of the parameters, the ranks that must hold it identical): chapter 03's check, per part."""
+        if self.par.ep == 1:
+            return [(self.params, self.grid.dcp)]
+        return [(self.params[:self.dense], self.grid.dcp), (self.params[self.dense:], self.grid.edp)]
+
     def _counted(self):
         """[start, stop) ranges of the gradient (ZeRO: of its shard) this rank adds to the global norm: what
-        chapters 02 and 05 count once, and without ZeRO on dp x cp rank 0 only (the replicas are equal)."""
-        grid, lo, hi = self.grid, 0, self.layout.size
+        chapters 02 and 05 count once, and without ZeRO on dp x cp rank 0 only (the replicas are equal), the
+        experts' on edp rank 0."""
+        grid, layout = self.grid, self.layout
+
+        def once(name):
+            return tp_lib.counts_once(name, grid.tp.rank) and pipe.counts_once(name, self.stage, grid.pp.size)
+
         if self.zero:
-            lo, hi = self.zero.lo, self.zero.hi
-        elif grid.dcp.rank != 0:
+            return layout.ranges(once, self.zero.lo, self.zero.hi)
+        experts = [(a + self.dense, b + self.dense) for a, b in layout.ranges(once, self.dense)]   # relative to lo
+        return (layout.ranges(once, 0, self.dense) if grid.dcp.rank == 0 else []) + (experts if grid.edp.rank == 0
+                                                                                     else [])
+
+    def moved(self):
+        """(n, m) of every forward this rank's experts ran since `experts.kept` was cleared (none without ep): the
+        rows it sent and those of every ep rank its experts received, from all their routing (a collective)."""
+        if not self.experts:
             return []
-        return self.layout.ranges(lambda name: tp_lib.counts_once(name, grid.tp.rank) and
-                                  pipe.counts_once(name, self.stage, grid.pp.size), lo, hi)
+        kept = self.grid.ep.mpi.allgather(self.experts.kept)
+        return [ep_lib.rows_moved([k[i] for k in kept], self.grid.ep.rank, self.grid.ep.size)
+                for i in range(len(self.experts.kept))]
+
+    def ledgers(self):
+        """{axis: the communicator whose ledger counts its bytes}, as ledger_formula names them (dp: over dp x cp)."""
+        grid = self.grid
+        return {"tp": grid.tp, "cp": grid.cp, "pp": grid.pp, "dp": grid.dcp, "ends": grid.ends, "ep": grid.ep,
+                **({"edp": grid.edp} if self.par.ep > 1 else {})}
 
     def grad_norm(self, g):
         return global_norm(g, self.counted, self.grid.world)
@@ -211,48 +287,70 @@ class State:
         if self.zero:                   # m and v are sharded, and the weights from stage 3 (their master always)
             sharded = (self.zero.stage == 3 or hasattr(opt, "master"), True, True)
             flats = [self.zero.gather_flat(shard) if cut else shard for shard, cut in zip(flats, sharded)]
+        V = self.par.virtual_stages
+        layout = local_layout(self.gpt_cfg, self.stage, grid.pp.size, grid.tp.size, V)     # every expert's
+        if self.par.ep > 1:
+            flats = [self.all_experts(flat, layout) for flat in flats]
         if grid.dcp.rank != 0:
             return None
-        V = self.par.virtual_stages
         stage_layout = pipe.stage_layout(self.gpt_cfg, self.stage, grid.pp.size, V)
         whole = []
         for flat in flats:
-            tensors = tp_lib.unshard(flat, self.layout, self.gpt_cfg, grid.tp)
+            tensors = tp_lib.unshard(flat, layout, self.gpt_cfg, grid.tp)
             whole.append(np.empty(stage_layout.size, flat.dtype))
             for name, view in stage_layout.views(whole[-1]).items():
                 view[...] = tensors[name]
         return pipe.whole_state(self.gpt_cfg, whole, grid.pp, root=0, virtual=V) if grid.tp.rank == 0 else None
 
+    def all_experts(self, flat, layout):
+        """This rank's `flat` in `layout`, its stage's with every expert: each experts' tensor gathered over ep."""
+        out, mine = np.empty(layout.size, flat.dtype), self.layout.views(flat)
+        for name, view in layout.views(out).items():
+            if is_expert(name):
+                self.grid.ep.allgather(np.ascontiguousarray(mine[name]), view)
+            else:
+                view[...] = mine[name]
+        return out
+
     def load(self, whole):
         """Take this rank's shards of a consolidated state, whatever layout wrote it: its tp shard of its stage's
-        tensors, and under ZeRO its dp x cp shard of m and v (and from stage 3 of the parameters)."""
+        tensors (of its experts'), and under ZeRO its dp x cp shard of m and v (and from stage 3 of the
+        parameters)."""
         grid, opt = self.grid, self.opt
         for kind, dest in model_state(self.params, opt).items():
-            flat = tp_lib.shard(whole[kind], self.layout, self.gpt_cfg, grid.tp.size, grid.tp.rank, dest.dtype)
+            flat = tp_lib.shard(self.my_experts(whole[kind]), self.layout, self.gpt_cfg, grid.tp.size, grid.tp.rank,
+                                dest.dtype)
             dest[...] = flat if dest.size == flat.size else flat[self.zero.lo:self.zero.hi]
         if self.zero and self.zero.stage < 3 and hasattr(opt, "master"):      # the whole 16-bit copy too
-            self.params[...] = tp_lib.shard(whole["params"], self.layout, self.gpt_cfg, grid.tp.size, grid.tp.rank,
-                                            self.params.dtype)
+            self.params[...] = tp_lib.shard(self.my_experts(whole["params"]), self.layout, self.gpt_cfg, grid.tp.size,
+                                            grid.tp.rank, self.params.dtype)
         opt.cast(self.zero.pshard if self.zero else self.params)
 
 
 # ----------------------------------------------------------------------------- the ledgers
 
-def ledger_formula(gpt_cfg, par, stage, batch_size, itemsize, recompute="none"):
+def ledger_formula(gpt_cfg, par, stage, batch_size, itemsize, recompute="none", moved=()):
     """{axis: {kind: bytes}} of one training step on a rank of pipeline stage `stage`, from the sizes alone
     (chapters 02, 05 and 03/04's formulas): what the ledger of any rank of that stage measures. `itemsize`: bytes
     per element, or a run's common.precision.widths. In mixed precision what tp and cp send inside a part of the
     model is float32 (each part computes in float32), the activations between stages are 16-bit, and the
-    gradients' sums (sequence parallelism's, the tied embedding's, dp's) are in the gradient's width."""
+    gradients' sums (sequence parallelism's, the tied embedding's, dp's) are in the gradient's width. With ep > 1,
+    `moved` lists the (n, m) rows of every forward of this rank's experts (experts.rows_moved: what routing
+    decided), and dp sums the dense tensors, edp the experts'."""
     w = plain(itemsize) if isinstance(itemsize, int) else itemsize
     e, M, sp = w.work, par.microbatches, par.sequence_parallel
     b = batch_size // (par.dp * M)                            # rows of one micro-batch
     V = par.virtual_stages
-    layout = local_layout(gpt_cfg, stage, par.pp, par.tp, V)
+    layout = local_layout(gpt_cfg, stage, par.pp, par.tp, V, par.ep)
     first, last = stage == 0, stage == par.pp - 1
     T = gpt_cfg.block_size // par.cp                          # the positions a rank holds
     blocks = sum(len(chunk) for chunk in sched.chunk_layers(gpt_cfg.n_layer, stage, par.pp, V))
-    out = {"tp": {}, "cp": {}, "pp": {}, "dp": {}, "ends": {}}
+    out = {"tp": {}, "cp": {}, "pp": {}, "dp": {}, "ends": {}, "ep": {}}
+    if par.ep > 1:
+        experts = Layout([(name, shape) for name, shape in layout.shapes.items() if is_expert(name)])
+        layout = Layout([(name, shape) for name, shape in layout.shapes.items() if not is_expert(name)])
+        out["ep"] = ep_lib.comm_formula(gpt_cfg.n_experts, moved, w.work, gpt_cfg.n_embd, recompute)
+        out["edp"] = {"allreduce": experts.size * w.grads} if par.dp > par.ep else {}   # one sum after the backward
     if par.tp > 1:
         replicated = sum(stop - start for name, (start, stop) in layout.offsets.items()
                          if tp_lib.kind(name) == "replicated") if sp else 0

@@ -5,6 +5,7 @@
     mpirun -n 4 python 06_3d/train.py --tp 2 --zero-stage 3 --sequence-parallel           # FSDP + TP (pp = 1)
     mpirun -n 4 python 06_3d/train.py --pp 4 --schedule afab --microbatches 8
     mpirun -n 4 python 06_3d/train.py --cp 2 --tp 2 --block-size 256                    # ring attention over cp
+    mpirun -n 4 python 06_3d/train.py --n-experts 8 --top-k 1 --ep 4                      # 2 experts per rank
     mpirun --hostfile hosts -n 16 python 06_3d/train.py --tp 2 --pp 2 --dp 4             # across machines
 
 Each data-parallel replica takes its rows of the batch, in --microbatches pieces that flow through the
@@ -23,11 +24,12 @@ import numpy as np
 import common.startup as startup
 from common.chapters import import_chapter
 from common.comm import world
-from common.config import NETWORK_FLAGS
+from common.config import EXPERTS, NETWORK_FLAGS
 from common.loop import prepare, train
 from common.memory import estimate, peak_rss
 from common.driver import modules
 from common.model import gpt_layout, init_params
+from common.moe import parameters
 from common.precision import describe, master_dtype, widths
 
 dp_lib = import_chapter("03_data_parallel.data_parallel")
@@ -38,7 +40,7 @@ zero_lib = import_chapter("04_zero.zero")
 
 
 FLAGS = ("tp", "sequence_parallel", "dp", "dp_mode", "bucket_mb", "check_replicas", "zero_stage", "cp", "cp_split",
-         "pp", "microbatches", "schedule", "virtual_stages", *NETWORK_FLAGS)
+         "ep", "pp", "microbatches", "schedule", "virtual_stages", *NETWORK_FLAGS, *EXPERTS)
 
 
 def setup(argv, world_size):
@@ -55,7 +57,7 @@ def memory_estimate(gpt_cfg, train_cfg, par, rank):
     its stage keeps, chapter 04), the activations its schedule keeps alive (chapter 05) of its rows, split over
     tp (chapter 02)."""
     stage = grid_lib.coords(rank, par.tp, par.cp, par.pp).pp
-    layout = grid_lib.local_layout(gpt_cfg, stage, par.pp, par.tp, par.virtual_stages)
+    layout = grid_lib.local_layout(gpt_cfg, stage, par.pp, par.tp, par.virtual_stages, par.ep)
     n, M, w = layout.size, par.microbatches, widths(train_cfg)
     shard = -(-n // (par.dp * par.cp))                        # ZeRO shards over the ranks that sum gradients
     module = zero_lib.largest_part(layout, modules(gpt_cfg)) if par.zero_stage == 3 else 0
@@ -123,7 +125,7 @@ def ledger(state, batch_size):
     of activations its caches held beside their formula (common.memory), peak resident memory and the bytes its
     first step passed to each axis's communicator beside grid.ledger_formula: on rank 0 (None elsewhere)."""
     grid, opt = state.grid, state.opt
-    comms = {"tp": grid.tp, "cp": grid.cp, "pp": grid.pp, "dp": grid.dcp, "ends": grid.ends}   # dp: over dp x cp
+    comms = state.ledgers()
     host = grid.world.host
     mine = {"rank": grid.world.rank, "tp": grid.tp.rank, "cp": grid.cp.rank, "pp": grid.pp.rank, "dp": grid.dp.rank,
             "attention_work": state.ring.work if state.ring else None,
@@ -137,15 +139,18 @@ def ledger(state, batch_size):
             "comm": {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()} for axis, c in comms.items()},
             "comm_seconds": {axis: dict(c.ledger.seconds) for axis, c in comms.items()},   # with --network
             "comm_formula": grid_lib.ledger_formula(state.gpt_cfg, state.par, state.stage, batch_size,
-                                                    widths(state.train_cfg), state.train_cfg.recompute)}
+                                                    widths(state.train_cfg), state.train_cfg.recompute,
+                                                    state.moved())}
     return grid.world.gather_object(mine)
 
 
 def rank_map(par):
-    """Each world rank's coordinates, one line each."""
-    return "\n".join(f"  world rank {r}: " + ", ".join(f"{axis} {i}" for axis, i in
-                                                       grid_lib.coords(r, par.tp, par.cp, par.pp)._asdict().items())
-                     for r in range(par.tp * par.cp * par.pp * par.dp))
+    """Each world rank's coordinates, one line each (with ep > 1, its place in its ep group: dp mod ep)."""
+    def line(r):
+        at = grid_lib.coords(r, par.tp, par.cp, par.pp)
+        return ", ".join(f"{axis} {i}" for axis, i in at._asdict().items()) + (f" (ep {at.dp % par.ep})"
+                                                                              if par.ep > 1 else "")
+    return "\n".join(f"  world rank {r}: {line(r)}" for r in range(par.tp * par.cp * par.pp * par.dp))
 
 
 def after_step(state, step, first):
@@ -160,7 +165,8 @@ def after_step(state, step, first):
                            indent=1))
     every = state.par.check_replicas
     if state.par.zero_stage < 3 and every and (step + 1) % every == 0:
-        dp_lib.check_replicas(state.params, state.grid.dcp, step)
+        for part, ranks in state.replicas():
+            dp_lib.check_replicas(part, ranks, step)
 
 
 def main(argv=None):
@@ -168,22 +174,25 @@ def main(argv=None):
     comm, (gpt_cfg, train_cfg, tokens, val_tokens, par), budget = prepare(
         comm, setup, argv, lambda *configs: memory_estimate(*configs, rank=comm.rank),
         "raise --tp, --pp or --zero-stage")
-    grid = grid_lib.Grid.build(comm, par.tp, par.cp, par.pp, par.dp)
+    grid = grid_lib.Grid.build(comm, par.tp, par.cp, par.pp, par.dp, par.ep)
     state = grid_lib.State(gpt_cfg, train_cfg, par, grid, init_params(gpt_cfg, train_cfg.seed,
                                                                     master_dtype(train_cfg)))
     zero = f", ZeRO-{par.zero_stage}" if par.zero_stage else ""
 
     def before_step(step):
-        for c in (grid.tp, grid.cp, grid.pp, grid.dcp, grid.ends):
+        for c in state.ledgers().values():
             c.ledger.reset()
         if state.ring:
             state.ring.work = 0                   # the ledger's attention work: one step's
+        if state.experts:
+            state.experts.kept.clear()            # the ep ledger's formula: one step's routing
 
     train(state, tokens, val_tokens, train_step, evaluate, budget, threads=comm.host.threads, comm=comm,
           before_step=before_step, after_step=lambda step, first: after_step(state, step, first),
-          banner=f"{gpt_layout(gpt_cfg).size:,} parameters on a grid of tp {par.tp} x cp {par.cp}"
+          banner=f"{parameters(gpt_cfg, gpt_layout(gpt_cfg).size)} on a grid of tp {par.tp} x cp {par.cp}"
                  f"{f' ({par.cp_split})' if par.cp > 1 else ''} x pp {par.pp} x dp {par.dp}"
-                 f"{' (sequence parallel)' if par.sequence_parallel else ''}{zero}, {describe(train_cfg)}, batch "
+                 f"{' (sequence parallel)' if par.sequence_parallel else ''}{zero}"
+                 f"{f', experts over ep {par.ep}' if par.ep > 1 else ''}, {describe(train_cfg)}, batch "
                  f"{train_cfg.batch_size} x {gpt_cfg.block_size} tokens, {par.microbatches} micro-batches per "
                  f"replica, {par.schedule}\n" + rank_map(par))
 

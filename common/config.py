@@ -161,6 +161,8 @@ class ParallelConfig:
                      "attention")
     cp_split: str = option("zigzag", "with --cp: each rank holds chunks r and 2 cp - 1 - r of 2 cp (equal causal "
                            "work), or chunk r of cp")
+    ep: int = option(1, "expert-parallel ranks, taken from the data-parallel ones: each holds 1/ep of every "
+                     "block's experts (--n-experts), tokens reaching them by all-to-all")
     pp: int = option(1, "pipeline stages, each holding consecutive blocks")
     microbatches: int = option(4, "micro-batches per replica and step, flowing through the pipeline stages "
                                "(chapter 03's --grad-accum, pipelined)")
@@ -186,7 +188,7 @@ class ParallelConfig:
                               f"-n {getattr(self, axis)} (or leave --{axis} out to use every rank)")
 
     def validate(self):
-        for name in ("tp", "cp", "dp", "grad_accum", "pp", "microbatches", "virtual_stages"):
+        for name in ("tp", "cp", "dp", "ep", "grad_accum", "pp", "microbatches", "virtual_stages"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{flag(name)} must be a positive integer, got {getattr(self, name)}")
         if self.dp_mode not in ("naive", "bucketed", "overlapped"):

@@ -46,7 +46,7 @@ MiB, GiB = 2 ** 20, 2 ** 30
 
 
 def activation_bytes(gpt_cfg, rows, blocks, first=True, last=True, tp_size=1, sp=False, itemsize=4,
-                     recompute="none", cp_size=1, dispatched=None):
+                     recompute="none", cp_size=1, dispatched=None, ep_size=1):
     """Bytes the forward of one micro-batch of `rows` keeps for its backward: the caches of `blocks` blocks
     (and of the head if `last`), as common/model.py builds them, on one of `tp_size` tensor-parallel and
     `cp_size` context-parallel ranks; the floating-point arrays, as the token ids are the batch's. With Tq = T/cp
@@ -63,9 +63,10 @@ def activation_bytes(gpt_cfg, rows, blocks, first=True, last=True, tp_size=1, sp
     and the head's: ln_f xhat (Tl C) and rstd (Tl), its output (Tl C), the probabilities (Tq V / tp, padded).
     Under sp every term is the rank's 1/tp but the head's padding: sbh(34/t + 5as/ht) in Korthikanti et al.'s
     count, where tp alone keeps sbh(10 + 24/t + 5as/ht).
-    With E experts (one rank holding them all) the MLP's 12 T C become the router's probabilities T E and 14 C per
-    assignment an expert computes (its input C, GELU's input, tanh and output 12 C, its output C): `dispatched`
-    assignments in all, or as many as the capacity lets a row's T tokens have, min(T k, E ceil(f T k / E)) each."""
+    With E experts the MLP's 12 T C become the router's probabilities T E, C per assignment the rank sends (the
+    expert's output, which its gate weighs) and 13 C per assignment its experts compute (the input, GELU's input,
+    tanh and output): `dispatched` (sent, computed) in all (one number: both), or as many as the capacity allows,
+    min(T k, E ceil(f T k / E)) sent per row, and computed for ep ranks' rows, min(ep T k, E ceil(f T k / E))."""
     T, C, nh, V = gpt_cfg.block_size, gpt_cfg.n_embd, gpt_cfg.n_head, gpt_cfg.vocab_size
     t, E = tp_size, gpt_cfg.n_experts
     Tq = T // cp_size
@@ -73,10 +74,12 @@ def activation_bytes(gpt_cfg, rows, blocks, first=True, last=True, tp_size=1, sp
     scores = nh * T * T // t if cp_size == 1 else 0
     whole = 4 * Tl * C + 2 * Tl + 16 * Tq * C // t + (scores or nh * Tq // t)
     if E and recompute != "full":
+        k, most = gpt_cfg.top_k, E * capacity(T, gpt_cfg)
         if dispatched is None:
-            dispatched = rows * blocks * min(T * gpt_cfg.top_k, E * capacity(T, gpt_cfg))
+            dispatched = rows * blocks * min(T * k, most), rows * blocks * min(ep_size * T * k, most)
+        sent, computed = (dispatched, dispatched) if np.isscalar(dispatched) else dispatched
         whole += T * E - 12 * T * C
-        extra = 14 * C * dispatched
+        extra = C * sent + 13 * C * computed
     else:
         extra = 0
     block = {"none": whole, "selective": whole - scores, "full": Tl * C}[recompute]
