@@ -29,7 +29,7 @@ import numpy as np
 
 from common.chapters import import_chapter
 from common.config import ConfigError
-from common.moe import Experts, experts_backward, experts_forward
+from common.moe import Experts, capacity, experts_backward, experts_forward
 
 dp_lib = import_chapter("03_data_parallel.data_parallel")
 
@@ -101,6 +101,13 @@ def rows_moved(kept, rank, ep_size):
     they computed): the rows it sends, and the rows of every rank its experts receive."""
     mine = owned(len(kept[0]), ep_size, rank)
     return int(np.sum(kept[rank])), int(sum(np.sum(k[mine]) for k in kept))
+
+
+def balanced(gpt_cfg, rows, calls):
+    """rows_moved predicted without a routing: every one of `calls` forwards sends and receives as many rows as the
+    capacity lets `rows` sequences have (a balanced router drops none)."""
+    n = rows * min(gpt_cfg.block_size * gpt_cfg.top_k, gpt_cfg.n_experts * capacity(gpt_cfg.block_size, gpt_cfg))
+    return [(n, n)] * calls
 
 
 def comm_formula(n_experts, calls, itemsize, C, recompute="none"):

@@ -329,14 +329,14 @@ class State:
 
 # ----------------------------------------------------------------------------- the ledgers
 
-def ledger_formula(gpt_cfg, par, stage, batch_size, itemsize, recompute="none", moved=()):
+def ledger_formula(gpt_cfg, par, stage, batch_size, itemsize, recompute="none", moved=None):
     """{axis: {kind: bytes}} of one training step on a rank of pipeline stage `stage`, from the sizes alone
     (chapters 02, 05 and 03/04's formulas): what the ledger of any rank of that stage measures. `itemsize`: bytes
     per element, or a run's common.precision.widths. In mixed precision what tp and cp send inside a part of the
     model is float32 (each part computes in float32), the activations between stages are 16-bit, and the
     gradients' sums (sequence parallelism's, the tied embedding's, dp's) are in the gradient's width. With ep > 1,
     `moved` lists the (n, m) rows of every forward of this rank's experts (experts.rows_moved: what routing
-    decided), and dp sums the dense tensors, edp the experts'."""
+    decided; None: a balanced router's, the planner's), and dp sums the dense tensors, edp the experts'."""
     w = plain(itemsize) if isinstance(itemsize, int) else itemsize
     e, M, sp = w.work, par.microbatches, par.sequence_parallel
     b = batch_size // (par.dp * M)                            # rows of one micro-batch
@@ -349,6 +349,8 @@ def ledger_formula(gpt_cfg, par, stage, batch_size, itemsize, recompute="none", 
     if par.ep > 1:
         experts = Layout([(name, shape) for name, shape in layout.shapes.items() if is_expert(name)])
         layout = Layout([(name, shape) for name, shape in layout.shapes.items() if not is_expert(name)])
+        if moved is None:
+            moved = ep_lib.balanced(gpt_cfg, b, M * blocks * (2 if recompute == "full" else 1))
         out["ep"] = ep_lib.comm_formula(gpt_cfg.n_experts, moved, w.work, gpt_cfg.n_embd, recompute)
         out["edp"] = {"allreduce": experts.size * w.grads} if par.dp > par.ep else {}   # one sum after the backward
     if par.tp > 1:

@@ -4,6 +4,7 @@ axis and pipeline bubble, predicted from the formulas the grid's ledgers are che
     python 06_3d/planner.py -n 8                                  # the default model, batch 32, 4 micro-batches
     python 06_3d/planner.py -n 16 --n-layer 8 --n-embd 256 --batch-size 64 --ranks-per-host 8
     python 06_3d/planner.py -n 8 --block-size 4096 --batch-size 8 --microbatches 1     # long context: cp
+    python 06_3d/planner.py -n 8 --n-embd 1024 --n-experts 64 --top-k 1 --memory-per-rank 8 --at-scale   # ep
     python 06_3d/planner.py -n 1024 --n-layer 96 --n-head 96 --n-embd 12288 --block-size 2048 --vocab-size 50257 \
         --batch-size 1536 --micro-batch-size 1 --memory-per-rank 80 --ranks-per-host 8 --at-scale   # GPT-3 175B
 
@@ -26,7 +27,7 @@ from common.precision import describe, widths
 grid_lib = import_chapter("06_3d.grid")
 sched = import_chapter("05_pipeline.schedules")
 train3d = import_chapter("06_3d.train")
-AXES = ("tp", "cp", "pp", "ends", "dp")
+AXES = ("tp", "cp", "pp", "ends", "dp", "ep", "edp")
 
 
 def divisors(n):
@@ -44,8 +45,9 @@ def layouts(gpt_cfg, train_cfg, world_size, microbatches=None, rows=None, sp=Fal
         M = microbatches or train_cfg.batch_size // (dp * rows)
         if M < 1:
             continue
-        for zero in (0,) if dp * cp == 1 else (0, 1, 2, 3):
-            par = ParallelConfig(tp=tp, cp=cp, pp=pp, dp=dp, zero_stage=zero, microbatches=M,
+        for zero, ep in itertools.product((0,) if dp * cp == 1 else (0, 1, 2, 3),
+                                          divisors(dp) if gpt_cfg.n_experts else (1,)):
+            par = ParallelConfig(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, zero_stage=zero, microbatches=M,
                                  sequence_parallel=sp and tp > 1)
             try:
                 grid_lib.check(gpt_cfg, train_cfg, par, world_size)
@@ -68,7 +70,7 @@ def predict(gpt_cfg, train_cfg, par, at_scale=False):
     per_stage = [grid_lib.ledger_formula(gpt_cfg, par, s, train_cfg.batch_size, widths(train_cfg),
                                          train_cfg.recompute)
                  for s in range(par.pp)]
-    axes = {axis: max(sum(f[axis].values()) for f in per_stage) for axis in AXES}
+    axes = {axis: max(sum(f.get(axis, {}).values()) for f in per_stage) for axis in AXES}
     return {"memory": memory, "axes": axes, "bubble": sched.bubble_formula(par.schedule, par.microbatches, par.pp,
                                                                           par.virtual_stages)}
 
@@ -84,12 +86,14 @@ def plan(gpt_cfg, train_cfg, world_size, microbatches=None, ranks_per_host=0, bu
     where tp > 1; `at_scale`: see predict."""
     table = []
     for par in layouts(gpt_cfg, train_cfg, world_size, microbatches, rows, sp):
-        row = {"tp": par.tp, "cp": par.cp, "pp": par.pp, "dp": par.dp, "zero": par.zero_stage, "M": par.microbatches,
+        row = {"tp": par.tp, "cp": par.cp, "pp": par.pp, "dp": par.dp, "ep": par.ep, "zero": par.zero_stage,
+               "M": par.microbatches,
                **predict(gpt_cfg, train_cfg, par, at_scale)}
         row["fits"] = budget is None or row["memory"] <= budget
         row["tp_inside"] = tp_inside_host(par.tp, ranks_per_host)
         table.append(row)
-    table.sort(key=lambda r: (not r["fits"], not r["tp_inside"], r["cp"], r["tp"] * r["pp"], r["zero"], r["pp"]))
+    table.sort(key=lambda r: (not r["fits"], not r["tp_inside"], r["cp"], r["tp"] * r["pp"], r["zero"], r["ep"],
+                              r["pp"]))
     return table, next((r for r in table if r["fits"]), None)
 
 
@@ -106,6 +110,9 @@ def main(argv=None):
     parser.add_argument("--block-size", type=int, default=64, help="context length in tokens (default: 64)")
     parser.add_argument("--vocab-size", type=int, default=65, help="symbols in the vocabulary (default: 65)")
     parser.add_argument("--batch-size", type=int, default=32, help="global batch in sequences (default: 32)")
+    parser.add_argument("--n-experts", type=int, default=0, help="experts per block, a mixture of experts, which "
+                        "expert parallelism (ep) splits (default: 0, the dense MLP)")
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token (default: 2)")
     split = parser.add_mutually_exclusive_group()
     split.add_argument("--microbatches", type=int, help="micro-batches per replica (default: 4)")
     split.add_argument("--micro-batch-size", type=int,
@@ -129,7 +136,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     M, rows_each = (args.microbatches or (None if args.micro_batch_size else 4)), args.micro_batch_size
     try:
-        gpt_cfg = GPTConfig(args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab_size)
+        gpt_cfg = GPTConfig(args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab_size,
+                            args.n_experts, args.top_k)
         gpt_cfg.validate()
         train_cfg = TrainConfig(batch_size=args.batch_size, dtype=args.dtype, recompute=args.recompute,
                                 precision=args.precision)
@@ -155,17 +163,19 @@ def main(argv=None):
           + (", sequence parallel" if args.sequence_parallel else "")
           + (", initialised and saved shard by shard" if args.at_scale else "")
           + (f"; {size(budget)} of memory per rank" if budget else ""))
-    print(f"{'tp':>3} {'cp':>3} {'pp':>3} {'dp':>3} {'ZeRO':>4} {'M':>4} {'memory/rank':>12} "
+    print(f"{'tp':>3} {'cp':>3} {'pp':>3} {'dp':>3} {'ep':>3} {'ZeRO':>4} {'M':>4} {'memory/rank':>12} "
           + " ".join(f"{a + ' MiB':>8}" for a in AXES) + f" {'bubble':>7}  note")
     for r in rows:
         note = "does not fit" if not r["fits"] else "" if r["tp_inside"] else "tp crosses hosts"
         note += "  <- recommended" if r is best else ""
-        print(f"{r['tp']:>3} {r['cp']:>3} {r['pp']:>3} {r['dp']:>3} {r['zero']:>4} {r['M']:>4} "
+        print(f"{r['tp']:>3} {r['cp']:>3} {r['pp']:>3} {r['dp']:>3} {r['ep']:>3} {r['zero']:>4} {r['M']:>4} "
               f"{size(r['memory']):>12} " + " ".join(f"{mib(r['axes'][a]):>8}" for a in AXES)
               + f" {r['bubble']:>7.2f}  {note}")
     if best:
         zero = f" --zero-stage {best['zero']}" if best["zero"] else ""
         cp = f" --cp {best['cp']}" if best["cp"] > 1 else ""
+        cp += f" --ep {best['ep']}" if best["ep"] > 1 else ""
+        cp += f" --n-experts {args.n_experts} --top-k {args.top_k}" if args.n_experts else ""
         print(f"recommended: mpirun -n {args.n} python 06_3d/train.py --tp {best['tp']}{cp} --pp {best['pp']} "
               f"--dp {best['dp']}{zero} --batch-size {args.batch_size} --microbatches {best['M']}"
               + (" --sequence-parallel" if args.sequence_parallel and best["tp"] > 1 else "")

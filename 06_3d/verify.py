@@ -52,9 +52,18 @@ def grids(tp=None, pp=None):
 def setup(argv, world_size):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="AdamW steps both models take (default: 3)")
-    for axis in ("tp", "cp", "pp", "dp"):
-        parser.add_argument(f"--{axis}", type=int, help="only layouts with this size (default: all)")
+    for axis in ("tp", "cp", "pp", "dp", "ep"):
+        parser.add_argument(f"--{axis}", type=int, help="only layouts with this size (default: all; --ep: only the "
+                            "mixture of experts' runs)" if axis == "ep" else "only layouts with this size (default: "
+                            "all)")
     args = parser.parse_args(argv)
+    args.experts = expert_runs(world_size, args)
+    if args.ep is not None:
+        if not args.experts:
+            raise ConfigError(f"--ep {args.ep} fits no expert layout of {world_size} ranks: ep 2 or 4 splits the dp "
+                              f"ranks left by tp x pp; run mpirun -n 2, 4 or 8")
+        args.layouts = []
+        return args
     given = {axis: getattr(args, axis) for axis in ("tp", "cp", "pp", "dp") if getattr(args, axis) is not None}
     for axis, size in given.items():
         if size < 1:
@@ -77,6 +86,22 @@ def setup(argv, world_size):
         raise ConfigError(f"{' '.join(f'--{axis} {size}' for axis, size in given.items())} fits no tp x cp x pp x dp "
                           f"of {world_size} ranks (pp at most {GPT.n_layer}); run mpirun -n {fits}")
     return args
+
+
+EXPERTS = replace(GPT, n_experts=4, top_k=2, capacity_factor=1.0)      # 4 of a sequence's 16 choices per expert
+# (tp, pp, ep, schedule, --recompute) of the mixture of experts' runs, dp the ranks left, which ep must divide
+EXPERT_RUNS = [(1, 1, 2, "1f1b", "none"), (1, 1, 4, "1f1b", "selective"), (2, 1, 2, "1f1b", "full"),
+               (1, 2, 2, "zb-h1", "none"), (2, 2, 2, "afab", "none")]
+
+
+def expert_runs(world_size, args):
+    """The (tp, pp, dp, ep, schedule, recompute) runs of EXPERT_RUNS that fit `world_size` ranks and the sizes
+    asked for."""
+    runs = [(t, p, world_size // (t * p), e, kind, mode) for t, p, e, kind, mode in EXPERT_RUNS
+            if world_size % (t * p) == 0 and (world_size // (t * p)) % e == 0]
+    asked = dict(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep)
+    return [run for run in runs if all(size in (None, got) for size, got in zip(asked.values(), run))
+            and args.cp in (None, 1)]
 
 
 def variants(tp, cp, pp, dp):
@@ -135,12 +160,11 @@ def main(argv=None):
     args = checked(comm, setup, argv, comm.size)
     # dp x 2 micro-batches
     train_cfg = TrainConfig(batch_size=2 * comm.size, dtype="float64", learning_rate=1e-2, seed=0)
-    batches, start, ref_losses, ref_params, ref_opt, _ = reference(GPT, train_cfg, args.steps)
-    layout = train3d.gpt_layout(GPT)
-    ref = np.concatenate([ref_params, ref_opt.m, ref_opt.v])
-
     report, show = Report(TOL, width=72, detail=25), comm.rank == 0
     runs = runs_of(args.layouts)
+    if runs:
+        batches, start, ref_losses, ref_params, ref_opt, _ = reference(GPT, train_cfg, args.steps)
+        ref = np.concatenate([ref_params, ref_opt.m, ref_opt.v])
     for ((tp, cp, pp, dp), (sp, zero, split)), (schedule, virtual, recompute) in zip(runs, schedules(runs)):
         label = (f"({tp},{cp},{pp},{dp}){' contiguous' if split != 'zigzag' else ''}"
                  f"{' sp' if sp else ''}{f' z{zero}' if zero else ''} {schedule}"
@@ -148,41 +172,72 @@ def main(argv=None):
         par = ParallelConfig(tp=tp, pp=pp, dp=dp, cp=cp, cp_split=split, sequence_parallel=sp, zero_stage=zero,
                              microbatches=2, schedule=schedule, virtual_stages=virtual, bucket_mb=0.005)
         run_cfg = replace(train_cfg, recompute=recompute)
-        grid = grid_lib.Grid.build(comm, tp, cp, pp, dp)
-        state = grid_lib.State(GPT, run_cfg, par, grid, start)
-        losses, ledger_ok = [], True
-        for step, (x, y) in enumerate(batches):
-            for c in (grid.tp, grid.cp, grid.pp, grid.dcp, grid.ends):
-                c.ledger.reset()
-            losses.append(train3d.train_step(state, (x, y), train_cfg.learning_rate))
-            if step == 0:
-                got = {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()} for axis, c in
-                       (("tp", grid.tp), ("cp", grid.cp), ("pp", grid.pp), ("dp", grid.dcp), ("ends", grid.ends))}
-                ledger_ok = got == grid_lib.ledger_formula(GPT, par, state.stage, train_cfg.batch_size, 8, recompute)
-        whole = state.whole()
-        flat = np.concatenate([whole[k][name].ravel() for k in STATE
-                               for name in layout.shapes]) if comm.rank == 0 else np.empty(ref.size)
-        comm.bcast(flat)
-        held_ok = state.held.peak["activations"] == train3d.memory_estimate(GPT, run_cfg, par, comm.rank)["activations"]
-        every = comm.allgather(np.array([losses[-1], float(ledger_ok), float(held_ok)]),
-                               np.empty(3 * comm.size)).reshape(-1, 3)
-        report.compare(f"{label} losses", losses, ref_losses, show)
-        report.compare(f"{label} last loss, every rank", every[:, 0], np.full(comm.size, ref_losses[-1]), show)
-        report.compare_tensors(label, state_tensors(layout, flat), state_tensors(layout, ref), show,
-                               group="params, m, v")
-        report.compare(f"{label} ledger, every rank", every[:, 1], np.ones(comm.size), show)
-        report.compare(f"{label} activations, every rank", every[:, 2], np.ones(comm.size), show)
+        compare_run(report, label, GPT, run_cfg, par, comm, (batches, start, ref_losses, ref), show)
     mixed_cfg = replace(ref_lib.mixed(train_cfg), grad_clip=0.0)     # so that m is (1 - beta1) x the gradient
-    one = reference(GPT, mixed_cfg, 1)
-    most = sorted(runs, key=lambda run: -sum(n > 1 for n in run[0][:3]))    # the layouts splitting the model most
-    for i, ((tp, cp, pp, dp), (sp, zero, split)) in enumerate(most[:2]):
-        par = ParallelConfig(tp=tp, pp=pp, dp=dp, cp=cp, cp_split=split, sequence_parallel=sp, zero_stage=zero,
-                             microbatches=2, schedule="zb-h1" if i and zero < 2 else "1f1b", bucket_mb=0.005)
-        mixed_step(report, mixed_cfg, one, par, comm, show)
+    if runs:
+        one = reference(GPT, mixed_cfg, 1)
+        most = sorted(runs, key=lambda run: -sum(n > 1 for n in run[0][:3]))    # the layouts splitting the model most
+        for i, ((tp, cp, pp, dp), (sp, zero, split)) in enumerate(most[:2]):
+            par = ParallelConfig(tp=tp, pp=pp, dp=dp, cp=cp, cp_split=split, sequence_parallel=sp, zero_stage=zero,
+                                 microbatches=2, schedule="zb-h1" if i and zero < 2 else "1f1b", bucket_mb=0.005)
+            mixed_step(report, GPT, mixed_cfg, one, par, comm, show)
+    if args.experts:                    # a mixture of experts, its experts split over ep of the dp ranks
+        batches, start, ref_losses, ref_params, ref_opt, _ = reference(EXPERTS, train_cfg, args.steps)
+        ref = np.concatenate([ref_params, ref_opt.m, ref_opt.v])
+        for tp, pp, dp, ep, schedule, recompute in args.experts:
+            par = ParallelConfig(tp=tp, pp=pp, dp=dp, ep=ep, microbatches=2, schedule=schedule, bucket_mb=0.005)
+            label = f"experts ({tp},1,{pp},{dp}) ep {ep} {schedule}{f' {recompute}' if recompute != 'none' else ''}:"
+            compare_run(report, label, EXPERTS, replace(train_cfg, recompute=recompute), par, comm,
+                        (batches, start, ref_losses, ref), show)
+        tp, pp, dp, ep, _, _ = args.experts[0]
+        mixed_step(report, EXPERTS, mixed_cfg, reference(EXPERTS, mixed_cfg, 1),
+                   ParallelConfig(tp=tp, pp=pp, dp=dp, ep=ep, microbatches=2, bucket_mb=0.005), comm, show)
     return report.finish(f"{comm.size} ranks: ", show)
 
 
-def mixed_step(report, train_cfg, one, par, comm, show):
+def compare_run(report, label, gpt_cfg, run_cfg, par, comm, reference_run, show):
+    """Train `par`'s layout on the reference run's batches from its start, and add its rows: the losses, every
+    tensor after the steps, the ledger of the first step and (dense models) the activations' bytes, every rank."""
+    batches, start, ref_losses, ref = reference_run
+    grid = grid_lib.Grid.build(comm, par.tp, par.cp, par.pp, par.dp, par.ep)
+    state = grid_lib.State(gpt_cfg, run_cfg, par, grid, start)
+    losses, ledger_ok = [], True
+    for step, (x, y) in enumerate(batches):
+        reset(state)
+        losses.append(train3d.train_step(state, (x, y), run_cfg.learning_rate))
+        if step == 0:
+            ledger_ok = measured(state) == grid_lib.ledger_formula(gpt_cfg, par, state.stage, run_cfg.batch_size, 8,
+                                                                   run_cfg.recompute, state.moved())
+    whole = state.whole()
+    layout = train3d.gpt_layout(gpt_cfg)
+    flat = np.concatenate([whole[k][name].ravel() for k in STATE
+                           for name in layout.shapes]) if comm.rank == 0 else np.empty(ref.size)
+    comm.bcast(flat)
+    held_ok = state.held.peak["activations"] == train3d.memory_estimate(gpt_cfg, run_cfg, par, comm.rank)["activations"]
+    every = comm.allgather(np.array([losses[-1], float(ledger_ok), float(held_ok)]),
+                           np.empty(3 * comm.size)).reshape(-1, 3)
+    report.compare(f"{label} losses", losses, ref_losses, show)
+    report.compare(f"{label} last loss, every rank", every[:, 0], np.full(comm.size, ref_losses[-1]), show)
+    report.compare_tensors(label, state_tensors(layout, flat), state_tensors(layout, ref), show, group="params, m, v")
+    report.compare(f"{label} ledger, every rank", every[:, 1], np.ones(comm.size), show)
+    if not gpt_cfg.n_experts:           # how many rows experts keep depends on the routing: no formula to the byte
+        report.compare(f"{label} activations, every rank", every[:, 2], np.ones(comm.size), show)
+
+
+def reset(state):
+    """Empty every ledger of the state's grid, and the routing its expert-parallel ledger formula reads."""
+    for c in state.ledgers().values():
+        c.ledger.reset()
+    if state.experts:
+        state.experts.kept.clear()
+
+
+def measured(state):
+    """{axis: {kind: bytes}} of every ledger of the state's grid."""
+    return {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()} for axis, c in state.ledgers().items()}
+
+
+def mixed_step(report, gpt_cfg, train_cfg, one, par, comm, show):
     """The first step of a layout in 16-bit mixed precision against single core's (`one`): every rank's bytes per
     axis against ledger_formula in the run's widths (float32 inside a part, 16-bit between stages and for the
     gradients' sums) and its activations' bytes against the formula, the loss, and Adam's m (after one unclipped
@@ -190,26 +245,27 @@ def mixed_step(report, train_cfg, one, par, comm, show):
     rounded when it is stored, at each of the dp x cp - 1 additions of its reduction and when it is accumulated,
     wte's once more when its halves are summed over the pipeline's ends, and under zb-h1 the deferred weight
     gradients' operands once more, stored in 16 bits."""
-    label = (f"{train_cfg.precision} ({par.tp},{par.cp},{par.pp},{par.dp}){' sp' if par.sequence_parallel else ''}"
+    label = (f"{train_cfg.precision}{' experts' if gpt_cfg.n_experts else ''} ({par.tp},{par.cp},{par.pp},{par.dp})"
+             f"{f' ep {par.ep}' if par.ep > 1 else ''}{' sp' if par.sequence_parallel else ''}"
              f"{f' z{par.zero_stage}' if par.zero_stage else ''} {par.schedule}:")
-    grid = grid_lib.Grid.build(comm, par.tp, par.cp, par.pp, par.dp)
-    state = grid_lib.State(GPT, train_cfg, par, grid, one.start)
-    for c in (grid.tp, grid.cp, grid.pp, grid.dcp, grid.ends):
-        c.ledger.reset()
+    grid = grid_lib.Grid.build(comm, par.tp, par.cp, par.pp, par.dp, par.ep)
+    state = grid_lib.State(gpt_cfg, train_cfg, par, grid, one.start)
+    reset(state)
     loss = train3d.train_step(state, one.batches[0], train_cfg.learning_rate)
-    got = {axis: {k: v["bytes"] for k, v in c.ledger.as_dict().items()} for axis, c in
-           (("tp", grid.tp), ("cp", grid.cp), ("pp", grid.pp), ("dp", grid.dcp), ("ends", grid.ends))}
-    ledger_ok = got == grid_lib.ledger_formula(GPT, par, state.stage, train_cfg.batch_size, widths(train_cfg))
-    held_ok = state.held.peak["activations"] == train3d.memory_estimate(GPT, train_cfg, par, comm.rank)["activations"]
+    ledger_ok = measured(state) == grid_lib.ledger_formula(gpt_cfg, par, state.stage, train_cfg.batch_size,
+                                                           widths(train_cfg), moved=state.moved())
+    held_ok = (state.held.peak["activations"] ==
+               train3d.memory_estimate(gpt_cfg, train_cfg, par, comm.rank)["activations"])
     every = comm.allgather(np.array([float(ledger_ok), float(held_ok)]), np.empty(2 * comm.size)).reshape(-1, 2)
     report.compare(f"{label} ledger, every rank", every[:, 0], np.ones(comm.size), show)
-    report.compare(f"{label} activations, every rank", every[:, 1], np.ones(comm.size), show)
+    if not gpt_cfg.n_experts:
+        report.compare(f"{label} activations, every rank", every[:, 1], np.ones(comm.size), show)
     whole = state.whole()
-    tol = ref_lib.mixed_tolerance(train_cfg, GPT.n_layer, par.microbatches * (par.dp * par.cp + 1) + 1
+    tol = ref_lib.mixed_tolerance(train_cfg, gpt_cfg.n_layer, par.microbatches * (par.dp * par.cp + 1) + 1
                                   + (par.schedule == "zb-h1"))
     report.compare(f"{label} loss", loss, one.losses[0], show, tol=tol)
     if comm.rank == 0:
-        report.compare_tensors(label, whole["adam_m"], train3d.gpt_layout(GPT).views(one.opt.m), show,
+        report.compare_tensors(label, whole["adam_m"], train3d.gpt_layout(gpt_cfg).views(one.opt.m), show,
                                group="Adam m (the first gradient)", tol=tol)
 
 

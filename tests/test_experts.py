@@ -1,6 +1,8 @@
 """Expert parallelism (06_3d/experts.py) under MPI: a block's mixture of experts with its experts split over the
 ranks computes, through the all-to-alls, what one process computes with every expert; its bytes are the
 formula's; and a dispatch that returns rows out of order is caught."""
+import json
+
 import numpy as np
 import pytest
 
@@ -98,3 +100,84 @@ def test_the_rows_each_expert_receives_come_back_to_expert_order_and_the_layout_
             ep_lib.check_layout(cfg, ep, dp)
     with pytest.raises(ConfigError, match="--n-experts"):
         ep_lib.check_layout(GPTConfig(), 2, 2)
+
+
+# ----------------------------------------------------------------------------- chapter 06 with --ep
+
+TRAIN, VERIFY = "06_3d/train.py", "06_3d/verify.py"
+TINY = ["--n-layer", 2, "--n-head", 2, "--n-embd", 16, "--block-size", 8, "--batch-size", 8, "--eval-iters", 2,
+        "--dtype", "float64", "--eval-interval", 3, "--n-experts", 4, "--top-k", 2, "--capacity-factor", 1.0]
+
+
+def test_expert_parallel_training_is_single_core_training_and_moves_between_them_exactly(tiny_data, tmp_path):
+    """ep 2 (with pp 2 and zb-h1) trains as one core does, its ledger is the formula on every rank, and its
+    checkpoint resumes on one core and one core's on ep 4."""
+    from conftest import assert_same_run, run
+    common = ["--data-dir", tiny_data, *TINY]
+    straight, grid, single = tmp_path / "straight", tmp_path / "grid", tmp_path / "single"
+    assert run(["01_single_core/train.py", *common, "--max-iters", 6, "--out-dir", straight]).returncode == 0
+    result = run_mpi(4, [TRAIN, *common, "--pp", 2, "--ep", 2, "--schedule", "zb-h1", "--microbatches", 2,
+                         "--max-iters", 3, "--out-dir", grid], timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "world rank 3: tp 0, cp 0, pp 1, dp 1 (ep 1)" in result.stdout
+    ranks = json.loads((grid / "ledger.json").read_text())["ranks"]
+    assert all(r["comm"] == r["comm_formula"] and r["comm"]["ep"]["alltoall"] > 0 for r in ranks), ranks
+    assert run(["01_single_core/train.py", *common, "--max-iters", 6, "--out-dir", grid, "--resume"]).returncode == 0
+    assert_same_run(grid, straight, 6)
+    assert run(["01_single_core/train.py", *common, "--max-iters", 3, "--out-dir", single]).returncode == 0
+    result = run_mpi(4, [TRAIN, *common, "--ep", 4, "--microbatches", 1, "--max-iters", 6, "--out-dir", single,
+                         "--resume"], timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_same_run(single, straight, 6)
+
+
+@pytest.mark.parametrize("n, flags, words", [
+    (4, ["--ep", 3], ["--ep 3", "--n-experts 4"]),
+    (2, ["--ep", 2, "--n-experts", 0], ["--ep 2", "--n-experts"]),
+    (4, ["--ep", 4, "--pp", 2], ["--ep 4", "--dp 2"]),
+    (2, ["--ep", 2, "--zero-stage", 1], ["--zero-stage 1", "--ep 2"]),
+    (2, ["--cp", 2], ["--n-experts", "--cp"]),
+])
+def test_bad_expert_parallel_input_exits_2_on_every_rank_with_one_message(tiny_data, tmp_path, n, flags, words):
+    from conftest import assert_one_error
+    result = run_mpi(n, [TRAIN, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, *flags], timeout=60)
+    assert_one_error(result, words)
+
+
+# the combine returns ep rank 1's rows in reverse order: other tokens' outputs, and a loss that still falls
+WRONG_ORDER = """
+experts = import_chapter("06_3d.experts")
+real = experts.ExpertParallel.forward
+def forward(self, xs, counts, w):
+    ys, cache = real(self, xs, counts, w)
+    return (ys[::-1].copy() if self.ep.rank == 1 else ys), cache
+experts.ExpertParallel.forward = forward
+"""
+
+
+def test_verify_fails_when_one_ranks_tokens_come_back_in_the_wrong_order_while_its_loss_still_falls(tiny_data,
+                                                                                                    tmp_path):
+    from conftest import sabotaged, verdict
+    from common.metrics import read_metrics
+    result = run_mpi(2, [sabotaged(tmp_path, WRONG_ORDER, "06_3d.verify", ["--ep", 2])], timeout=120)
+    assert result.returncode == 1 and "FAIL:" in verdict(result), result.stdout + result.stderr
+    failed = [line for line in result.stdout.splitlines() if line.startswith("experts") and not line.endswith("ok")]
+    assert any("params, m, v" in line for line in failed), result.stdout
+    args = ["--data-dir", tiny_data, "--out-dir", tmp_path / "run", *TINY, "--ep", 2, "--max-iters", 30,
+            "--learning-rate", 1e-2, "--warmup-iters", 2, "--eval-interval", 30]
+    result = run_mpi(2, [sabotaged(tmp_path, WRONG_ORDER, "06_3d.train", args)], timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    val = [r["val_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
+    assert val[-1] < val[0] - 0.3, val
+
+
+def test_the_verify_of_experts_drops_assignments_over_capacity():
+    """So verify's expert rows exercise the capacity rule: its model and batches drop some assignments."""
+    verify = import_chapter("06_3d.verify")
+    from common.model import gpt_forward, gpt_layout, routing
+    from common.config import TrainConfig
+    train_cfg = TrainConfig(batch_size=4, dtype="float64", learning_rate=1e-2, seed=0)
+    run = import_chapter("01_single_core.verify").reference(verify.EXPERTS, train_cfg, 1)
+    x, y = run.batches[0]
+    _, _, cache = gpt_forward(gpt_layout(verify.EXPERTS).views(run.start), x, y, verify.EXPERTS)
+    assert sum(int(r.chosen.sum() - r.kept.sum()) for r in map(routing, cache[1])) > 0

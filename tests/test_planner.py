@@ -33,7 +33,7 @@ def test_the_predicted_bytes_model_state_and_activations_are_what_a_real_run_mea
     par = ParallelConfig(tp=tp, cp=cp, pp=pp, dp=dp, zero_stage=zero, microbatches=2)
     predicted = planner.predict(gpt_cfg, train_cfg, par)
     for axis in planner.AXES:
-        assert predicted["axes"][axis] == max(sum(r["comm"][axis].values()) for r in ranks), axis
+        assert predicted["axes"][axis] == max(sum(r["comm"].get(axis, {}).values()) for r in ranks), axis
     for r in ranks:
         want = train3d.memory_estimate(gpt_cfg, train_cfg, par, r["rank"])
         m_and_v = want["optimizer"] * 2 // 3                                 # the estimate adds AdamW's work array
@@ -85,6 +85,18 @@ def test_a_context_too_long_for_every_unsplit_sequence_is_planned_with_context_p
     unsplit = min(r["memory"] for r in rows if r["cp"] == 1)
     rows, best = planner.plan(gpt_cfg, TrainConfig(batch_size=4), 4, 1, budget=unsplit - 1)
     assert best is not None and best["cp"] > 1 and best["memory"] < unsplit, best
+
+
+def test_a_mixture_of_experts_too_large_for_each_rank_is_planned_with_its_experts_split_over_ep():
+    gpt_cfg = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=11, n_experts=8, top_k=1)
+    rows, best = planner.plan(gpt_cfg, TrainConfig(batch_size=8), 4, 1, budget=2 ** 40, at_scale=True)
+    assert best["ep"] == 1 and {r["ep"] for r in rows} == {1, 2, 4}
+    whole = {r["ep"]: r["memory"] for r in rows if (r["tp"], r["pp"], r["dp"], r["zero"]) == (1, 1, 4, 0)}
+    assert whole[4] < whole[2] < whole[1]                             # each rank holds 1/ep of the experts
+    assert all(r["axes"]["ep"] > 0 for r in rows if r["ep"] > 1) and all(r["axes"]["ep"] == 0 for r in rows
+                                                                         if r["ep"] == 1)
+    rows, best = planner.plan(gpt_cfg, TrainConfig(batch_size=8), 4, 1, budget=whole[2] - 1, at_scale=True)
+    assert best is not None and best["ep"] == 4 and best["memory"] < whole[2], best
 
 
 GPT3 = ["-n", 1024, "--n-layer", 96, "--n-head", 96, "--n-embd", 12288, "--block-size", 2048, "--vocab-size", 50257,
