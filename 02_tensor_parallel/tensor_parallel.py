@@ -304,23 +304,24 @@ def grad_norm(grads, layout, tp):
 # ----------------------------------------------------------------------------- the ledger
 
 def comm_formula(gpt_cfg, rows, itemsize, sp=False, blocks=None, first=True, last=True, microbatches=1,
-                 replicated=0, settles=1, recompute="none", seq_len=None, grad_itemsize=None):
+                 replicated=0, settles=1, recompute="none", seq_len=None, grad_itemsize=None, mixture=False):
     """{kind: (calls, bytes)} one rank passes to tp collectives in a step of `microbatches` micro-batches of
     `rows` rows through `blocks` blocks (default all), the embedding if `first`, the head if `last` (see the
     module docstring). With sp, the `replicated` elements' gradients are all-reduced `settles` times, packed in
     one call each time, and the backward gathers again the part of each column-parallel input a rank kept (two per
     block, one before the head). Full recomputation runs each block's forward twice, and its two g's (or sp's
     all-gather and reduce-scatter pairs) with it. `seq_len`: the positions a row holds here (context
-    parallelism's T/cp). `grad_itemsize`: the gradients' bytes per element, where they differ (mixed precision)."""
+    parallelism's T/cp). `grad_itemsize`: the gradients' bytes per element, where they differ (mixed precision).
+    `mixture`: a mixture of experts in place of each MLP (06's), which tp does not split: attention's f and g only."""
     e, T, C, M = itemsize, seq_len or gpt_cfg.block_size, gpt_cfg.n_embd, microbatches
     blocks = gpt_cfg.n_layer if blocks is None else blocks
-    forwards = 2 if recompute == "full" else 1
-    n = M * ((2 + 2 * forwards) * blocks + first + last)  # f and g: two each way per block, g after the
-    big = rows * T * C * e                                # embedding, f before the head
+    forwards, pairs = 2 if recompute == "full" else 1, 1 if mixture else 2
+    n = M * ((pairs + pairs * forwards) * blocks + first + last)  # f and g: two each way per block, g after the
+    big = rows * T * C * e                                        # embedding, f before the head
     loss = (3 * M, 3 * M * rows * T * e) if last else (0, 0)
     if not sp:
         return {"allreduce": (n + loss[0], n * big + loss[1])}
-    gathers = n + M * (2 * blocks + last)                 # the backward gathers the kept inputs again
+    gathers = n + M * (pairs * blocks + last)             # the backward gathers the kept inputs again
     out = {"allgather": (gathers, gathers * big), "reduce_scatter": (n, n * big)}
     calls, nbytes = loss[0] + (settles if replicated else 0), loss[1] + settles * replicated * (grad_itemsize or e)
     return {**out, "allreduce": (calls, nbytes)} if calls else out

@@ -358,7 +358,8 @@ def ledger_formula(gpt_cfg, par, stage, batch_size, itemsize, recompute="none", 
                          if tp_lib.kind(name) == "replicated") if sp else 0
         want = tp_lib.comm_formula(gpt_cfg, b, e, sp, blocks, first, last, M, replicated,
                                    settles=M if par.zero_stage > 1 else 1,   # ZeRO-2/3 settle every micro-batch
-                                   recompute=recompute, seq_len=T, grad_itemsize=w.grads)
+                                   recompute=recompute, seq_len=T, grad_itemsize=w.grads,
+                                   mixture=bool(gpt_cfg.n_experts))
         out["tp"] = {kind: nbytes for kind, (_, nbytes) in want.items()}
     out["cp"] = cp_lib.comm_formula(gpt_cfg, b, e, par.cp, par.tp, blocks, M, recompute)
     if par.pp > 1:
