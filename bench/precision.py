@@ -39,25 +39,36 @@ def launch(flags, out, threads):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def curves(work):
-    """The four default runs, two at a time with one BLAS thread each: {run: {steps, loss, val_steps, val,
-    loss_scale, skipped}}, the train loss every 10 steps (the mean of those 10)."""
-    out, names = {}, list(RUNS)
-    for pair in (names[:2], names[2:]):
-        procs = {name: launch(RUNS[name], work / name.replace(", ", "-").replace(" ", "-"), 1) for name in pair}
+def curves(work, runs=RUNS, also=None):
+    """Chapter 01's default run with each of `runs`' flags, two at a time with one BLAS thread each: {run: {steps,
+    loss, val_steps, val, ...}}, the train loss every 10 steps (the mean of those 10), and what also(train
+    records) adds (here: fp16's loss scale and skipped steps)."""
+    also = also or scaling
+    out, names = {}, list(runs)
+    for pair in (names[i:i + 2] for i in range(0, len(names), 2)):
+        procs = {name: launch(runs[name], work / folder(name), 1) for name in pair}
         for name, proc in procs.items():
             _, err = proc.communicate()
             assert proc.returncode == 0, f"{name}: {err}"
-            rows = read_metrics(work / name.replace(", ", "-").replace(" ", "-") / "metrics.jsonl")
+            rows = read_metrics(work / folder(name) / "metrics.jsonl")
             train = [r for r in rows if "loss" in r]
             val = [r for r in rows if "val_loss" in r]
             loss = np.array([r["loss"] for r in train])
             out[name] = {"steps": list(range(0, len(loss), 10)),
                          "loss": [float(x) for x in loss.reshape(-1, 10).mean(axis=1)],
-                         "val_steps": [r["step"] for r in val], "val": [r["val_loss"] for r in val],
-                         "loss_scale": [r.get("loss_scale") for r in train][::10],
-                         "skipped": [r["step"] for r in train if r.get("skipped")]}
+                         "val_steps": [r["step"] for r in val], "val": [r["val_loss"] for r in val], **also(train)}
     return out
+
+
+def folder(name):
+    """The out-dir of run `name` under the work folder."""
+    return name.replace(", ", "-").replace(" ", "-")
+
+
+def scaling(train):
+    """fp16's loss scale every 10 steps, and the steps it skipped."""
+    return {"loss_scale": [r.get("loss_scale") for r in train][::10], "skipped": [r["step"] for r in train
+                                                                                   if r.get("skipped")]}
 
 
 def underflow(precision, loss_scale, weights=None, seed=0):
@@ -88,15 +99,16 @@ def underflows(work):
             for when, weights in (("init", None), ("trained", trained))}
 
 
-def timing(work, rounds=3, steps=60):
-    """ms/step of each precision: the median of steps 10..steps-1, `rounds` rounds taken in turn (fp32, bf16,
-    fp16, ...), with the machine's whole BLAS pool: {precision: [median of each round]}."""
-    out = {name: [] for name in ("fp32", "bf16", "fp16")}
+def timing(work, runs=None, rounds=3, steps=60):
+    """ms/step of each of `runs` (default: each precision): the median of steps 10..steps-1, `rounds` rounds taken
+    in turn (fp32, bf16, fp16, ...), with the machine's whole BLAS pool: {run: [median of each round]}."""
+    runs = runs or {name: RUNS[name] for name in ("fp32", "bf16", "fp16")}
+    out = {name: [] for name in runs}
     for _ in range(rounds):
-        for name in out:
-            run = work / f"time-{name}"
-            proc = launch([*RUNS[name], "--max-iters", steps, "--eval-interval", 10 * steps, "--eval-iters", 1],
-                          run, os.cpu_count())
+        for name, flags in runs.items():
+            run = work / f"time-{folder(name)}"
+            proc = launch([*flags, "--max-iters", steps, "--eval-interval", 10 * steps, "--eval-iters", 1], run,
+                          os.cpu_count())
             _, err = proc.communicate()
             assert proc.returncode == 0, err
             ms = [r["ms"] for r in read_metrics(run / "metrics.jsonl") if "ms" in r][10:]
