@@ -18,9 +18,9 @@ same AdamW steps on the same batches from the same weights, in float64. Rows: th
 parameter tensor, and Adam's m and v of each, after the steps, consolidated from the grid (one row naming the
 worst tensor); every rank's bytes per axis (tp, cp, pp, ends, dp) in one step against grid.ledger_formula; and
 whether every rank's caches held at their peak the bytes of activations the formula gives (train.py's
-memory_estimate). Then the first step of the two layouts that split the model most (and of the Ulysses layout
-that does, if neither is one), in bf16 mixed precision, against single-core bf16: the loss, and Adam's m (the
-first gradient) within the tolerance derived from bf16's unit roundoff (chapter 01's README).
+memory_estimate). Then the first step of the two layouts that split the model most, and of the Ulysses run that
+does, in bf16 mixed precision, against single-core bf16: the loss, and Adam's m (the first gradient) within the
+tolerance derived from bf16's unit roundoff (chapter 01's README).
 """
 import itertools
 from dataclasses import replace
@@ -201,7 +201,8 @@ def main(argv=None):
     mixed_cfg = replace(ref_lib.mixed(train_cfg), grad_clip=0.0)     # so that m is (1 - beta1) x the gradient
     one = reference(GPT, mixed_cfg, 1)
     most = sorted(runs, key=lambda run: -sum(n > 1 for n in run[0][:3]))    # the layouts splitting the model most
-    picked = dict.fromkeys(most[:2] + [run for run in most if run[1][3] == "ulysses"][:1])    # in order, once each
+    picked = ([run for run in most if run[1][3] != "ulysses"][:2]     # (without cp, or by the ring)
+              + [run for run in most if run[1][3] == "ulysses"][:1])
     for i, ((tp, cp, pp, dp), (sp, zero, split, mode)) in enumerate(picked):
         par = ParallelConfig(tp=tp, pp=pp, dp=dp, cp=cp, cp_split=split, cp_mode=mode, sequence_parallel=sp,
                              zero_stage=zero, microbatches=2, schedule="zb-h1" if i and zero < 2 else "1f1b",
