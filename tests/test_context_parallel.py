@@ -37,22 +37,14 @@ def test_zigzag_gives_every_rank_the_same_causal_work_and_contiguous_cp_times_th
                                                                   # smaller chunks waste less of it
 
 
-@pytest.mark.parametrize("cp, split", [(1, "zigzag"), (2, "zigzag"), (4, "zigzag"), (4, "contiguous")])
-def test_the_online_softmax_merge_and_its_backward_equal_attention_in_float64(cp, split):
-    rng = np.random.default_rng(0)
-    qkv, dy = rng.normal(size=(2, 16, 3 * 2 * 4)), rng.normal(size=(2, 16, 2 * 4))
-    want, cache = attention_forward(qkv, 2)
-    y, backward = cp_lib.simulate(qkv, 2, cp, split)
-    np.testing.assert_allclose(y, want, rtol=0, atol=1e-14)
-    np.testing.assert_allclose(backward(dy), attention_backward(dy, cache), rtol=0, atol=1e-13)
-
-
-@pytest.mark.parametrize("cp, split", [(2, "zigzag"), (4, "zigzag"), (2, "contiguous"), (4, "contiguous")])
-def test_ulysses_all_to_alls_around_attention_equal_attention_in_float64(cp, split):
+@pytest.mark.parametrize("simulate", [cp_lib.simulate, ulysses_lib.simulate], ids=["ring", "ulysses"])
+@pytest.mark.parametrize("cp, split", [(1, "zigzag"), (2, "zigzag"), (4, "zigzag"), (2, "contiguous"),
+                                       (4, "contiguous")])
+def test_the_ring_s_online_softmax_merge_and_ulysses_all_to_alls_equal_attention_in_float64(simulate, cp, split):
     rng = np.random.default_rng(0)
     qkv, dy = rng.normal(size=(2, 16, 3 * 4 * 4)), rng.normal(size=(2, 16, 4 * 4))     # 4 heads of 4 channels
     want, cache = attention_forward(qkv, 4)
-    y, backward = ulysses_lib.simulate(qkv, 4, cp, split)
+    y, backward = simulate(qkv, 4, cp, split)
     np.testing.assert_allclose(y, want, rtol=0, atol=1e-14)
     np.testing.assert_allclose(backward(dy), attention_backward(dy, cache), rtol=0, atol=1e-13)
 
