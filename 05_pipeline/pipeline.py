@@ -76,7 +76,8 @@ def check_layout(gpt_cfg, par, train_cfg):
                           "selective with zb-h1, or --schedule 1f1b")
 
 
-def activation_formula(gpt_cfg, rows, itemsize, par, stage, recompute="none", tp_size=1, sp=False, cp_size=1):
+def activation_formula(gpt_cfg, rows, itemsize, par, stage, recompute="none", tp_size=1, sp=False, cp_size=1,
+                       cp_mode="ring"):
     """activation_peak of `stage` under par's schedule, micro-batches of `rows` rows, each chunk's cache by the
     formulas of common.memory (its blocks, and the head if it is the model's last chunk)."""
     P, V = par.pp, par.virtual_stages
@@ -89,7 +90,7 @@ def activation_formula(gpt_cfg, rows, itemsize, par, stage, recompute="none", tp
     return sched.activation_peak(
         par.schedule, par.microbatches, stage, P, V,
         kept=lambda c: activation_bytes(gpt_cfg, rows, len(chunks[c]), stage == 0, last(c), recompute=recompute,
-                                        ep_size=par.ep, **sizes),
+                                        ep_size=par.ep, cp_mode=cp_mode, **sizes),
         deferred=lambda c: zb.deferred_bytes(gpt_cfg, rows, len(chunks[c]), last(c), first=stage == 0 and c == 0,
                                              **sizes))
 

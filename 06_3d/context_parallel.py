@@ -1,5 +1,5 @@
 """Context parallelism: the sequence cut across the `cp` ranks for the whole model, attention included (ring
-attention), so each rank holds 1/cp of every activation.
+attention here, or DeepSpeed-Ulysses: ulysses.py), so each rank holds 1/cp of every activation.
 
 Shard. Rank r holds T/cp positions of every activation. Zig-zag (the default): the sequence is cut into 2 cp
 chunks and rank r holds chunks r and 2 cp - 1 - r, so under the causal mask every rank has the same attention
@@ -24,7 +24,10 @@ The K, V blocks go round the ring again, each with its dK, dV accumulator, which
 Communication per block and micro-batch, per rank (b rows, T/cp positions, C/tp channels of k and of v; e bytes):
     forward:   cp - 1 isends and irecvs of K, V          2 b (T/cp) (C/tp) e each
     backward:  cp - 1 of K, V, and cp of dK, dV          2 b (T/cp) (C/tp) e each
-(full recomputation runs the forward's again), and the gradient sum over dp x cp (chapter 03's formula).
+(full recomputation runs the forward's again), and the gradient sum over dp x cp (chapter 03's formula). A rank
+sends 2 (3 cp - 2) b (T/cp) (C/tp) e per block (and receives as much), which does not fall as cp grows: it tends
+to 6 b T (C/tp) e. Ulysses (ulysses.py) sends 8 b (T/cp) (C/tp) e through all-to-alls instead, (cp - 1)/cp of it
+to other ranks, falling as 1/cp; comm_formula gives both.
 """
 import math
 
@@ -56,8 +59,12 @@ def positions(T, cp_size, rank, split="zigzag"):
     return np.concatenate([np.arange(c * size, (c + 1) * size) for c in chunks_of(rank, cp_size, split)])
 
 
-def check_layout(gpt_cfg, cp_size, split, tp_size=1, sp=False):
+def check_layout(gpt_cfg, cp_size, split, tp_size=1, sp=False, mode="ring"):
     """--cp's constraints, as one ConfigError naming the flag."""
+    heads = gpt_cfg.n_head // tp_size
+    if mode == "ulysses" and heads % cp_size:
+        raise ConfigError(f"--cp-mode ulysses splits the n_head/tp = {heads} heads of each tp rank over --cp "
+                          f"{cp_size}; choose --cp dividing {heads}")
     pieces = n_chunks(cp_size, split)
     if gpt_cfg.block_size % pieces:
         raise ConfigError(f"--block-size {gpt_cfg.block_size} does not split into the {pieces} equal chunks --cp "
@@ -232,12 +239,16 @@ def simulate(qkv, n_head, cp_size, split="zigzag"):
 
 # ----------------------------------------------------------------------------- the ledger
 
-def comm_formula(gpt_cfg, rows, itemsize, cp_size, tp_size=1, blocks=None, microbatches=1, recompute="none"):
-    """{kind: bytes} one rank passes to the cp communicator in a step (see the module docstring)."""
+def comm_formula(gpt_cfg, rows, itemsize, cp_size, tp_size=1, blocks=None, microbatches=1, recompute="none",
+                 mode="ring"):
+    """{kind: bytes} one rank passes to the cp communicator in a step (see the module docstring): ring attention's
+    messages, or (mode "ulysses") the whole send buffers of its all-to-alls."""
     if cp_size == 1:
         return {}
     blocks = gpt_cfg.n_layer if blocks is None else blocks
-    block = 2 * rows * (gpt_cfg.block_size // cp_size) * (gpt_cfg.n_embd // tp_size) * itemsize   # K and V
+    piece = rows * (gpt_cfg.block_size // cp_size) * (gpt_cfg.n_embd // tp_size) * itemsize   # b (T/cp) (C/tp) e
     forwards = 2 if recompute == "full" else 1
+    if mode == "ulysses":                     # q|k|v and the output each way: 3 + 1 pieces, forward and backward
+        return {"alltoall": microbatches * blocks * (forwards + 1) * 4 * piece}
     n = microbatches * blocks * (forwards * (cp_size - 1) + (cp_size - 1) + cp_size)
-    return {"isend": n * block, "irecv": n * block}
+    return {"isend": n * 2 * piece, "irecv": n * 2 * piece}                                 # K and V

@@ -14,7 +14,7 @@ Composed, without copies, from the chapters before:
         with f and g written in), with optional sequence parallelism (activations between stages are then
         (b, T/tp, C) per rank; a part's replicated gradients are summed over tp before they are announced)
     06  with --cp, each rank holds T/cp positions of every activation, and tp_parts' attention is the ring of
-        context_parallel.py
+        context_parallel.py, or with --cp-mode ulysses the all-to-alls of ulysses.py around chapter 01's attention
     05  stages run a 1F1B or AFAB schedule over M micro-batches; wte's gradient is summed between the
         first and last stage (each holding the same vocabulary shard)
     03  each (tp, pp) position's gradient summed over the dp (x cp) replicas, in buckets started during the last
@@ -32,7 +32,8 @@ Communication per step, as chapters 02, 05, 03/04 and context_parallel.py derive
     tp  per micro-batch: (4 L_s + first + last) all-reduces of b T C e (with sp: as many all-gathers and
         reduce-scatters), plus 3 of b T e on the last stage; with sp the replicated gradients once (ZeRO-2/3:
         once per micro-batch)
-    cp  per micro-batch and block: K and V round the ring, 3 cp - 2 times (dK and dV included), 2 b T (C/tp) e
+    cp  per micro-batch and block: K and V round the ring, 3 cp - 2 times (dK and dV included), 2 b T (C/tp) e;
+        or Ulysses's all-to-alls, of 3 b T (C/tp) e and b T (C/tp) e each way
     pp  per micro-batch and boundary b (T/tp with sp) C e each way; the loss broadcast; wte's all-reduce
     dp  the stage's local gradient once, over dcp: an all-reduce (or ZeRO's collectives, chapter 04's formula)
 """
@@ -62,6 +63,7 @@ pipe = import_chapter("05_pipeline.pipeline")
 sched = import_chapter("05_pipeline.schedules")
 cp_lib = import_chapter("06_3d.context_parallel")
 ep_lib = import_chapter("06_3d.experts")
+ulysses_lib = import_chapter("06_3d.ulysses")
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -133,7 +135,7 @@ def check(gpt_cfg, train_cfg, par, world_size):
         raise ConfigError(f"--zero-stage {par.zero_stage} with --ep {par.ep}: ZeRO here shards one gradient over dp, "
                           f"but the experts' sum over other ranks; use --ep 1 with ZeRO")
     if par.cp > 1:
-        cp_lib.check_layout(gpt_cfg, par.cp, par.cp_split, par.tp, par.sequence_parallel)
+        cp_lib.check_layout(gpt_cfg, par.cp, par.cp_split, par.tp, par.sequence_parallel, par.cp_mode)
     pipe.check_layout(gpt_cfg, par, train_cfg)
     if train_cfg.batch_size % (par.dp * par.microbatches):
         raise ConfigError(f"--batch-size {train_cfg.batch_size} is not divisible by --dp {par.dp} x --microbatches "
@@ -176,7 +178,8 @@ def is_expert(name):
 class State:
     """This rank's training state: the shards of its stage, their gradients and optimizer, the pipeline engine
     and the gradient synchronisation over dp (x cp: buckets, or ZeRO); whole() and load() for checkpoints.
-    With cp > 1, `pos` are the sequence positions this rank holds and `ring` its ring attention."""
+    With cp > 1, `pos` are the sequence positions this rank holds, and `ring` its ring attention (None under
+    Ulysses)."""
 
     def __init__(self, gpt_cfg, train_cfg, par, grid, full):
         self.gpt_cfg, self.train_cfg, self.par, self.grid = gpt_cfg, train_cfg, par, grid
@@ -204,11 +207,14 @@ class State:
         self.opt = make_adamw(train_cfg, decay, master)
         sp, T = par.sequence_parallel, gpt_cfg.block_size
         self.held = Transient()                  # the activations' bytes, measured: every cache kept is held here
-        self.pos, self.ring = None, None         # with cp: the same parts on this rank's positions, the ring inside
+        self.pos, self.ring = None, None         # with cp: the same parts on this rank's positions, cp's attention
+        attention = tp_lib.ATTENTION
         if par.cp > 1:
             self.pos = cp_lib.positions(T, par.cp, grid.cp.rank, par.cp_split)
-            self.ring = cp_lib.Ring(grid.cp, T, par.cp_split)
-        attention = self.ring or tp_lib.ATTENTION
+            if par.cp_mode == "ulysses":
+                attention = ulysses_lib.Ulysses(grid.cp, T, par.cp_split)
+            else:
+                attention = self.ring = cp_lib.Ring(grid.cp, T, par.cp_split)
         self.experts = ep_lib.ExpertParallel(grid.ep, gpt_cfg.n_experts) if par.ep > 1 else None
         parts = pipe.zb.deferring(tp_lib.tp_parts(tp, sp, attention, self.pos,
                                                   self.experts.pair if self.experts else LOCAL),
@@ -361,7 +367,7 @@ def ledger_formula(gpt_cfg, par, stage, batch_size, itemsize, recompute="none", 
                                    recompute=recompute, seq_len=T, grad_itemsize=w.grads,
                                    mixture=bool(gpt_cfg.n_experts))
         out["tp"] = {kind: nbytes for kind, (_, nbytes) in want.items()}
-    out["cp"] = cp_lib.comm_formula(gpt_cfg, b, e, par.cp, par.tp, blocks, M, recompute)
+    out["cp"] = cp_lib.comm_formula(gpt_cfg, b, e, par.cp, par.tp, blocks, M, recompute, par.cp_mode)
     if par.pp > 1:
         out["pp"] = pipe.p2p_formula(gpt_cfg, batch_size // par.dp, stage, par.pp, w.activations,
                                      T // par.tp if sp else T, V)

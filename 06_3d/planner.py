@@ -4,6 +4,7 @@ axis and pipeline bubble, predicted from the formulas the grid's ledgers are che
     python 06_3d/planner.py -n 8                                  # the default model, batch 32, 4 micro-batches
     python 06_3d/planner.py -n 16 --n-layer 8 --n-embd 256 --batch-size 64 --ranks-per-host 8
     python 06_3d/planner.py -n 8 --block-size 4096 --batch-size 8 --microbatches 1     # long context: cp
+    python 06_3d/planner.py -n 8 --block-size 4096 --batch-size 8 --microbatches 1 --cp-mode ulysses
     python 06_3d/planner.py -n 8 --n-embd 1024 --n-experts 64 --top-k 1 --memory-per-rank 8 --at-scale   # ep
     python 06_3d/planner.py -n 1024 --n-layer 96 --n-head 96 --n-embd 12288 --block-size 2048 --vocab-size 50257 \
         --batch-size 1536 --micro-batch-size 1 --memory-per-rank 80 --ranks-per-host 8 --at-scale   # GPT-3 175B
@@ -20,7 +21,8 @@ import argparse
 import itertools
 
 from common.chapters import import_chapter
-from common.config import PRECISIONS, RECOMPUTE, ConfigError, GPTConfig, ParallelConfig, TrainConfig, exit_with
+from common.config import (CP_MODES, PRECISIONS, RECOMPUTE, ConfigError, GPTConfig, ParallelConfig, TrainConfig,
+                           exit_with)
 from common.memory import available_bytes, size
 from common.precision import describe, widths
 
@@ -34,10 +36,10 @@ def divisors(n):
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def layouts(gpt_cfg, train_cfg, world_size, microbatches=None, rows=None, sp=False):
+def layouts(gpt_cfg, train_cfg, world_size, microbatches=None, rows=None, sp=False, cp_mode="ring"):
     """The ParallelConfig of every layout of `world_size` ranks that train.py accepts (grid.check), ZeRO-2/3 only
     where the grid allows them, with `microbatches` per replica or as many as make micro-batches of `rows` rows;
-    `sp`: sequence parallelism where tp > 1."""
+    `sp`: sequence parallelism where tp > 1; `cp_mode`: cp's attention (Ulysses only where cp divides n_head/tp)."""
     for tp, cp, pp in itertools.product(divisors(world_size), repeat=3):
         dp = world_size // (tp * cp * pp)
         if tp * cp * pp * dp != world_size:
@@ -48,7 +50,7 @@ def layouts(gpt_cfg, train_cfg, world_size, microbatches=None, rows=None, sp=Fal
         for zero, ep in itertools.product((0,) if dp * cp == 1 else (0, 1, 2, 3),
                                           divisors(dp) if gpt_cfg.n_experts else (1,)):
             par = ParallelConfig(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, zero_stage=zero, microbatches=M,
-                                 sequence_parallel=sp and tp > 1)
+                                 sequence_parallel=sp and tp > 1, cp_mode=cp_mode)
             try:
                 grid_lib.check(gpt_cfg, train_cfg, par, world_size)
             except ConfigError:
@@ -80,12 +82,12 @@ def tp_inside_host(tp, ranks_per_host):
 
 
 def plan(gpt_cfg, train_cfg, world_size, microbatches=None, ranks_per_host=0, budget=None, rows=None, sp=False,
-         at_scale=False):
+         at_scale=False, cp_mode="ring"):
     """The table (one dict per layout, in preference order) and the recommended row (None if none fits);
     `microbatches` per replica, or as many as make micro-batches of `rows` rows; `sp`: sequence parallelism
-    where tp > 1; `at_scale`: see predict."""
+    where tp > 1; `at_scale`: see predict; `cp_mode`: cp's attention."""
     table = []
-    for par in layouts(gpt_cfg, train_cfg, world_size, microbatches, rows, sp):
+    for par in layouts(gpt_cfg, train_cfg, world_size, microbatches, rows, sp, cp_mode):
         row = {"tp": par.tp, "cp": par.cp, "pp": par.pp, "dp": par.dp, "ep": par.ep, "zero": par.zero_stage,
                "M": par.microbatches,
                **predict(gpt_cfg, train_cfg, par, at_scale)}
@@ -125,6 +127,8 @@ def main(argv=None):
                         help="activations kept for the backward, as train.py's --recompute (default: none)")
     parser.add_argument("--sequence-parallel", action="store_true",
                         help="plan the layouts with tp > 1 with sequence parallelism, as train.py's flag")
+    parser.add_argument("--cp-mode", default="ring", choices=CP_MODES,
+                        help="the layouts with cp > 1 by this attention, as train.py's --cp-mode (default: ring)")
     parser.add_argument("--at-scale", action="store_true",
                         help="leave out the whole model that train.py draws on every rank and gathers to save, as "
                              "a large system that initialises and checkpoints shard by shard does")
@@ -151,7 +155,7 @@ def main(argv=None):
         per_host = args.ranks_per_host or args.n
         budget = args.memory_per_rank * 2 ** 30 or (available / per_host if available else None)
         rows, best = plan(gpt_cfg, train_cfg, args.n, M, args.ranks_per_host, budget, rows_each,
-                          args.sequence_parallel, args.at_scale)
+                          args.sequence_parallel, args.at_scale, args.cp_mode)
         if not rows:
             each = f"--microbatches {M} per replica" if M else f"micro-batches of --micro-batch-size {rows_each}"
             raise ConfigError(f"no tp x pp x dp of {args.n} ranks splits --batch-size {args.batch_size} into "
@@ -161,6 +165,7 @@ def main(argv=None):
     each = f"{M} micro-batches per replica" if M else f"micro-batches of {rows_each} rows"
     print(f"{args.n} ranks, batch {args.batch_size} x {args.block_size} in {each}, {describe(train_cfg)}"
           + (", sequence parallel" if args.sequence_parallel else "")
+          + (", cp by Ulysses" if args.cp_mode == "ulysses" else "")
           + (", initialised and saved shard by shard" if args.at_scale else "")
           + (f"; {size(budget)} of memory per rank" if budget else ""))
     print(f"{'tp':>3} {'cp':>3} {'pp':>3} {'dp':>3} {'ep':>3} {'ZeRO':>4} {'M':>4} {'memory/rank':>12} "
@@ -174,6 +179,7 @@ def main(argv=None):
     if best:
         zero = f" --zero-stage {best['zero']}" if best["zero"] else ""
         cp = f" --cp {best['cp']}" if best["cp"] > 1 else ""
+        cp += " --cp-mode ulysses" if cp and args.cp_mode == "ulysses" else ""
         cp += f" --ep {best['ep']}" if best["ep"] > 1 else ""
         cp += f" --n-experts {args.n_experts} --top-k {args.top_k}" if args.n_experts else ""
         print(f"recommended: mpirun -n {args.n} python 06_3d/train.py --tp {best['tp']}{cp} --pp {best['pp']} "

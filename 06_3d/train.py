@@ -5,6 +5,7 @@
     mpirun -n 4 python 06_3d/train.py --tp 2 --zero-stage 3 --sequence-parallel           # FSDP + TP (pp = 1)
     mpirun -n 4 python 06_3d/train.py --pp 4 --schedule afab --microbatches 8
     mpirun -n 4 python 06_3d/train.py --cp 2 --tp 2 --block-size 256                    # ring attention over cp
+    mpirun -n 4 python 06_3d/train.py --cp 2 --tp 2 --cp-mode ulysses                    # all-to-alls over cp
     mpirun -n 4 python 06_3d/train.py --n-experts 8 --top-k 1 --ep 4                      # 2 experts per rank
     mpirun --hostfile hosts -n 16 python 06_3d/train.py --tp 2 --pp 2 --dp 4             # across machines
 
@@ -40,7 +41,7 @@ zero_lib = import_chapter("04_zero.zero")
 
 
 FLAGS = ("tp", "sequence_parallel", "dp", "dp_mode", "bucket_mb", "check_replicas", "zero_stage", "cp", "cp_split",
-         "ep", "pp", "microbatches", "schedule", "virtual_stages", *NETWORK_FLAGS, *EXPERTS)
+         "cp_mode", "ep", "pp", "microbatches", "schedule", "virtual_stages", *NETWORK_FLAGS, *EXPERTS)
 
 
 def setup(argv, world_size):
@@ -66,9 +67,10 @@ def memory_estimate(gpt_cfg, train_cfg, par, rank):
     return estimate(gpt_cfg, w, params=shard + module if par.zero_stage == 3 else n,
                     grads=shard + bucket if par.zero_stage > 1 else n, optimizer=shard if par.zero_stage else n,
                     rows=rows, blocks=None, tp_size=par.tp, sp=par.sequence_parallel, cp_size=par.cp,
-                    recompute=train_cfg.recompute,
+                    recompute=train_cfg.recompute, cp_mode=par.cp_mode,
                     activations=pipe.activation_formula(gpt_cfg, rows, w.activations, par, stage,
-                                                        train_cfg.recompute, par.tp, par.sequence_parallel, par.cp),
+                                                        train_cfg.recompute, par.tp, par.sequence_parallel, par.cp,
+                                                        par.cp_mode),
                     whole=grid_lib.local_layout(gpt_cfg, 0, 1, 1).size)
 
 
@@ -190,7 +192,7 @@ def main(argv=None):
     train(state, tokens, val_tokens, train_step, evaluate, budget, threads=comm.host.threads, comm=comm,
           before_step=before_step, after_step=lambda step, first: after_step(state, step, first),
           banner=f"{parameters(gpt_cfg, gpt_layout(gpt_cfg).size)} on a grid of tp {par.tp} x cp {par.cp}"
-                 f"{f' ({par.cp_split})' if par.cp > 1 else ''} x pp {par.pp} x dp {par.dp}"
+                 f"{f' ({par.cp_mode}, {par.cp_split})' if par.cp > 1 else ''} x pp {par.pp} x dp {par.dp}"
                  f"{' (sequence parallel)' if par.sequence_parallel else ''}{zero}"
                  f"{f', experts over ep {par.ep}' if par.ep > 1 else ''}, {describe(train_cfg)}, batch "
                  f"{train_cfg.batch_size} x {gpt_cfg.block_size} tokens, {par.microbatches} micro-batches per "

@@ -4,11 +4,13 @@ parallelism, computes what single core computes.
     mpirun -n 8 python 06_3d/verify.py            # every (tp, cp, pp, dp) of 8 ranks; any -n has (1, 1, 1, n)
     mpirun -n 8 python 06_3d/verify.py --tp 2 --pp 2 --dp 2
     mpirun -n 4 python 06_3d/verify.py --cp 4     # context parallelism alone
+    mpirun -n 4 python 06_3d/verify.py --cp-mode ulysses     # the layouts with cp > 1, by Ulysses only
 
 For each layout (tp x pp x dp = the number of ranks, tp dividing the 4 heads, pp at most the 4 layers), and
 each of plain, --sequence-parallel (tp > 1), --zero-stage 1 (dp > 1; with pp = 1 also 2 and 3) and SP with each
-stage; and for each layout with cp = 2 or 4 as well (tp x cp x pp x dp ranks), once, with SP, ZeRO and the
-zig-zag or contiguous split taken in turn; with the pipeline schedules taken in turn (interleaved over 2
+stage; and for each layout with cp = 2 or 4 as well (tp x cp x pp x dp ranks), once by ring attention, and once
+by Ulysses where cp divides the 4/tp heads of a tp rank, with SP, ZeRO and the zig-zag or contiguous split taken
+in turn (a cycle for each); with the pipeline schedules taken in turn (interleaved over 2
 chunks where the layers allow, zb-h1, 1f1b, afab; zb-h1 not with ZeRO-2/3) and --recompute none, full and
 selective taken in turn likewise, the
 real train_step of 06_3d/train.py and the single-core train_step of chapter 01 (recomputing nothing) take the
@@ -16,9 +18,9 @@ same AdamW steps on the same batches from the same weights, in float64. Rows: th
 parameter tensor, and Adam's m and v of each, after the steps, consolidated from the grid (one row naming the
 worst tensor); every rank's bytes per axis (tp, cp, pp, ends, dp) in one step against grid.ledger_formula; and
 whether every rank's caches held at their peak the bytes of activations the formula gives (train.py's
-memory_estimate). Then the first step of the two layouts that split the model most, in bf16 mixed precision with
-1f1b, against single-core bf16: the loss, and Adam's m (the first gradient) within the tolerance derived from
-bf16's unit roundoff (chapter 01's README).
+memory_estimate). Then the first step of the two layouts that split the model most, and of the Ulysses run that
+does, in bf16 mixed precision, against single-core bf16: the loss, and Adam's m (the first gradient) within the
+tolerance derived from bf16's unit roundoff (chapter 01's README).
 """
 import itertools
 from dataclasses import replace
@@ -29,7 +31,7 @@ from common.checks import Report, named
 from common.chapters import import_chapter
 from common.checkpoint import STATE
 from common.comm import checked, world
-from common.config import ConfigError, GPTConfig, Parser, ParallelConfig, TrainConfig
+from common.config import CP_MODES, ConfigError, GPTConfig, Parser, ParallelConfig, TrainConfig
 from common.precision import widths
 
 ref_lib = import_chapter("01_single_core.verify")
@@ -49,6 +51,12 @@ def grids(tp=None, pp=None):
             if GPT.n_head % t == 0 and tp in (None, t) and pp in (None, p)]
 
 
+def takes(tp, cp, mode):
+    """Whether a layout of tp and cp ranks runs cp's attention `mode`: any cp > 1 the ring, Ulysses where cp
+    divides the tp rank's heads."""
+    return cp > 1 and (mode == "ring" or (GPT.n_head // tp) % cp == 0)
+
+
 def setup(argv, world_size):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="AdamW steps both models take (default: 3)")
@@ -56,6 +64,8 @@ def setup(argv, world_size):
         parser.add_argument(f"--{axis}", type=int, help="only layouts with this size (default: all; --ep: only the "
                             "mixture of experts' runs)" if axis == "ep" else "only layouts with this size (default: "
                             "all)")
+    parser.add_argument("--cp-mode", choices=CP_MODES, help="only the runs with cp > 1 of this attention (default: "
+                        "every run)")
     args = parser.parse_args(argv)
     args.experts = expert_runs(world_size, args)
     if args.ep is not None:
@@ -75,16 +85,25 @@ def setup(argv, world_size):
                           f"at most {GPT.n_layer}")
     if args.cp is not None and args.cp not in CP_SIZES:
         raise ConfigError(f"--cp {args.cp}: the 8 positions split into 2 cp equal chunks for cp in {CP_SIZES}")
-    pairs = [(t, p, c) for t, p in grids(args.tp, args.pp) for c in CP_SIZES if args.cp in (None, c)]
+    pairs = [(t, p, c) for t, p in grids(args.tp, args.pp) for c in CP_SIZES if args.cp in (None, c)
+             and (args.cp_mode is None or takes(t, c, args.cp_mode))]
+    if not pairs:                               # --cp-mode with a --tp or --cp it cannot take
+        able = sorted({(t, c) for t, _ in grids() for c in CP_SIZES if takes(t, c, args.cp_mode)})
+        raise ConfigError(f"--cp-mode {args.cp_mode} needs cp > 1"
+                          + (f" dividing the {GPT.n_head}/tp heads of a tp rank" if args.cp_mode == "ulysses" else "")
+                          + f", which {' '.join(f'--{axis} {size}' for axis, size in given.items())} excludes; "
+                          f"choose (--tp, --cp) among {able}")
     args.layouts = [(t, c, p, world_size // (t * p * c)) for t, p, c in pairs
                     if world_size % (t * p * c) == 0 and args.dp in (None, world_size // (t * p * c))]
-    if not args.layouts:                        # name the -n that would fit, without cp unless --cp says
-        pairs = [(t, p, c) for t, p, c in pairs if c == (args.cp or 1)]
+    if not args.layouts:                        # name the -n that would fit, without cp unless --cp or --cp-mode says
+        pairs = [(t, p, c) for t, p, c in pairs if c == (args.cp or min(c for _, _, c in pairs))]
         sizes = sorted({t * p * c * args.dp for t, p, c in pairs}) if args.dp else []
         fits = (f"with a multiple of {min(t * p * c for t, p, c in pairs)}" if not sizes else
                 f"{sizes[0]}" if len(sizes) == 1 else f"with one of {sizes}")
-        raise ConfigError(f"{' '.join(f'--{axis} {size}' for axis, size in given.items())} fits no tp x cp x pp x dp "
-                          f"of {world_size} ranks (pp at most {GPT.n_layer}); run mpirun -n {fits}")
+        asked = [f"--{axis} {size}" for axis, size in given.items()]
+        asked += [f"--cp-mode {args.cp_mode}"] if args.cp_mode else []
+        raise ConfigError(f"{' '.join(asked)} fits no tp x cp x pp x dp of {world_size} ranks (pp at most "
+                          f"{GPT.n_layer}); run mpirun -n {fits}")
     return args
 
 
@@ -101,7 +120,7 @@ def expert_runs(world_size, args):
             if world_size % (t * p) == 0 and (world_size // (t * p)) % e == 0]
     asked = dict(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep)
     return [run for run in runs if all(size in (None, got) for size, got in zip(asked.values(), run))
-            and args.cp in (None, 1)]
+            and args.cp in (None, 1) and args.cp_mode is None]
 
 
 def variants(tp, cp, pp, dp):
@@ -111,18 +130,24 @@ def variants(tp, cp, pp, dp):
     return [(sp, z) for sp in ((False, True) if tp > 1 else (False,)) for z in stages]
 
 
-def runs_of(layouts):
-    """Every (layout, (sequence_parallel, zero_stage, cp split)) run: each variant of a layout without cp; one
-    of a layout with cp > 1, the variants and the two splits taken in turn."""
-    runs, cycle, splits = [], [], ["zigzag", "contiguous"]
-    for layout in layouts:
-        if layout[1] == 1:                     # cp
-            runs += [(layout, (sp, z, "zigzag")) for sp, z in variants(*layout)]
-            continue
-        options = variants(*layout)
-        cycle += [v for v in options if v not in cycle]
-        sp, z = next_fitting(cycle, lambda v: v in options)
-        runs.append((layout, (sp, z, next_fitting(splits, lambda s: True))))
+def runs_of(layouts, modes=CP_MODES):
+    """Every (layout, (sequence_parallel, zero_stage, cp split, cp mode)) run: each variant of a layout without
+    cp; one of a layout with cp > 1 for each of `modes` it takes, the variants and the two splits taken in turn,
+    in a cycle of each mode's own. The ring's runs (and those without cp) first, in layout order, then Ulysses's,
+    whose cycle starts with every variant, SP and the last ZeRO stages first, so that its fewer layouts meet them."""
+    runs = []
+    for mode in modes:
+        cycle, splits = [] if mode == "ring" else variants(2, 1, 1, 2)[::-1], ["zigzag", "contiguous"]
+        for layout in layouts:
+            tp, cp = layout[:2]
+            if cp == 1 and mode == modes[0]:
+                runs += [(layout, (sp, z, "zigzag", mode)) for sp, z in variants(*layout)]
+            if not takes(tp, cp, mode):
+                continue
+            options = variants(*layout)
+            cycle += [v for v in options if v not in cycle]
+            sp, z = next_fitting(cycle, lambda v: v in options)
+            runs.append((layout, (sp, z, next_fitting(splits, lambda s: True), mode)))
     return runs
 
 
@@ -141,7 +166,7 @@ def schedules(runs):
     cycles = {True: ["interleaved", "zb-h1", "1f1b", "afab"], False: ["1f1b", "afab", "zb-h1"]}
     modes = ["none", "full", "selective"]
     out = []
-    for (_, _, pp, _), (_, zero, _) in runs:
+    for (_, _, pp, _), (_, zero, _, _) in runs:
         kind = next_fitting(cycles[pp > 1], lambda k: (k != "interleaved" or (2 * pp <= GPT.n_layer and 2 % pp == 0))
                             and (k != "zb-h1" or zero < 2))
         recompute = next_fitting(modes, lambda mode: kind != "zb-h1" or mode != "full")
@@ -161,25 +186,29 @@ def main(argv=None):
     # dp x 2 micro-batches
     train_cfg = TrainConfig(batch_size=2 * comm.size, dtype="float64", learning_rate=1e-2, seed=0)
     report, show = Report(TOL, width=72, detail=25), comm.rank == 0
-    runs = runs_of(args.layouts)
+    runs = runs_of(args.layouts, (args.cp_mode,) if args.cp_mode else CP_MODES)
     if runs:
         batches, start, ref_losses, ref_params, ref_opt, _ = reference(GPT, train_cfg, args.steps)
         ref = np.concatenate([ref_params, ref_opt.m, ref_opt.v])
-    for ((tp, cp, pp, dp), (sp, zero, split)), (schedule, virtual, recompute) in zip(runs, schedules(runs)):
-        label = (f"({tp},{cp},{pp},{dp}){' contiguous' if split != 'zigzag' else ''}"
-                 f"{' sp' if sp else ''}{f' z{zero}' if zero else ''} {schedule}"
-                 f"{f' {recompute}' if recompute != 'none' else ''}:")
-        par = ParallelConfig(tp=tp, pp=pp, dp=dp, cp=cp, cp_split=split, sequence_parallel=sp, zero_stage=zero,
-                             microbatches=2, schedule=schedule, virtual_stages=virtual, bucket_mb=0.005)
+    for ((tp, cp, pp, dp), (sp, zero, split, mode)), (schedule, virtual, recompute) in zip(runs, schedules(runs)):
+        label = (f"({tp},{cp},{pp},{dp}){' ulysses' if mode == 'ulysses' else ''}"
+                 f"{' contiguous' if split != 'zigzag' else ''}{' sp' if sp else ''}{f' z{zero}' if zero else ''} "
+                 f"{schedule}{f' {recompute}' if recompute != 'none' else ''}:")
+        par = ParallelConfig(tp=tp, pp=pp, dp=dp, cp=cp, cp_split=split, cp_mode=mode, sequence_parallel=sp,
+                             zero_stage=zero, microbatches=2, schedule=schedule, virtual_stages=virtual,
+                             bucket_mb=0.005)
         run_cfg = replace(train_cfg, recompute=recompute)
         compare_run(report, label, GPT, run_cfg, par, comm, (batches, start, ref_losses, ref), show)
     mixed_cfg = replace(ref_lib.mixed(train_cfg), grad_clip=0.0)     # so that m is (1 - beta1) x the gradient
     if runs:
         one = reference(GPT, mixed_cfg, 1)
         most = sorted(runs, key=lambda run: -sum(n > 1 for n in run[0][:3]))    # the layouts splitting the model most
-        for i, ((tp, cp, pp, dp), (sp, zero, split)) in enumerate(most[:2]):
-            par = ParallelConfig(tp=tp, pp=pp, dp=dp, cp=cp, cp_split=split, sequence_parallel=sp, zero_stage=zero,
-                                 microbatches=2, schedule="zb-h1" if i and zero < 2 else "1f1b", bucket_mb=0.005)
+        picked = ([run for run in most if run[1][3] != "ulysses"][:2]     # (without cp, or by the ring)
+                  + [run for run in most if run[1][3] == "ulysses"][:1])
+        for i, ((tp, cp, pp, dp), (sp, zero, split, mode)) in enumerate(picked):
+            par = ParallelConfig(tp=tp, pp=pp, dp=dp, cp=cp, cp_split=split, cp_mode=mode, sequence_parallel=sp,
+                                 zero_stage=zero, microbatches=2, schedule="zb-h1" if i and zero < 2 else "1f1b",
+                                 bucket_mb=0.005)
             mixed_step(report, GPT, mixed_cfg, one, par, comm, show)
     if args.experts:                    # a mixture of experts, its experts split over ep of the dp ranks
         batches, start, ref_losses, ref_params, ref_opt, _ = reference(EXPERTS, train_cfg, args.steps)
@@ -246,7 +275,8 @@ def mixed_step(report, gpt_cfg, train_cfg, one, par, comm, show):
     wte's once more when its halves are summed over the pipeline's ends, and under zb-h1 the deferred weight
     gradients' operands once more, stored in 16 bits."""
     label = (f"{train_cfg.precision}{' experts' if gpt_cfg.n_experts else ''} ({par.tp},{par.cp},{par.pp},{par.dp})"
-             f"{f' ep {par.ep}' if par.ep > 1 else ''}{' sp' if par.sequence_parallel else ''}"
+             f"{' ulysses' if par.cp_mode == 'ulysses' else ''}{f' ep {par.ep}' if par.ep > 1 else ''}"
+             f"{' sp' if par.sequence_parallel else ''}"
              f"{f' z{par.zero_stage}' if par.zero_stage else ''} {par.schedule}:")
     grid = grid_lib.Grid.build(comm, par.tp, par.cp, par.pp, par.dp, par.ep)
     state = grid_lib.State(gpt_cfg, train_cfg, par, grid, one.start)

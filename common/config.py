@@ -34,6 +34,7 @@ def option(default, help, choices=None, group=None):
 
 
 RECOMPUTE = ("none", "selective", "full")                                # common/model.py's gpt_forward
+CP_MODES = ("ring", "ulysses")                                           # context parallelism's attention
 PRECISIONS = ("fp32", "bf16", "fp16")                                    # common/precision.py
 
 
@@ -157,10 +158,13 @@ class ParallelConfig:
                                  "(0: never)")
     zero_stage: int = option(0, "ZeRO shards the optimizer state (1), also the gradients (2), also the "
                              "parameters (3)", (0, 1, 2, 3))
-    cp: int = option(1, "context-parallel ranks, each holding 1/cp of the sequence's positions, attention by ring "
-                     "attention")
+    cp: int = option(1, "context-parallel ranks, each holding 1/cp of the sequence's positions, attention included "
+                     "(--cp-mode)")
     cp_split: str = option("zigzag", "with --cp: each rank holds chunks r and 2 cp - 1 - r of 2 cp (equal causal "
                            "work), or chunk r of cp")
+    cp_mode: str = option("ring", "with --cp: attention by ring attention (keys and values passed round the cp "
+                          "ranks), or by DeepSpeed-Ulysses (all-to-alls trade the sequence split for a split of the "
+                          "heads around attention; --cp must divide n_head/tp)", CP_MODES)
     ep: int = option(1, "expert-parallel ranks, taken from the data-parallel ones: each holds 1/ep of every "
                      "block's experts (--n-experts), tokens reaching them by all-to-all")
     pp: int = option(1, "pipeline stages, each holding consecutive blocks")
@@ -203,6 +207,8 @@ class ParallelConfig:
         if self.virtual_stages > 1 and self.schedule != "interleaved":
             raise ConfigError(f"--virtual-stages {self.virtual_stages} needs --schedule interleaved (the "
                               f"{self.schedule} schedule runs one chunk per rank)")
+        if self.cp_mode not in CP_MODES:
+            raise ConfigError(f"--cp-mode must be one of {', '.join(CP_MODES)}, got {self.cp_mode!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.network not in ("off", *NETWORKS):

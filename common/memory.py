@@ -46,7 +46,7 @@ MiB, GiB = 2 ** 20, 2 ** 30
 
 
 def activation_bytes(gpt_cfg, rows, blocks, first=True, last=True, tp_size=1, sp=False, itemsize=4,
-                     recompute="none", cp_size=1, dispatched=None, ep_size=1):
+                     recompute="none", cp_size=1, cp_mode="ring", dispatched=None, ep_size=1):
     """Bytes the forward of one micro-batch of `rows` keeps for its backward: the caches of `blocks` blocks
     (and of the head if `last`), as common/model.py builds them, on one of `tp_size` tensor-parallel and
     `cp_size` context-parallel ranks; the floating-point arrays, as the token ids are the batch's. With Tq = T/cp
@@ -57,7 +57,7 @@ def activation_bytes(gpt_cfg, rows, blocks, first=True, last=True, tp_size=1, sp
                    16 Tq C / tp  the split parts: qkv (3C), the attention output (C), c_fc's output, GELU's
                                  tanh and output (3 x 4C)
                    nh T T / tp   the attention probabilities (with cp > 1 none: ring attention keeps their
-                                 log-sum-exp, nh Tq / tp)
+                                 log-sum-exp, nh Tq / tp; Ulysses those of its nh / (tp cp) heads, nh T T / (tp cp))
         selective  the same without the probabilities, recomputed in the backward
         full       Tl C     the block's input alone
     and the head's: ln_f xhat (Tl C) and rstd (Tl), its output (Tl C), the probabilities (Tq V / tp, padded).
@@ -71,8 +71,9 @@ def activation_bytes(gpt_cfg, rows, blocks, first=True, last=True, tp_size=1, sp
     t, E = tp_size, gpt_cfg.n_experts
     Tq = T // cp_size
     Tl = Tq // t if sp else Tq
-    scores = nh * T * T // t if cp_size == 1 else 0
-    whole = 4 * Tl * C + 2 * Tl + 16 * Tq * C // t + (scores or nh * Tq // t)
+    ring = cp_size > 1 and cp_mode == "ring"
+    scores = 0 if ring else nh * T * T // (t * cp_size)
+    whole = 4 * Tl * C + 2 * Tl + 16 * Tq * C // t + (nh * Tq // t if ring else scores)
     if E and recompute != "full":
         k, most = gpt_cfg.top_k, E * capacity(T, gpt_cfg)
         if dispatched is None:
@@ -87,14 +88,14 @@ def activation_bytes(gpt_cfg, rows, blocks, first=True, last=True, tp_size=1, sp
     return (rows * (blocks * block + head) + extra) * itemsize
 
 
-def recompute_bytes(gpt_cfg, rows, tp_size=1, sp=False, itemsize=4, recompute="none", cp_size=1):
+def recompute_bytes(gpt_cfg, rows, tp_size=1, sp=False, itemsize=4, recompute="none", cp_size=1, cp_mode="ring"):
     """What full recomputation holds beside the kept inputs: one block's whole cache of one micro-batch, which
     the backward rebuilds (and the forward makes and drops) one block at a time; 0 otherwise. A working set, not
     a kept cache, so it is estimated apart from the activations the caches are measured to hold."""
     if recompute != "full":
         return 0
     return activation_bytes(gpt_cfg, rows, 1, last=False, tp_size=tp_size, sp=sp, itemsize=itemsize,
-                            cp_size=cp_size)
+                            cp_size=cp_size, cp_mode=cp_mode)
 
 
 def temporary_bytes(gpt_cfg, rows, tp_size=1, itemsize=4):
@@ -112,7 +113,7 @@ def temporary_bytes(gpt_cfg, rows, tp_size=1, itemsize=4):
 
 
 def estimate(gpt_cfg, widths, *, params, grads, optimizer, rows, blocks, first=True, last=True, tp_size=1,
-             sp=False, recompute="none", activations=None, whole=None, cp_size=1):
+             sp=False, recompute="none", activations=None, whole=None, cp_size=1, cp_mode="ring"):
     """{kind: bytes} one rank will hold at its peak: `params`, `grads` and `optimizer` are element counts
     (AdamW keeps m, v and a work array of `optimizer` elements, in mixed precision also the float32 master and
     gradient), `widths` their bytes per element (common.precision.widths); one micro-batch of `rows` rows at a time
@@ -127,7 +128,7 @@ def estimate(gpt_cfg, widths, *, params, grads, optimizer, rows, blocks, first=T
     whole = whole or params
     return {"parameters": params * widths.weights, "gradients": grads * widths.grads,
             "optimizer": optimizer * (widths.state + widths.scratch), "activations": activations,
-            "recomputation": recompute_bytes(gpt_cfg, rows, tp_size, sp, act, recompute, cp_size),
+            "recomputation": recompute_bytes(gpt_cfg, rows, tp_size, sp, act, recompute, cp_size, cp_mode),
             "temporaries": temporary_bytes(gpt_cfg, rows, tp_size, e),
             "initialisation": whole * e if params < whole else 0,
             "checkpoint": 3 * whole * e if optimizer < whole else 0}

@@ -47,6 +47,16 @@ def test_the_predicted_bytes_model_state_and_activations_are_what_a_real_run_mea
                                       for k in range(4))
 
 
+def test_planning_ulysses_keeps_the_layouts_whose_cp_divides_a_tp_rank_s_heads_and_counts_its_all_to_alls():
+    rows, _ = planner.plan(GPT, TrainConfig(batch_size=16), 8, 2, cp_mode="ulysses")
+    split = {(r["tp"], r["cp"]) for r in rows if r["cp"] > 1}
+    assert split == {(1, 2), (1, 4), (2, 2)}                           # 4 heads: cp divides 4 / tp
+    for r in rows:
+        want = grid_lib.cp_lib.comm_formula(GPT, 16 // (r["dp"] * 2), 4, r["cp"], r["tp"], blocks=4 // r["pp"],
+                                            microbatches=2, mode="ulysses")
+        assert r["axes"]["cp"] == sum(want.values()), r
+
+
 def test_every_layout_the_grid_accepts_is_planned_and_a_fitting_one_recommended():
     rows, best = planner.plan(GPT, TrainConfig(batch_size=16), 8, 2, ranks_per_host=4, budget=2 ** 40)
     got = {(r["tp"], r["pp"], r["dp"]) for r in rows if r["cp"] == 1}
