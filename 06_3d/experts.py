@@ -96,6 +96,31 @@ class ExpertParallel:
         return self.exchange(back, rows_in, rows_out)
 
 
+def alltoall(blocks):
+    """MPI's all-to-all among len(blocks) ranks in one process: blocks[r][s] is what rank r sends rank s, and
+    rank r receives [blocks[s][r] for every s], the transpose of the matrix of blocks."""
+    return [[blocks[s][r] for s in range(len(blocks))] for r in range(len(blocks))]
+
+
+def simulate(xs, counts, w):
+    """ExpertParallel's forward for every ep rank in one process, each all-to-all a transpose (alltoall): xs[r]
+    are rank r's rows sorted by expert, counts[r] its rows per expert of the model, `w` every expert's stacks (by
+    EXPERT name). Returns each rank's outputs, row for row."""
+    P, E = len(xs), len(counts[0])
+    owners = [owned(E, P, o) for o in range(P)]
+    sent = alltoall([[c[mine] for mine in owners] for c in counts])             # sent[o][s]: s's rows per expert
+    rows = alltoall([np.split(x, np.cumsum([c[mine].sum() for mine in owners])[:-1]) for x, c in zip(xs, counts)])
+    back = []
+    for o, mine in enumerate(owners):
+        got = np.array(sent[o])
+        order = by_expert(got)
+        ys, _ = experts_forward(np.concatenate(rows[o])[order], got.sum(axis=0), {k: v[mine] for k, v in w.items()})
+        out = np.empty_like(ys)
+        out[order] = ys
+        back.append(np.split(out, np.cumsum(got.sum(axis=1))[:-1]))
+    return [np.concatenate(blocks) for blocks in alltoall(back)]
+
+
 def rows_moved(kept, rank, ep_size):
     """(n, m) of ep rank `rank` for one block and micro-batch, from every ep rank's Routing.kept (rows per expert
     they computed): the rows it sends, and the rows of every rank its experts receive."""

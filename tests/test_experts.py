@@ -181,3 +181,21 @@ def test_the_verify_of_experts_drops_assignments_over_capacity():
     x, y = run.batches[0]
     _, _, cache = gpt_forward(gpt_layout(verify.EXPERTS).views(run.start), x, y, verify.EXPERTS)
     assert sum(int(r.chosen.sum() - r.kept.sum()) for r in map(routing, cache[1])) > 0
+
+
+def test_the_all_to_all_is_a_transpose_and_experts_simulated_over_ranks_compute_what_one_process_does():
+    from common.model import block_shapes
+    from common.moe import experts_forward, local, route
+    assert ep_lib.alltoall([["00", "01"], ["10", "11"]]) == [["00", "10"], ["01", "11"]]
+    cfg = GPTConfig(n_embd=8, n_head=2, block_size=6, n_experts=4, top_k=2, capacity_factor=1.0)
+    rng = np.random.default_rng(0)
+    w = local({name: rng.normal(0.0, 0.5, shape) for name, shape in block_shapes(8, 4) if name.startswith("mlp.")})
+    h, wr = rng.normal(size=(8, 6, 8)), rng.normal(size=(8, 4))
+    for P in (2, 4):
+        xs, counts = [], []
+        for rows in np.split(h, P):                 # each rank routes its own rows
+            _, dispatch, _, _ = route(rows, wr, cfg)
+            xs.append(rows.reshape(-1, 8)[dispatch.tokens])
+            counts.append(dispatch.counts)
+        for got, x, c in zip(ep_lib.simulate(xs, counts, w), xs, counts):
+            assert np.array_equal(got, experts_forward(x, c, w)[0])
