@@ -10,7 +10,8 @@ and bubble, the bytes on each 3D axis, every layout of 4 ranks and context paral
 data-parallel modes and one step's overlap on a simulated network) and its bug from bench/gallery.py, replayed
 beside the correct run, with verify.py's verdict (figures/gallery.json). Chapter 01's mixed-precision figure is
 redrawn from 01_single_core/figures/precision.json, which `python bench/precision.py` writes from its four
-2000-step runs (about 20 minutes).
+2000-step runs (about 20 minutes), and its experts' figure from experts.json, which `python bench/experts.py`
+writes likewise.
 """
 import argparse
 import json
@@ -292,6 +293,9 @@ def main(argv=None):
         precision = import_chapter("bench.precision")         # its 2000-step runs take ~20 minutes: drawn from
         precision.draw(json.loads(precision.RECORD.read_text()),     # the record bench/precision.py keeps
                        args.out_root / "01_single_core" / "figures" / "precision.png")
+        experts = import_chapter("bench.experts")             # likewise bench/experts.py's four runs
+        experts.draw(json.loads(experts.RECORD.read_text()),
+                     args.out_root / "01_single_core" / "figures" / "experts.png")
         context_figure(args.out_root, work, block_size=256 if quick else 1024, sizes=(1, 2) if quick else (1, 2, 4))
         network_modes(args.out_root, args.steps)
     for path in sorted(args.out_root.glob("**/figures/*.png")):

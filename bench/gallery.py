@@ -73,8 +73,8 @@ BUGS = {
         "sum of the M micro-batches' gradients, M times the mean's; clipping and Adam's epsilon hide most of it",
         "pipe = import_chapter('05_pipeline.pipeline')\n"
         "backward = pipe.stage_backward\n"
-        "pipe.stage_backward = lambda cache, p, g, dout, *args: backward(\n"
-        "    cache, p, g, 1.0 if isinstance(dout, float) else dout, *args)          # dloss 1, not 1/M"),
+        "pipe.stage_backward = lambda cache, p, g, dout, *args, **kw: backward(\n"
+        "    cache, p, g, 1.0 if isinstance(dout, float) else dout, *args, **kw)    # dloss 1, not 1/M"),
     "06_3d": Bug(
         "NVIDIA/Megatron-LM#656", "LM head weights get untied while training",
         "the first stage's embedding and the last stage's LM head are one tied matrix, wte; each end holds a "
