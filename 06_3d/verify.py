@@ -110,7 +110,7 @@ def setup(argv, world_size):
 EXPERTS = replace(GPT, n_experts=4, top_k=2, capacity_factor=1.0)      # 4 of a sequence's 16 choices per expert
 # (tp, pp, ep, schedule, --recompute) of the mixture of experts' runs, dp the ranks left, which ep must divide
 EXPERT_RUNS = [(1, 1, 2, "1f1b", "none"), (1, 1, 4, "1f1b", "selective"), (2, 1, 2, "1f1b", "full"),
-               (1, 2, 2, "zb-h1", "none"), (2, 2, 2, "afab", "none")]
+               (1, 2, 2, "zb-h1", "none"), (1, 2, 2, "interleaved", "selective"), (2, 2, 2, "afab", "none")]
 
 
 def expert_runs(world_size, args):
@@ -214,7 +214,8 @@ def main(argv=None):
         batches, start, ref_losses, ref_params, ref_opt, _ = reference(EXPERTS, train_cfg, args.steps)
         ref = np.concatenate([ref_params, ref_opt.m, ref_opt.v])
         for tp, pp, dp, ep, schedule, recompute in args.experts:
-            par = ParallelConfig(tp=tp, pp=pp, dp=dp, ep=ep, microbatches=2, schedule=schedule, bucket_mb=0.005)
+            par = ParallelConfig(tp=tp, pp=pp, dp=dp, ep=ep, microbatches=2, schedule=schedule, bucket_mb=0.005,
+                                 virtual_stages=2 if schedule == "interleaved" else 1)
             label = f"experts ({tp},1,{pp},{dp}) ep {ep} {schedule}{f' {recompute}' if recompute != 'none' else ''}:"
             compare_run(report, label, EXPERTS, replace(train_cfg, recompute=recompute), par, comm,
                         (batches, start, ref_losses, ref), show)
