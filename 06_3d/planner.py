@@ -168,13 +168,15 @@ def main(argv=None):
           + (", cp by Ulysses" if args.cp_mode == "ulysses" else "")
           + (", initialised and saved shard by shard" if args.at_scale else "")
           + (f"; {size(budget)} of memory per rank" if budget else ""))
-    print(f"{'tp':>3} {'cp':>3} {'pp':>3} {'dp':>3} {'ep':>3} {'ZeRO':>4} {'M':>4} {'memory/rank':>12} "
-          + " ".join(f"{a + ' MiB':>8}" for a in AXES) + f" {'bubble':>7}  note")
+    axes = AXES if args.n_experts else AXES[:-2]                 # ep and edp where there are experts
+    ep = (lambda r: f" {r['ep']:>3}") if args.n_experts else (lambda r: "")
+    print(f"{'tp':>3} {'cp':>3} {'pp':>3} {'dp':>3}{ep({'ep': 'ep'})} {'ZeRO':>4} {'M':>4} {'memory/rank':>12} "
+          + " ".join(f"{a + ' MiB':>8}" for a in axes) + f" {'bubble':>7}  note")
     for r in rows:
         note = "does not fit" if not r["fits"] else "" if r["tp_inside"] else "tp crosses hosts"
         note += "  <- recommended" if r is best else ""
-        print(f"{r['tp']:>3} {r['cp']:>3} {r['pp']:>3} {r['dp']:>3} {r['ep']:>3} {r['zero']:>4} {r['M']:>4} "
-              f"{size(r['memory']):>12} " + " ".join(f"{mib(r['axes'][a]):>8}" for a in AXES)
+        print(f"{r['tp']:>3} {r['cp']:>3} {r['pp']:>3} {r['dp']:>3}{ep(r)} {r['zero']:>4} {r['M']:>4} "
+              f"{size(r['memory']):>12} " + " ".join(f"{mib(r['axes'][a]):>8}" for a in axes)
               + f" {r['bubble']:>7.2f}  {note}")
     if best:
         zero = f" --zero-stage {best['zero']}" if best["zero"] else ""
