@@ -183,7 +183,6 @@ def summary(routings):
             "expert_load": [r.kept.tolist() for r in routings]}
 
 
-
 def parameters(gpt_cfg, n):
     """A model's `n` parameters in words; with experts, also how many a token meets (the active parameters)."""
     if not gpt_cfg.n_experts:
