@@ -95,9 +95,10 @@ class Zero:
     common.driver): `forward_hook`/`backward_hook` gather weights (stage 3) and create gradient buckets
     (stages 2-3) into the dicts `p` and `g`; `ready` reduce-scatters the buckets the backward has finished.
     The same zero_grad/ready/finish/step protocol as chapter 03's GradSync; stages 2-3 have no full gradient
-    to accumulate micro-batches in, so every micro-batch's backward communicates (`every_microbatch`)."""
+    to accumulate micro-batches in, so every micro-batch's backward communicates (`every_microbatch`). Stage 1
+    accumulates in `grads`, if given (a part of a larger gradient: chapter 06's experts), else in its own."""
 
-    def __init__(self, stage, layout, modules, full_params, dp, bucket_mb, grad_dtype=None):
+    def __init__(self, stage, layout, modules, full_params, dp, bucket_mb, grad_dtype=None, grads=None):
         self.stage, self.layout, self.modules, self.dp = stage, layout, modules, dp
         self.bounds = shard_bounds(layout.size, dp.size)
         self.lo, self.hi = self.bounds[dp.rank], self.bounds[dp.rank + 1]
@@ -111,7 +112,7 @@ class Zero:
             self.pshard = full_params[self.lo:self.hi].copy()       # the rest of full_params is dropped
             self.p = {}                                             # filled part by part, just in time
         if stage == 1:
-            self.grads = np.zeros(layout.size, self.grad_dtype)
+            self.grads = np.zeros(layout.size, self.grad_dtype) if grads is None else grads
             self.g = layout.views(self.grads)
             self.gshard = self.grads[self.lo:self.hi]
         else:

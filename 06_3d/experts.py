@@ -165,3 +165,63 @@ class Split:
     def finish(self):
         self.dense.finish()
         self.experts.finish()
+
+
+class SplitZero:
+    """ZeRO-1 on a gradient of two parts: `dense`'s (a chapter 04 Zero over dp x cp) and `experts`' (over edp), each
+    reduce-scattering and all-gathering its own part. AdamW steps this rank's two shards as one array, `pshard`
+    (a copy, `cut` elements of the dense shard first), which `push` copies back and `pull` refreshes."""
+    every_microbatch, stage = False, 1
+
+    def __init__(self, dense, experts, grads):
+        self.dense, self.experts, self.grads = dense, experts, grads
+        self.cut = dense.hi - dense.lo
+        self.p, self.g = {**dense.p, **experts.p}, {**dense.g, **experts.g}
+        self.pshard = np.concatenate([dense.pshard, experts.pshard])
+        self.gshard = np.zeros(self.pshard.size, grads.dtype)
+
+    def shard_of(self, flat):
+        """This rank's two shards, concatenated, of a flat buffer of its whole layout (dense part first)."""
+        n = self.dense.layout.size
+        return np.concatenate([flat[:n][self.dense.lo:self.dense.hi], flat[n:][self.experts.lo:self.experts.hi]])
+
+    def zero_grad(self):
+        self.grads.fill(0)
+
+    def forward_hook(self, part):
+        return self.dense.forward_hook(part)
+
+    def backward_hook(self, part):
+        return self.dense.backward_hook(part)
+
+    def ready(self, name):
+        self.dense.ready(name)
+
+    def finish(self):
+        self.dense.finish()
+        self.experts.finish()
+
+    def step(self, opt, lr, grad_clip, norm_of):
+        self.gshard[:self.cut], self.gshard[self.cut:] = self.dense.gshard, self.experts.gshard
+        g = opt.unscaled(self.gshard)
+        opt.update(self.pshard, g, lr, grad_clip, norm_of(g))
+        self.push()
+        for zero in (self.dense, self.experts):
+            zero.dp.allgather(None, zero.params, np.diff(zero.bounds))      # in place, as chapter 04's step
+
+    def push(self):
+        self.dense.pshard[...], self.experts.pshard[...] = self.pshard[:self.cut], self.pshard[self.cut:]
+
+    def pull(self):
+        self.pshard[:self.cut], self.pshard[self.cut:] = self.dense.pshard, self.experts.pshard
+
+    def gather_flat(self, shard):
+        """A flat buffer of the whole layout from every rank's `shard`: each part gathered on its root (zeros where
+        a rank is not one), so that experts can then be gathered over ep on every rank."""
+        flat = np.zeros(self.dense.layout.size + self.experts.layout.size, shard.dtype)
+        for zero, part, where in ((self.dense, shard[:self.cut], slice(0, self.dense.layout.size)),
+                                  (self.experts, shard[self.cut:], slice(self.dense.layout.size, None))):
+            got = zero.gather_flat(part)
+            if got is not None:
+                flat[where] = got
+        return flat

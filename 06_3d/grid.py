@@ -131,9 +131,9 @@ def check(gpt_cfg, train_cfg, par, world_size):
     if gpt_cfg.n_experts and (par.cp > 1 or par.sequence_parallel):
         raise ConfigError(f"--n-experts routes each sequence whole (its capacity is per sequence), but "
                           f"{'--cp' if par.cp > 1 else '--sequence-parallel'} splits it over ranks; leave it out")
-    if par.ep > 1 and par.zero_stage:
-        raise ConfigError(f"--zero-stage {par.zero_stage} with --ep {par.ep}: ZeRO here shards one gradient over dp, "
-                          f"but the experts' sum over other ranks; use --ep 1 with ZeRO")
+    if par.ep > 1 and par.zero_stage > 1:
+        raise ConfigError(f"--zero-stage {par.zero_stage} with --ep {par.ep}: the experts' shards are ZeRO-1's here; "
+                          f"use --zero-stage 1 with --ep")
     if par.cp > 1:
         cp_lib.check_layout(gpt_cfg, par.cp, par.cp_split, par.tp, par.sequence_parallel, par.cp_mode)
     pipe.check_layout(gpt_cfg, par, train_cfg)
@@ -173,6 +173,12 @@ def is_expert(name):
     return ".experts." in name
 
 
+def split_layout(layout):
+    """(the dense tensors' Layout, the experts') of a rank's layout with ep > 1, where the experts come last."""
+    return tuple(Layout([(name, shape) for name, shape in layout.shapes.items() if is_expert(name) == part])
+                 for part in (False, True))
+
+
 # ----------------------------------------------------------------------------- one rank's training state
 
 class State:
@@ -193,12 +199,11 @@ class State:
                               full.dtype)
         params, decay, using = master.astype(storage(train_cfg), copy=False), self.layout.mask(decays), None
         if par.zero_stage:
-            self.zero = zero_lib.Zero(par.zero_stage, self.layout, modules(gpt_cfg), params, grid.dcp, par.bucket_mb,
-                                      grad_dtype(train_cfg))
+            self.zero = self._zero(par, params, modules(gpt_cfg))
             self.sync, p, g = self.zero, self.zero.p, self.zero.g
             self.params = params if par.zero_stage < 3 else self.zero.pshard
             self.grads = self.zero.grads if par.zero_stage == 1 else self.zero.gshard
-            decay, master = decay[self.zero.lo:self.zero.hi], master[self.zero.lo:self.zero.hi].copy()
+            decay, master = self.my_shard(decay), self.my_shard(master).copy()
             using = self.zero.forward_hook, self.zero.backward_hook
         else:
             self.zero, self.params, self.grads = None, params, np.zeros(params.size, grad_dtype(train_cfg))
@@ -229,13 +234,28 @@ class State:
                              virtual=par.virtual_stages)
         self.counted = self._counted()
 
+    def _zero(self, par, params, parts):
+        """Chapter 04's ZeRO over dp x cp; with ep > 1 (stage 1), one over the dense part and one over edp for the
+        experts', accumulating in one gradient."""
+        grid, cut, dtype = self.grid, self.dense, grad_dtype(self.train_cfg)
+        if par.ep == 1:
+            return zero_lib.Zero(par.zero_stage, self.layout, parts, params, grid.dcp, par.bucket_mb, dtype)
+        dense, experts = split_layout(self.layout)
+        grads = np.zeros(self.layout.size, dtype)
+        return ep_lib.SplitZero(
+            zero_lib.Zero(1, dense, parts, params[:cut], grid.dcp, par.bucket_mb, dtype, grads[:cut]),
+            zero_lib.Zero(1, experts, parts, params[cut:], grid.edp, par.bucket_mb, dtype, grads[cut:]), grads)
+
+    def my_shard(self, flat):
+        """Under ZeRO, this rank's shard of a flat buffer of its layout (with ep > 1: its two shards, joined)."""
+        return self.zero.shard_of(flat) if self.par.ep > 1 else flat[self.zero.lo:self.zero.hi]
+
     def _sync(self, par, params):
         """Chapter 03's gradient sync over dp x cp; with ep > 1, the dense part's, and the experts' over edp."""
         grid, layout, cut = self.grid, self.layout, self.dense
         if par.ep == 1:
             return dp_lib.GradSync(par.dp_mode, layout, self.grads, grid.dcp, par.bucket_mb, params)
-        dense, experts = (Layout([(name, layout.shapes[name]) for name in layout.shapes if is_expert(name) == part])
-                          for part in (False, True))
+        dense, experts = split_layout(layout)
         return ep_lib.Split(dp_lib.GradSync(par.dp_mode, dense, self.grads[:cut], grid.dcp, par.bucket_mb),
                             dp_lib.GradSync("bucketed", experts, self.grads[cut:], grid.edp, par.bucket_mb),
                             self.grads, params)
@@ -259,8 +279,12 @@ class State:
         def once(name):
             return tp_lib.counts_once(name, grid.tp.rank) and pipe.counts_once(name, self.stage, grid.pp.size)
 
-        if self.zero:
+        if self.zero and self.par.ep == 1:
             return layout.ranges(once, self.zero.lo, self.zero.hi)
+        if self.zero:                   # its dense shard, then its experts' shard (ranges are relative to lo)
+            z, cut = self.zero, self.dense
+            return layout.ranges(once, z.dense.lo, z.dense.hi) + [
+                (a + z.cut, b + z.cut) for a, b in layout.ranges(once, cut + z.experts.lo, cut + z.experts.hi)]
         experts = [(a + self.dense, b + self.dense) for a, b in layout.ranges(once, self.dense)]   # relative to lo
         return (layout.ranges(once, 0, self.dense) if grid.dcp.rank == 0 else []) + (experts if grid.edp.rank == 0
                                                                                      else [])
@@ -326,11 +350,16 @@ class State:
         for kind, dest in model_state(self.params, opt).items():
             flat = tp_lib.shard(self.my_experts(whole[kind]), self.layout, self.gpt_cfg, grid.tp.size, grid.tp.rank,
                                 dest.dtype)
-            dest[...] = flat if dest.size == flat.size else flat[self.zero.lo:self.zero.hi]
+            dest[...] = flat if dest.size == flat.size else self.my_shard(flat)
         if self.zero and self.zero.stage < 3 and hasattr(opt, "master"):      # the whole 16-bit copy too
             self.params[...] = tp_lib.shard(self.my_experts(whole["params"]), self.layout, self.gpt_cfg, grid.tp.size,
                                             grid.tp.rank, self.params.dtype)
+        split = self.zero and self.par.ep > 1             # its optimizer's shard is a copy of two
+        if split:
+            self.zero.pull()
         opt.cast(self.zero.pshard if self.zero else self.params)
+        if split:
+            self.zero.push()
 
 
 # ----------------------------------------------------------------------------- the ledgers
@@ -353,12 +382,12 @@ def ledger_formula(gpt_cfg, par, stage, batch_size, itemsize, recompute="none", 
     blocks = sum(len(chunk) for chunk in sched.chunk_layers(gpt_cfg.n_layer, stage, par.pp, V))
     out = {"tp": {}, "cp": {}, "pp": {}, "dp": {}, "ends": {}, "ep": {}}
     if par.ep > 1:
-        experts = Layout([(name, shape) for name, shape in layout.shapes.items() if is_expert(name)])
-        layout = Layout([(name, shape) for name, shape in layout.shapes.items() if not is_expert(name)])
+        layout, experts = split_layout(layout)
         if moved is None:
             moved = ep_lib.balanced(gpt_cfg, b, M * blocks * (2 if recompute == "full" else 1))
         out["ep"] = ep_lib.comm_formula(gpt_cfg.n_experts, moved, w.work, gpt_cfg.n_embd, recompute)
-        out["edp"] = {"allreduce": experts.size * w.grads} if par.dp > par.ep else {}   # one sum after the backward
+        out["edp"] = {} if par.dp == par.ep else (zero_lib.comm_formula(1, experts, M, w.weights, w.grads)
+                                                  if par.zero_stage else {"allreduce": experts.size * w.grads})
     if par.tp > 1:
         replicated = sum(stop - start for name, (start, stop) in layout.offsets.items()
                          if tp_lib.kind(name) == "replicated") if sp else 0

@@ -60,7 +60,9 @@ def memory_estimate(gpt_cfg, train_cfg, par, rank):
     stage = grid_lib.coords(rank, par.tp, par.cp, par.pp).pp
     layout = grid_lib.local_layout(gpt_cfg, stage, par.pp, par.tp, par.virtual_stages, par.ep)
     n, M, w = layout.size, par.microbatches, widths(train_cfg)
-    shard = -(-n // (par.dp * par.cp))                        # ZeRO shards over the ranks that sum gradients
+    experts = sum(b - a for name, (a, b) in layout.offsets.items() if grid_lib.is_expert(name)) if par.ep > 1 else 0
+    # ZeRO shards each gradient over the ranks that sum it: the dense one over dp x cp, the experts' over edp
+    shard = -(-(n - experts) // (par.dp * par.cp)) + -(-experts // (par.dp // par.ep))
     module = zero_lib.largest_part(layout, modules(gpt_cfg)) if par.zero_stage == 3 else 0
     bucket = int(par.bucket_mb * 2 ** 20) // w.grads
     rows = train_cfg.batch_size // (par.dp * M)

@@ -108,15 +108,17 @@ def setup(argv, world_size):
 
 
 EXPERTS = replace(GPT, n_experts=4, top_k=2, capacity_factor=1.0)      # 4 of a sequence's 16 choices per expert
-# (tp, pp, ep, schedule, --recompute) of the mixture of experts' runs, dp the ranks left, which ep must divide
-EXPERT_RUNS = [(1, 1, 2, "1f1b", "none"), (1, 1, 4, "1f1b", "selective"), (2, 1, 2, "1f1b", "full"),
-               (1, 2, 2, "zb-h1", "none"), (1, 2, 2, "interleaved", "selective"), (2, 2, 2, "afab", "none")]
+# (tp, pp, ep, schedule, --recompute, --zero-stage) of the mixture of experts' runs, dp the ranks left, which ep
+# must divide
+EXPERT_RUNS = [(1, 1, 2, "1f1b", "none", 0), (1, 1, 2, "1f1b", "none", 1), (1, 1, 4, "1f1b", "selective", 0),
+               (2, 1, 2, "1f1b", "full", 0), (1, 2, 2, "zb-h1", "none", 0), (1, 2, 2, "interleaved", "selective", 1),
+               (2, 2, 2, "afab", "none", 0)]
 
 
 def expert_runs(world_size, args):
-    """The (tp, pp, dp, ep, schedule, recompute) runs of EXPERT_RUNS that fit `world_size` ranks and the sizes
-    asked for."""
-    runs = [(t, p, world_size // (t * p), e, kind, mode) for t, p, e, kind, mode in EXPERT_RUNS
+    """The (tp, pp, dp, ep, schedule, recompute, zero stage) runs of EXPERT_RUNS that fit `world_size` ranks and
+    the sizes asked for."""
+    runs = [(t, p, world_size // (t * p), e, kind, mode, zero) for t, p, e, kind, mode, zero in EXPERT_RUNS
             if world_size % (t * p) == 0 and (world_size // (t * p)) % e == 0]
     asked = dict(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep)
     return [run for run in runs if all(size in (None, got) for size, got in zip(asked.values(), run))
@@ -213,13 +215,14 @@ def main(argv=None):
     if args.experts:                    # a mixture of experts, its experts split over ep of the dp ranks
         batches, start, ref_losses, ref_params, ref_opt, _ = reference(EXPERTS, train_cfg, args.steps)
         ref = np.concatenate([ref_params, ref_opt.m, ref_opt.v])
-        for tp, pp, dp, ep, schedule, recompute in args.experts:
+        for tp, pp, dp, ep, schedule, recompute, zero in args.experts:
             par = ParallelConfig(tp=tp, pp=pp, dp=dp, ep=ep, microbatches=2, schedule=schedule, bucket_mb=0.005,
-                                 virtual_stages=2 if schedule == "interleaved" else 1)
-            label = f"experts ({tp},1,{pp},{dp}) ep {ep} {schedule}{f' {recompute}' if recompute != 'none' else ''}:"
+                                 virtual_stages=2 if schedule == "interleaved" else 1, zero_stage=zero)
+            label = (f"experts ({tp},1,{pp},{dp}) ep {ep}{f' z{zero}' if zero else ''} {schedule}"
+                     f"{f' {recompute}' if recompute != 'none' else ''}:")
             compare_run(report, label, EXPERTS, replace(train_cfg, recompute=recompute), par, comm,
                         (batches, start, ref_losses, ref), show)
-        tp, pp, dp, ep, _, _ = args.experts[0]
+        tp, pp, dp, ep, *_ = args.experts[0]
         mixed_step(report, EXPERTS, mixed_cfg, reference(EXPERTS, mixed_cfg, 1),
                    ParallelConfig(tp=tp, pp=pp, dp=dp, ep=ep, microbatches=2, bucket_mb=0.005), comm, show)
     return report.finish(f"{comm.size} ranks: ", show)
