@@ -42,7 +42,8 @@ def draw(record, path=None):
     """Train and val losses of the four runs; the share dropped and the busiest expert's share over training: the
     figure, saved to `path` if given."""
     import matplotlib
-    matplotlib.use("Agg")
+    if path:                                                  # a file; in a notebook, the figure inline
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     save = import_chapter("bench.plots").save
     fig, (losses, dropped, busiest) = plt.subplots(1, 3, figsize=(13, 4))
