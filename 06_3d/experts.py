@@ -167,14 +167,14 @@ class Split:
         self.experts.finish()
 
 
-class SplitZero:
+class SplitZero(Split):
     """ZeRO-1 on a gradient of two parts: `dense`'s (a chapter 04 Zero over dp x cp) and `experts`' (over edp), each
     reduce-scattering and all-gathering its own part. AdamW steps this rank's two shards as one array, `pshard`
     (a copy, `cut` elements of the dense shard first), which `push` copies back and `pull` refreshes."""
-    every_microbatch, stage = False, 1
+    stage = 1
 
     def __init__(self, dense, experts, grads):
-        self.dense, self.experts, self.grads = dense, experts, grads
+        super().__init__(dense, experts, grads, None)
         self.cut = dense.hi - dense.lo
         self.p, self.g = {**dense.p, **experts.p}, {**dense.g, **experts.g}
         self.pshard = np.concatenate([dense.pshard, experts.pshard])
@@ -184,22 +184,6 @@ class SplitZero:
         """This rank's two shards, concatenated, of a flat buffer of its whole layout (dense part first)."""
         n = self.dense.layout.size
         return np.concatenate([flat[:n][self.dense.lo:self.dense.hi], flat[n:][self.experts.lo:self.experts.hi]])
-
-    def zero_grad(self):
-        self.grads.fill(0)
-
-    def forward_hook(self, part):
-        return self.dense.forward_hook(part)
-
-    def backward_hook(self, part):
-        return self.dense.backward_hook(part)
-
-    def ready(self, name):
-        self.dense.ready(name)
-
-    def finish(self):
-        self.dense.finish()
-        self.experts.finish()
 
     def step(self, opt, lr, grad_clip, norm_of):
         self.gshard[:self.cut], self.gshard[self.cut:] = self.dense.gshard, self.experts.gshard
